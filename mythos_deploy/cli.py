@@ -1,0 +1,251 @@
+"""`mythos-export`: a thin typer + rich layer over the library.
+
+Every command turns a `MythosError` into one red line on stderr and a non-zero exit; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mythos_deploy.errors import InputError, MythosError
+
+app = typer.Typer(
+    name="mythos-export", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="Export and deploy OpenMythos recurrent-depth transformers.\n\n"
+         "Start with: [bold]mythos-export init --preset tiny -o ckpt/tiny[/bold], then "
+         "[bold]mythos-export generate ckpt/tiny --prompt 'hello'[/bold].")
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except MythosError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug in this project: say so, briefly
+        if _state["debug"]:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {first} "
+                  "(this is a bug in mythos-deploy; rerun with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
+
+
+def _parse_ids(text: str, what: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
+    return ids
+
+
+@app.command(epilog="Example: mythos-export init --preset tiny --set max_loop_iters=6 --seed 1 -o ckpt/tiny")
+def init(
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    preset: str = typer.Option("tiny", help="tiny, bench, 1b, 3b, 10b, 50b, 100b, 500b or 1t."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value (repeatable)."),
+    seed: int = typer.Option(0, help="Seed for the random weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Make a checkpoint with random weights (OpenMythos's initialisation) from a preset."""
+    with _errors():
+        from mythos_deploy.checkpoint import save_checkpoint
+        from mythos_deploy.config import MythosConfig, parse_overrides
+        from mythos_deploy.model import MythosModel
+        from mythos_deploy.stats import parameter_counts
+        from mythos_deploy.tokenizer import ByteTokenizer
+
+        cfg = MythosConfig.from_name(preset).replace(**parse_overrides(set_))
+        total = parameter_counts(cfg)["total"]
+        if total > 2_000_000_000:
+            raise MythosError(f"preset {preset!r} has {total / 1e9:.1f}B parameters "
+                              f"({total * 4 / 2**30:.0f} GiB in fp32); too large to initialise here. "
+                              "Use `mythos-export inspect --preset` to study it.")
+        with err.status(f"initialising {total / 1e6:.2f}M parameters"):
+            model = MythosModel(cfg).init_weights(seed)
+            tokenizer = ByteTokenizer().to_dict() if cfg.vocab_size >= 256 else None
+            save_checkpoint(model, output, overwrite=force, tokenizer=tokenizer,
+                            source={"kind": "init", "preset": preset, "seed": seed, "overrides": set_})
+        out.print(f"wrote {output} ({total / 1e6:.2f}M parameters, preset {preset})")
+
+
+@app.command("import-openmythos",
+             epilog="Example: mythos-export import-openmythos om.pt --config om_config.json -o ckpt/om")
+def import_openmythos(
+    path: Path = typer.Argument(..., help="OpenMythos weights: .safetensors, or a torch state dict (.pt/.pth/.bin; loaded with weights_only=True)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    config: Optional[Path] = typer.Option(None, help="JSON of OpenMythos MythosConfig fields (default: config.json beside PATH)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Convert OpenMythos 0.5.0 weights into a mythos-deploy checkpoint (no pickle is executed)."""
+    with _errors():
+        from mythos_deploy.checkpoint import save_checkpoint
+        from mythos_deploy.manifest import sha256_file
+        from mythos_deploy.openmythos_import import from_openmythos_file
+
+        model = from_openmythos_file(path, config)
+        save_checkpoint(model, output, overwrite=force,
+                        source={"kind": "openmythos", "file": path.name, "sha256": sha256_file(path)})
+        out.print(f"imported {path} -> {output}")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command(epilog="Examples: mythos-export inspect ckpt/tiny   |   mythos-export inspect --preset 1t --json")
+def inspect(
+    path: Optional[Path] = typer.Argument(None, help="A checkpoint directory."),
+    preset: Optional[str] = typer.Option(None, help="Inspect a preset's config instead of a directory."),
+    loops: Optional[int] = typer.Option(None, help="Loop count for cache sizes (default max_loop_iters)."),
+    dtype: str = typer.Option("fp32", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Parameters (total, active per token per loop), cache bytes per token and the config."""
+    with _errors():
+        from mythos_deploy.checkpoint import load_config
+        from mythos_deploy.config import MythosConfig
+        from mythos_deploy.stats import DTYPE_BYTES, cache_bytes_per_token, parameter_counts
+
+        if (path is None) == (preset is None):
+            raise InputError("give either a checkpoint PATH or --preset NAME")
+        if dtype not in DTYPE_BYTES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}")
+        if loops is not None and loops < 1:
+            raise InputError(f"--loops must be >= 1, got {loops}")
+        cfg = MythosConfig.from_name(preset) if preset else load_config(path)
+        params = parameter_counts(cfg)
+        cache = cache_bytes_per_token(cfg, loops, dtype)
+        report = {"source": str(path) if path else f"preset:{preset}", "config": cfg.to_dict(),
+                  "parameters": params, "cache_bytes_per_token": cache, "cache_dtype": dtype,
+                  "cache_reduction": {k: round(cache[k] / cache["mythos_deploy"], 3)
+                                      for k in ("openmythos", "equivalent_gqa", "equivalent_mha")}}
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return
+        t = Table(title=f"parameters ({report['source']})")
+        t.add_column("part"), t.add_column("count", justify="right")
+        for k, v in params.items():
+            t.add_row(k.replace("_", " "), f"{v:,}")
+        out.print(t)
+        c = Table(title=f"cache per token, {cache['slots']} slots, {dtype}")
+        c.add_column("layout"), c.add_column("bytes/token", justify="right"), c.add_column("x ours", justify="right")
+        for k in ("mythos_deploy", "openmythos", "equivalent_gqa", "equivalent_mha"):
+            c.add_row(k.replace("_", " "), _fmt_bytes(cache[k]), f"{cache[k] / cache['mythos_deploy']:.2f}")
+        out.print(c)
+        g = Table(title="config")
+        g.add_column("field"), g.add_column("value", justify="right")
+        for k, v in cfg.to_dict().items():
+            g.add_row(k, str(v))
+        out.print(g)
+
+
+@app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"
+                    "mythos-export generate ckpt/tiny --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 7 --json")
+def generate(
+    path: Path = typer.Argument(..., help="A checkpoint directory."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (needs tokenizer.json in PATH)."),
+    prompt_ids: Optional[str] = typer.Option(None, help="Comma-separated token ids, e.g. 1,2,3."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default when no sampling option is given)."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
+    top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0 = off)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    loops: Optional[int] = typer.Option(None, help="Recurrent loops per token (default max_loop_iters; may exceed it)."),
+    act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold in (0, 1] (default from config)."),
+    stop_ids: Optional[str] = typer.Option(None, help="Comma-separated ids that end generation."),
+    max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
+) -> None:
+    """Generate from a checkpoint with the eager reference runtime, streaming tokens."""
+    with _errors():
+        from mythos_deploy.checkpoint import load_checkpoint
+        from mythos_deploy.tokenizer import load_tokenizer
+        from runtimes.generation import GenerationResult, stream_generate
+        from runtimes.sampling import SamplingParams
+
+        if (prompt is None) == (prompt_ids is None):
+            raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+        sampling_given = temperature is not None or top_k != 0 or top_p != 1.0
+        if greedy and sampling_given:
+            raise InputError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+        params = SamplingParams(greedy=not sampling_given, temperature=1.0 if temperature is None else temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        model = load_checkpoint(path, dtype=dtype)
+        tok = None
+        if prompt is not None:
+            tok = load_tokenizer(path, model.cfg.vocab_size)
+            ids = tok.encode(prompt)
+        else:
+            ids = _parse_ids(prompt_ids, "--prompt-ids")
+        if not ids:
+            raise InputError("the prompt is empty")
+        stops = _parse_ids(stop_ids, "--stop-ids") if stop_ids else []
+        if tok is None and (path / "tokenizer.json").is_file():
+            tok = load_tokenizer(path, model.cfg.vocab_size)
+        result = GenerationResult([ids], [[]], [[]])
+        for ev in stream_generate(model, ids, max_new_tokens, params, stops, loops, act_threshold, max_length):
+            if ev.step == 0:
+                result.prefill_seconds = ev.seconds
+            else:
+                result.decode_seconds.append(ev.seconds)
+            result.tokens[0].append(ev.tokens[0])
+            result.loops_used[0].append(ev.loops_used[0])
+            if not as_json:
+                piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
+                out.print(piece, end="", markup=False, highlight=False)
+            if ev.finished[0]:
+                result.stop_reason = "stop_token"
+        if len(result.tokens[0]) < max_new_tokens and result.stop_reason != "stop_token":
+            result.stop_reason = "max_length"
+        if as_json:
+            data = result.to_dict()
+            data["text"] = tok.decode(result.tokens[0]) if tok else None
+            print(json.dumps(data))
+        else:
+            out.print()
+            n = len(result.decode_seconds)
+            rate = f", {n / sum(result.decode_seconds):.1f} tok/s decode" if n else ""
+            err.print(f"[dim]{len(result.tokens[0])} tokens, mean loops "
+                      f"{sum(result.loops_used[0]) / len(result.loops_used[0]):.2f}, prefill "
+                      f"{result.prefill_seconds * 1e3:.1f} ms{rate}, stop: {result.stop_reason}[/dim]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Building blocks in forward order: RMSNorm, real-valued RoPE, SwiGLU expert, MLA and GQA
+attention, the pre-norm transformer block. Parameter names match OpenMythos 0.5.0.
+
+Attention never owns its cache. It receives a `CacheView` (see cache.py) whose `update(new)`
+stores the new positions and returns every position attended; eager decoding writes into a
+preallocated buffer, export concatenates past and new. The layer code is the same for both.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mythos_deploy.config import MythosConfig
+
+
+class CacheView(Protocol):
+    def update(self, new: torch.Tensor) -> torch.Tensor:  # [B, T, W] -> [B, S, W]
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        rms = xf.pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
+        return (xf * rms).to(x.dtype) * self.weight
+
+
+def rope_tables(width: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, width//2] (fp32) for interleaved-pair RoPE."""
+    freqs = 1.0 / (theta ** (torch.arange(0, width, 2, dtype=torch.float32) / width))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2k], x[2k+1]). x: [B, T, ..., d]; cos/sin: [T, d//2]."""
+    shape = x.shape
+    xf = x.float().reshape(*shape[:-1], shape[-1] // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    extra = x.dim() - 3  # broadcast tables over head dims between T and d
+    c = cos.reshape(cos.shape[0], *([1] * extra), cos.shape[1])
+    s = sin.reshape(sin.shape[0], *([1] * extra), sin.shape[1])
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.reshape(shape).to(x.dtype)
+
+
+class Expert(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """q [B,H,T,d], k [B,H,S,d], v [B,H,S,dv], mask [T,S] bool (True = may attend)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale  # [B,H,T,S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(F.softmax(scores, dim=-1).to(v.dtype), v)  # [B,H,T,dv]
+
+
+class MLAttention(nn.Module):
+    """Multi-Latent Attention. Cache entry per token: [c_kv (kv_lora_rank) | rotated k_rope]."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank)
+        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
+        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
+        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_up = nn.Linear(cfg.kv_lora_rank,
+                               cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        c_q = self.q_norm(self.q_down(x))
+        q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim)
+        q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, self.rope_dim), cos, sin)
+        kv_raw = self.kv_down(x)  # [B,T,kv_lora_rank+rope]
+        k_rope = apply_rope(kv_raw[..., self.kv_lora_rank:], cos, sin)  # one shared key
+        latent = torch.cat([kv_raw[..., : self.kv_lora_rank], k_rope], dim=-1)
+        if cache is not None:
+            latent = cache.update(latent)  # [B,S,W]
+        S = latent.shape[1]
+        kv = self.kv_up(self.kv_norm(latent[..., : self.kv_lora_rank]))
+        kv = kv.view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv[..., : self.nope_dim], kv[..., self.nope_dim:]
+        k_rope_all = latent[..., self.kv_lora_rank:].unsqueeze(2).expand(B, S, H, self.rope_dim)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B,H,T,nope+rope]
+        k = torch.cat([k_nope, k_rope_all], dim=-1).transpose(1, 2)  # [B,H,S,nope+rope]
+        out = _attend(q, k, v.transpose(1, 2), mask, self.scale)  # [B,H,T,v]
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention. Cache entry per token: [rotated k (n_kv*hd) | v (n_kv*hd)]."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.n_heads // cfg.n_kv_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, kvh = self.head_dim, self.n_kv_heads
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, hd), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, kvh, hd), cos, sin)
+        entry = torch.cat([k.reshape(B, T, kvh * hd), self.wv(x)], dim=-1)
+        if cache is not None:
+            entry = cache.update(entry)
+        S = entry.shape[1]
+        k = entry[..., : kvh * hd].view(B, S, kvh, hd).repeat_interleave(self.groups, dim=2)
+        v = entry[..., kvh * hd:].view(B, S, kvh, hd).repeat_interleave(self.groups, dim=2)
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                      hd ** -0.5)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block; `ffn` is the dense SwiGLU or (recurrent block) the MoE FFN."""
+
+    def __init__(self, cfg: MythosConfig, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.attn = MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
+        self.ffn = ffn
+
+    def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))

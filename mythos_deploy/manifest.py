@@ -1,0 +1,99 @@
+"""Artifact manifests and atomic output directories.
+
+Every artifact directory carries `manifest.json`: what made it (tool version, kind, options,
+source hash) and the sha256 of every file. Directories are written to a temporary sibling and
+renamed into place only when complete, so a failed stage leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from mythos_deploy.errors import CheckpointError, MythosError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def tool_version() -> str:
+    from mythos_deploy import __version__
+    return __version__
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, kind: str, **fields: Any) -> dict[str, Any]:
+    files = {p.relative_to(directory).as_posix(): sha256_file(p)
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": FORMAT_VERSION, "kind": kind, "tool": "mythos-deploy",
+                "tool_version": tool_version(), **fields, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {MANIFEST}; is it a mythos-deploy artifact?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(data, dict) or "files" not in data or "kind" not in data:
+        raise CheckpointError(f"{path} is not a mythos-deploy manifest")
+    return data
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Check every file listed in the manifest exists and has the recorded sha256."""
+    bad = []
+    for rel, digest in manifest["files"].items():
+        path = Path(directory) / rel
+        if not path.is_file():
+            bad.append(f"{rel} (missing)")
+        elif sha256_file(path) != digest:
+            bad.append(f"{rel} (sha256 mismatch)")
+    if bad:
+        raise CheckpointError(f"{directory} does not match its manifest: {', '.join(bad)}")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `target` only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise MythosError(f"output {target} already exists (pass --force to replace it)")
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise MythosError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MythosError(f"failed writing {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,232 @@
+"""The reference model: OpenMythos 0.5.0's numbers, traceable.
+
+prelude blocks -> recurrent core (one MoE block looped n_loops times with loop-index
+embedding, depth LoRA, LTI injection and ACT) -> coda blocks -> tied head. Loop count and
+halting threshold are call arguments; nothing branches on tensor values.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mythos_deploy.cache import KVCache
+from mythos_deploy.config import MythosConfig
+from mythos_deploy.errors import InputError
+from mythos_deploy.layers import Expert, RMSNorm, TransformerBlock, rope_tables
+from mythos_deploy.moe import MoEFFN
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B,T,V]
+    loops_used: torch.Tensor  # [B,T] int32: loops run before the position halted
+    halt_prob: torch.Tensor  # [B,T] fp32: final cumulative halting probability
+
+
+def loop_index_embedding(h: torch.Tensor, t, loop_dim: int) -> torch.Tensor:
+    """Add [sin(t*g), cos(t*g)] (g_j = 10000^(-2j/loop_dim)) to the first loop_dim channels."""
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, loop_dim, 2, dtype=torch.float32,
+                                            device=h.device) / loop_dim))
+    angles = freqs * t
+    emb = torch.cat([angles.sin(), angles.cos()])[:loop_dim].to(h.dtype)
+    pad = torch.zeros(h.shape[-1] - loop_dim, dtype=h.dtype, device=h.device)
+    return h + torch.cat([emb, pad])
+
+
+class LoRAAdapter(nn.Module):
+    def __init__(self, dim: int, rank: int, max_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.B = nn.Parameter(torch.empty(rank, dim))
+        self.scale = nn.Embedding(max_loops, rank)
+
+    def forward(self, y: torch.Tensor, t) -> torch.Tensor:
+        idx = torch.as_tensor(t, device=y.device).clamp(max=self.scale.num_embeddings - 1)
+        return (self.down(y) * self.scale.weight[idx]) @ self.B
+
+
+class LTIInjection(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim))
+        self.log_dt = nn.Parameter(torch.zeros(1))
+        self.B = nn.Parameter(torch.full((dim,), 0.1))
+
+    def get_A(self) -> torch.Tensor:
+        return torch.exp(-torch.exp((self.log_dt.float() + self.log_A.float()).clamp(-20, 20)))
+
+    def forward(self, h, e, y):
+        return self.get_A().to(h.dtype) * h + self.B * e + y
+
+
+class ACTHalting(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.halt = nn.Linear(dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # -> [B,T] fp32
+        return torch.sigmoid(self.halt(h).float()).squeeze(-1)
+
+
+class ACTState(NamedTuple):
+    h_out: torch.Tensor  # [B,T,D] fp32 accumulator
+    cum: torch.Tensor  # [B,T] fp32
+    halted: torch.Tensor  # [B,T] bool
+    loops_used: torch.Tensor  # [B,T] int32
+
+    @staticmethod
+    def zeros(h: torch.Tensor) -> "ACTState":
+        B, T, D = h.shape
+        return ACTState(torch.zeros(B, T, D, device=h.device), torch.zeros(B, T, device=h.device),
+                        torch.zeros(B, T, dtype=torch.bool, device=h.device),
+                        torch.zeros(B, T, dtype=torch.int32, device=h.device))
+
+
+def act_update(state: ACTState, h: torch.Tensor, p: torch.Tensor, threshold) -> ACTState:
+    """One ACT step (SEMANTICS.md, recurrent core step 5)."""
+    running = ~state.halted
+    weight = torch.where(state.cum + p >= threshold, (1.0 - state.cum).clamp(min=0), p)
+    weight = weight * running.float()
+    h_out = state.h_out + weight.unsqueeze(-1) * h.float()
+    cum = state.cum + p * running.float()
+    halted = state.halted | (cum >= threshold)
+    return ACTState(h_out, cum, halted, state.loops_used + running.to(torch.int32))
+
+
+class RecurrentCore(nn.Module):
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.block = TransformerBlock(cfg, MoEFFN(cfg))
+        self.injection = LTIInjection(cfg.dim)
+        self.act = ACTHalting(cfg.dim)
+        self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+        self.norm = RMSNorm(cfg.dim)
+
+    def step(self, t, h, e, cos, sin, mask, cache_view, state: ACTState, threshold):
+        """Loop t: returns the new h and ACT state. `t` may be an int or a 0-d tensor."""
+        x = self.norm(loop_index_embedding(h, t, self.cfg.loop_dim) + e)
+        y = self.block(x, cos, sin, mask, cache_view)
+        y = y + self.lora(y, t)
+        h = self.injection(h, e, y)
+        return h, act_update(state, h, self.act(h), threshold)
+
+
+class MythosModel(nn.Module):
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(
+            [TransformerBlock(cfg, Expert(cfg.dim, cfg.dense_ffn_dim)) for _ in range(cfg.prelude_layers)])
+        self.recurrent = RecurrentCore(cfg)
+        self.coda = nn.ModuleList(
+            [TransformerBlock(cfg, Expert(cfg.dim, cfg.dense_ffn_dim)) for _ in range(cfg.coda_layers)])
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.build_rope()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def build_rope(self) -> None:
+        """(Re)build the fp32 RoPE tables on the weights' device (after load or .to())."""
+        device = self.embed.weight.device
+        cos, sin = rope_tables(self.cfg.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.embed.weight.device.type != "meta":
+            self.build_rope()  # tables stay fp32 whatever dtype the weights take
+        return self
+
+    def init_weights(self, seed: int = 0) -> "MythosModel":
+        """OpenMythos's initialisation: normal(0, 0.02) for linears, embeddings, LoRA B."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("injection.log_A") or name.endswith("injection.log_dt"):
+                    p.zero_()
+                elif name.endswith("injection.B"):
+                    p.fill_(0.1)
+                elif name.endswith("act.halt.bias"):
+                    bound = self.cfg.dim ** -0.5
+                    p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        return self
+
+    def new_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len,
+                       n_loops or self.cfg.max_loop_iters, dtype=p.dtype, device=p.device)
+
+    # ---- forward --------------------------------------------------------------------------
+    def check_inputs(self, input_ids: torch.Tensor, start_pos: int, n_loops: int, threshold: float) -> None:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise InputError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} out of range [0, {self.cfg.vocab_size})")
+        if start_pos < 0:
+            raise InputError(f"start_pos must be >= 0, got {start_pos}")
+        end = start_pos + input_ids.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise InputError(f"sequence of {end} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise InputError(f"n_loops must be an integer >= 1, got {n_loops!r}")
+        if not 0.0 < float(threshold) <= 1.0:
+            raise InputError(f"act_threshold must be in (0, 1], got {threshold}")
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                start_pos: int | None = None, n_loops: int | None = None,
+                act_threshold: float | None = None) -> ModelOutput:
+        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
+        threshold = self.cfg.act_threshold if act_threshold is None else act_threshold
+        if start_pos is None:
+            start_pos = cache.length if cache is not None else 0
+        B, T = input_ids.shape[0], input_ids.shape[-1]
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            self.check_inputs(input_ids, start_pos, n_loops, threshold)
+            if cache is not None:
+                cache.check(B, start_pos, T, n_loops)
+        views = ({name: cache.view(name, start_pos) for name in cache.buffers}
+                 if cache is not None else {})
+        logits, loops_used, halt_prob = self.run(input_ids, start_pos, n_loops, threshold, views)
+        if cache is not None:
+            cache.advance(start_pos, T)
+        return ModelOutput(logits, loops_used, halt_prob)
+
+    def positions(self, T: int, start_pos, device) -> tuple[torch.Tensor, ...]:
+        """RoPE tables for the new positions and the causal mask [T, start_pos+T]."""
+        pos = torch.arange(T, device=device) + start_pos  # [T]
+        keys = torch.arange(T + start_pos, device=device)  # [S]
+        mask = keys.unsqueeze(0) <= pos.unsqueeze(1)  # [T,S]
+        return self.rope_cos[pos], self.rope_sin[pos], mask
+
+    def run(self, input_ids, start_pos, n_loops: int, threshold, views: dict):
+        """The whole model with explicit cache views (a dict slot -> view; empty = no cache)."""
+        T = input_ids.shape[1]
+        cos, sin, mask = self.positions(T, start_pos, input_ids.device)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, cos, sin, mask, views.get(f"prelude_{i}"))
+        e = h = x
+        state = ACTState.zeros(h)
+        for t in range(n_loops):
+            h, state = self.recurrent.step(t, h, e, cos, sin, mask, views.get(f"recurrent_loop_{t}"),
+                                           state, threshold)
+        x = state.h_out.to(e.dtype)
+        for i, layer in enumerate(self.coda):
+            x = layer(x, cos, sin, mask, views.get(f"coda_{i}"))
+        return self.head(self.norm(x)), state.loops_used, state.cum
