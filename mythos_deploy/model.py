@@ -207,17 +207,19 @@ class MythosModel(nn.Module):
             cache.advance(start_pos, T)
         return ModelOutput(logits, loops_used, halt_prob)
 
-    def positions(self, T: int, start_pos, device) -> tuple[torch.Tensor, ...]:
-        """RoPE tables for the new positions and the causal mask [T, start_pos+T]."""
+    def positions(self, T: int, start_pos, past, device) -> tuple[torch.Tensor, ...]:
+        """RoPE tables for the new positions and the causal mask [T, past+T]: new token i
+        (absolute position start_pos+i) sees every cached position and new ones up to itself."""
         pos = torch.arange(T, device=device) + start_pos  # [T]
-        keys = torch.arange(T + start_pos, device=device)  # [S]
+        keys = torch.arange(T + past, device=device) + (start_pos - past)  # [S] absolute
         mask = keys.unsqueeze(0) <= pos.unsqueeze(1)  # [T,S]
         return self.rope_cos[pos], self.rope_sin[pos], mask
 
     def run(self, input_ids, start_pos, n_loops: int, threshold, views: dict):
         """The whole model with explicit cache views (a dict slot -> view; empty = no cache)."""
         T = input_ids.shape[1]
-        cos, sin, mask = self.positions(T, start_pos, input_ids.device)
+        past = start_pos if views else 0
+        cos, sin, mask = self.positions(T, start_pos, past, input_ids.device)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, cos, sin, mask, views.get(f"prelude_{i}"))

@@ -67,6 +67,8 @@ def from_openmythos_file(weights: str | Path, config: str | Path | None = None,
     """Convert OpenMythos weights saved as .safetensors or a torch state dict, plus its config
     (a JSON file of MythosConfig fields; defaults to config.json beside the weights)."""
     weights = Path(weights)
+    if not weights.is_file():
+        raise CheckpointError(f"weights file not found: {weights}")
     config = Path(config) if config is not None else weights.parent / "config.json"
     if not config.is_file():
         raise CheckpointError(f"no config for {weights}: pass --config FILE (looked for {config})")

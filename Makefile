@@ -1,0 +1,32 @@
+# mythos-deploy: `make install demo` sets up a fresh machine and runs the main job;
+# `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/mythos-export
+CKPT ?= ckpt/tiny
+
+.PHONY: install demo test test-fast clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch 2.13.0 resolves to the local CPU wheel; any other version downloads gigabytes
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# test oracle only: it pins torch 2.11.0 and imports transformers in its __init__
+	$(PY) -m pip install --quiet --no-deps open-mythos==0.5.0
+
+demo:
+	$(CLI) init --preset tiny --seed 0 -o $(CKPT) --force
+	$(CLI) inspect $(CKPT)
+	$(CLI) generate $(CKPT) --prompt "The loop " --max-new-tokens 24
+
+test:
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) ckpt .pytest_cache .hypothesis *.egg-info
