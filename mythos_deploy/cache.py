@@ -37,9 +37,11 @@ class ConcatView:
 
     def __init__(self, past: torch.Tensor):
         self.past = past
+        self.new: torch.Tensor | None = None
         self.present: torch.Tensor | None = None
 
     def update(self, new: torch.Tensor) -> torch.Tensor:
+        self.new = new
         self.present = torch.cat([self.past, new], dim=1)
         return self.present
 

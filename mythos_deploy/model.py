@@ -43,7 +43,8 @@ class LoRAAdapter(nn.Module):
         self.scale = nn.Embedding(max_loops, rank)
 
     def forward(self, y: torch.Tensor, t) -> torch.Tensor:
-        idx = torch.as_tensor(t, device=y.device).clamp(max=self.scale.num_embeddings - 1)
+        last = self.scale.num_embeddings - 1  # depth extrapolation reuses the last trained scale
+        idx = t.clamp(max=last) if isinstance(t, torch.Tensor) else min(t, last)
         return (self.down(y) * self.scale.weight[idx]) @ self.B
 
 
@@ -208,27 +209,54 @@ class MythosModel(nn.Module):
         return ModelOutput(logits, loops_used, halt_prob)
 
     def positions(self, T: int, start_pos, past, device) -> tuple[torch.Tensor, ...]:
-        """RoPE tables for the new positions and the causal mask [T, past+T]: new token i
-        (absolute position start_pos+i) sees every cached position and new ones up to itself."""
+        """RoPE tables for the new positions and the attention mask [T, past+T].
+
+        Keys are `past` cached positions followed by the T new ones. Cached key j is valid
+        when j < start_pos (a caller may pass a longer preallocated buffer than is filled);
+        new token i (absolute position start_pos+i) sees new tokens up to itself.
+        """
         pos = torch.arange(T, device=device) + start_pos  # [T]
-        keys = torch.arange(T + past, device=device) + (start_pos - past)  # [S] absolute
-        mask = keys.unsqueeze(0) <= pos.unsqueeze(1)  # [T,S]
+        past_ok = (torch.arange(past, device=device) < start_pos).unsqueeze(0).expand(T, past)
+        new = torch.arange(T, device=device)
+        new_ok = new.unsqueeze(0) <= new.unsqueeze(1)  # [T,T] causal
+        mask = torch.cat([past_ok, new_ok], dim=1)  # [T,past+T]
         return self.rope_cos[pos], self.rope_sin[pos], mask
 
-    def run(self, input_ids, start_pos, n_loops: int, threshold, views: dict):
-        """The whole model with explicit cache views (a dict slot -> view; empty = no cache)."""
+    def run_prelude(self, input_ids, start_pos, views: dict, past=None) -> torch.Tensor:
         T = input_ids.shape[1]
-        past = start_pos if views else 0
-        cos, sin, mask = self.positions(T, start_pos, past, input_ids.device)
+        cos, sin, mask = self.positions(T, start_pos, self._past(start_pos, views, past), input_ids.device)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, cos, sin, mask, views.get(f"prelude_{i}"))
-        e = h = x
-        state = ACTState.zeros(h)
-        for t in range(n_loops):
-            h, state = self.recurrent.step(t, h, e, cos, sin, mask, views.get(f"recurrent_loop_{t}"),
-                                           state, threshold)
-        x = state.h_out.to(e.dtype)
+        return x
+
+    def run_step(self, t, h, e, state: ACTState, threshold, start_pos, view, past=None):
+        T = h.shape[1]
+        cos, sin, mask = self.positions(T, start_pos, self._past(start_pos, {0: view} if view else {}, past), h.device)
+        return self.recurrent.step(t, h, e, cos, sin, mask, view, state, threshold)
+
+    def run_coda(self, h_out, start_pos, views: dict, past=None) -> torch.Tensor:
+        T = h_out.shape[1]
+        cos, sin, mask = self.positions(T, start_pos, self._past(start_pos, views, past), h_out.device)
+        x = h_out.to(self.embed.weight.dtype)
         for i, layer in enumerate(self.coda):
             x = layer(x, cos, sin, mask, views.get(f"coda_{i}"))
-        return self.head(self.norm(x)), state.loops_used, state.cum
+        return self.head(self.norm(x))
+
+    @staticmethod
+    def _past(start_pos, views, past):
+        """Cached key positions the views return before the new ones: `past` when given
+        (export passes the past tensor's length), else start_pos with a cache, 0 without."""
+        if past is not None:
+            return past
+        return start_pos if views else 0
+
+    def run(self, input_ids, start_pos, n_loops: int, threshold, views: dict, past=None):
+        """The whole model with explicit cache views (a dict slot -> view; empty = no cache)."""
+        e = h = self.run_prelude(input_ids, start_pos, views, past)
+        state = ACTState.zeros(h)
+        for t in range(n_loops):
+            h, state = self.run_step(t, h, e, state, threshold, start_pos,
+                                     views.get(f"recurrent_loop_{t}"), past)
+        logits = self.run_coda(state.h_out, start_pos, views, past)
+        return logits, state.loops_used, state.cum

@@ -1,0 +1,197 @@
+"""Compose the stepped graphs (prelude, step, coda) into one `unroll` or `loop` graph.
+
+Names inside each piece are prefixed so pieces cannot collide; the step's weights are
+shared by every unrolled copy (and referenced from the Loop body as outer-scope values), so
+the unrolled file is not n_loops times larger. In `loop` mode the recurrent cache slots are
+one stacked tensor: the body gathers slot `iteration` from `past_recurrent` and emits its new
+rows as the Loop's scan output, so the node count does not depend on n_loops.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from mythos_deploy.contract import GraphContract
+from mythos_deploy.errors import InternalError
+
+IR_VERSION = 10  # onnx 1.23 writes 11+ by default; onnxruntime 1.31 rejects newer IRs
+ACT_STATE = ("h_out", "cum", "halted", "loops_used")
+
+
+def _subgraphs(node):
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def rename_graph(graph, f: Callable[[str], str]) -> None:
+    """Apply `f` to every value name in `graph` and its subgraphs ("" stays "")."""
+    def r(name: str) -> str:
+        return f(name) if name else name
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        vi.name = r(vi.name)
+    for t in graph.initializer:
+        t.name = r(t.name)
+    for node in graph.node:
+        node.input[:] = [r(n) for n in node.input]
+        node.output[:] = [r(n) for n in node.output]
+        if node.name:
+            node.name = r(node.name)
+        for g in _subgraphs(node):
+            rename_graph(g, f)
+
+
+class _Piece:
+    """One stepped graph, copied and renamed into the composed graph's namespace."""
+
+    def __init__(self, model, prefix: str, inputs: dict[str, str], outputs: dict[str, str],
+                 shared_init_prefix: str | None = None):
+        import copy
+        if len(model.functions):
+            raise InternalError("stepped graphs must not contain local functions")
+        graph = copy.deepcopy(model.graph)
+        init_names = {t.name for t in graph.initializer}
+        init_prefix = shared_init_prefix or prefix
+        mapping = {**inputs, **outputs, **{n: init_prefix + n for n in init_names}}
+        rename_graph(graph, lambda n: mapping.get(n, prefix + n))
+        self.nodes = list(graph.node)
+        self.initializers = list(graph.initializer)
+        self.value_info = list(graph.value_info)
+
+
+def _vi(spec):
+    from onnx import helper
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
+    return helper.make_tensor_value_info(spec.name, elem, list(spec.shape))
+
+
+def _opsets(*models):
+    merged: dict[str, int] = {}
+    for m in models:
+        for imp in m.opset_import:
+            merged[imp.domain] = max(merged.get(imp.domain, 0), imp.version)
+    return merged
+
+
+def _initial_act_state(e: str):
+    """ConstantOfShape nodes for h_out (fp32 [B,T,D]), cum, halted, loops_used ([B,T])."""
+    from onnx import TensorProto, helper
+    z = lambda dt, v: helper.make_tensor("v", dt, [1], [v])  # noqa: E731
+    return [
+        helper.make_node("Shape", [e], ["act0/shape"]),
+        helper.make_node("Shape", [e], ["act0/bt"], start=0, end=2),
+        helper.make_node("ConstantOfShape", ["act0/shape"], ["act0/h_out"], value=z(TensorProto.FLOAT, 0.0)),
+        helper.make_node("ConstantOfShape", ["act0/bt"], ["act0/cum"], value=z(TensorProto.FLOAT, 0.0)),
+        helper.make_node("ConstantOfShape", ["act0/bt"], ["act0/halted"], value=z(TensorProto.BOOL, False)),
+        helper.make_node("ConstantOfShape", ["act0/bt"], ["act0/loops_used"], value=z(TensorProto.INT32, 0)),
+    ]
+
+
+def _finish(nodes, inits, value_info, contract: GraphContract, opsets, name: str):
+    from onnx import helper
+    graph = helper.make_graph(nodes, name, [_vi(s) for s in contract.inputs], [_vi(s) for s in contract.outputs],
+                              initializer=inits, value_info=value_info)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="mythos-deploy")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _ends(cfg_prelude: int, cfg_coda: int):
+    pre = {f"past_prelude_{i}": f"past_prelude_{i}" for i in range(cfg_prelude)}
+    pre.update({f"new_prelude_{i}": f"new_prelude_{i}" for i in range(cfg_prelude)})
+    coda = {f"past_coda_{i}": f"past_coda_{i}" for i in range(cfg_coda)}
+    coda.update({f"new_coda_{i}": f"new_coda_{i}" for i in range(cfg_coda)})
+    return pre, coda
+
+
+def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
+            prelude_layers: int, coda_layers: int):
+    """Build the single `unroll` or `loop` graph named by `contract` from stepped graphs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    pre_io, coda_io = _ends(prelude_layers, coda_layers)
+    prelude = _Piece(stepped["prelude"], "pre/", {"input_ids": "input_ids", "past_len": "past_len", **pre_io,
+                                                   "e": "pre/e_out"}, {})
+    nodes, inits, vinfo = list(prelude.nodes), list(prelude.initializers), list(prelude.value_info)
+    nodes += _initial_act_state("pre/e_out")
+    step_model = stepped["step"]
+
+    if mode == "unroll":
+        state = {"h": "pre/e_out", **{k: f"act0/{k}" for k in ACT_STATE}}
+        news = []
+        for t in range(n_loops):
+            p = f"step{t}/"
+            inits.append(numpy_helper.from_array(np.array(t, np.int64), f"{p}loop_index"))
+            nodes.append(helper.make_node("Gather", ["past_recurrent", f"{p}loop_index"], [f"{p}past"], axis=0))
+            piece = _Piece(step_model, p, {
+                "h": state["h"], "e": "pre/e_out", **{k: state[k] for k in ACT_STATE},
+                "loop_index": f"{p}loop_index", "act_threshold": "act_threshold", "past_len": "past_len",
+                "past_recurrent": f"{p}past"}, {}, shared_init_prefix="step/")
+            if t == 0:
+                inits += piece.initializers
+            nodes += piece.nodes
+            vinfo += piece.value_info
+            state = {"h": f"{p}h_next", **{k: f"{p}{k}_next" for k in ACT_STATE}}
+            inits.append(numpy_helper.from_array(np.array([0], np.int64), f"{p}axis0"))
+            nodes.append(helper.make_node("Unsqueeze", [f"{p}new_recurrent", f"{p}axis0"], [f"{p}new4"]))
+            news.append(f"{p}new4")
+        nodes.append(helper.make_node("Concat", news, ["new_recurrent"], axis=0))
+        final = state
+    elif mode == "loop":
+        b = "body/"
+        step = _Piece(step_model, b, {
+            "h": f"{b}h_in", "e": "pre/e_out", **{k: f"{b}{k}_in" for k in ACT_STATE},
+            "loop_index": f"{b}iter", "act_threshold": "act_threshold", "past_len": "past_len",
+            "past_recurrent": f"{b}past"}, {}, shared_init_prefix="step/")
+        inits += step.initializers  # outer scope: the body reads them without copies
+        body_nodes = [helper.make_node("Gather", ["past_recurrent", f"{b}iter"], [f"{b}past"], axis=0),
+                      *step.nodes, helper.make_node("Identity", [f"{b}cond_in"], [f"{b}cond_out"])]
+        sc = {s.name: s for s in step_model.graph.input}
+        so = {s.name: s for s in step_model.graph.output}
+
+        def like(name, src):
+            vi = helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, None)
+            return vi
+        body_inputs = [helper.make_tensor_value_info(f"{b}iter", TensorProto.INT64, []),
+                       helper.make_tensor_value_info(f"{b}cond_in", TensorProto.BOOL, []),
+                       like(f"{b}h_in", sc["h"]), *[like(f"{b}{k}_in", sc[k]) for k in ACT_STATE]]
+        body_outputs = [helper.make_tensor_value_info(f"{b}cond_out", TensorProto.BOOL, []),
+                        like(f"{b}h_next", so["h_next"]), *[like(f"{b}{k}_next", so[f"{k}_next"]) for k in ACT_STATE],
+                        like(f"{b}new_recurrent", so["new_recurrent"])]
+        body = helper.make_graph(body_nodes, "core_step", body_inputs, body_outputs, value_info=step.value_info)
+        inits.append(numpy_helper.from_array(np.array(True), "loop/true"))
+        nodes.append(helper.make_node(
+            "Loop", ["n_loops", "loop/true", "pre/e_out", *[f"act0/{k}" for k in ACT_STATE]],
+            ["loop/h", *[f"loop/{k}" for k in ACT_STATE], "new_recurrent"], body=body, name="recurrent_core"))
+        final = {"h": "loop/h", **{k: f"loop/{k}" for k in ACT_STATE}}
+    else:
+        raise InternalError(f"cannot compose mode {mode!r}")
+
+    coda = _Piece(stepped["coda"], "coda/", {"h_out": final["h_out"], "past_len": "past_len", **coda_io,
+                                              "logits": "logits"}, {})
+    nodes += coda.nodes
+    inits += coda.initializers
+    vinfo += coda.value_info
+    nodes += [helper.make_node("Identity", [final["loops_used"]], ["loops_used"]),
+              helper.make_node("Identity", [final["cum"]], ["halt_prob"])]
+    return _finish(nodes, inits, vinfo, contract, _opsets(*stepped.values()), f"mythos_{mode}")
+
+
+def prune_initializers(model) -> None:
+    """Drop initializers no node (in any subgraph) reads."""
+    used: set[str] = set()
+
+    def walk(graph):
+        for node in graph.node:
+            used.update(node.input)
+            for g in _subgraphs(node):
+                walk(g)
+    walk(model.graph)
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

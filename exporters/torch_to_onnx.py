@@ -1,0 +1,155 @@
+"""Torch -> ONNX for the three stepped graphs (prelude, one core step, coda).
+
+Every loop mode is built from these: `stepped` ships them as they are; `unroll` and `loop`
+compose them into one graph at the ONNX level (exporters/onnx_compose.py). The MoE custom op
+is emitted as the `mythos_deploy::MoEExperts` placeholder, which a lowering pass rewrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from mythos_deploy.cache import ConcatView
+from mythos_deploy.contract import GraphContract, stepped_contracts
+from mythos_deploy.model import ACTState, MythosModel
+
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 3, 4  # distinct and > 1 so no axis is specialised
+
+
+class PreludeGraph(nn.Module):
+    def __init__(self, model: MythosModel):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, past_len, pasts: list[torch.Tensor]):
+        views = {f"prelude_{i}": ConcatView(p) for i, p in enumerate(pasts)}
+        past = pasts[0].shape[1] if pasts else 0
+        e = self.m.run_prelude(input_ids, past_len, views, past)
+        return (e, *[v.new for v in views.values()])
+
+
+class StepGraph(nn.Module):
+    def __init__(self, model: MythosModel):
+        super().__init__()
+        self.m = model
+
+    def forward(self, h, e, h_out, cum, halted, loops_used, loop_index, act_threshold, past_len, past):
+        view = ConcatView(past)
+        state = ACTState(h_out, cum, halted, loops_used)
+        h, state = self.m.run_step(loop_index, h, e, state, act_threshold, past_len, view, past.shape[1])
+        return (h, state.h_out, state.cum, state.halted, state.loops_used, view.new)
+
+
+class CodaGraph(nn.Module):
+    def __init__(self, model: MythosModel):
+        super().__init__()
+        self.m = model
+
+    def forward(self, h_out, past_len, pasts: list[torch.Tensor]):
+        views = {f"coda_{i}": ConcatView(p) for i, p in enumerate(pasts)}
+        past = pasts[0].shape[1] if pasts else 0
+        logits = self.m.run_coda(h_out, past_len, views, past)
+        return (logits, *[v.new for v in views.values()])
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
+                 "int32": torch.int32, "bool": torch.bool}
+_TRACE_SIZES = {"batch": TRACE_BATCH, "seq": TRACE_SEQ, "past": TRACE_PAST}
+
+
+def sample_inputs(contract: GraphContract, sizes: dict[str, int], seed: int = 0,
+                  vocab: int = 2) -> dict[str, torch.Tensor]:
+    """Inputs matching a contract, for tracing and validation."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in contract.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+        dt = _TORCH_DTYPES[spec.dtype]
+        if spec.name == "input_ids":
+            out[spec.name] = torch.randint(0, vocab, shape, generator=g)
+        elif spec.name == "past_len":
+            out[spec.name] = torch.tensor(sizes.get("past", 0))
+        elif spec.name == "act_threshold":
+            out[spec.name] = torch.tensor(0.99)
+        elif spec.name == "loop_index":
+            out[spec.name] = torch.tensor(1)
+        elif dt == torch.bool:
+            out[spec.name] = torch.zeros(shape, dtype=dt)
+        elif not dt.is_floating_point:
+            out[spec.name] = torch.zeros(shape, dtype=dt)
+        else:
+            out[spec.name] = (torch.randn(shape, generator=g) * 0.5).to(dt)
+    return out
+
+
+def _moe_translation():
+    import onnxscript
+
+    from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, register_schemas
+    register_schemas()
+    opset = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
+
+    def moe_experts(x, topk_idx, gates, w_gate, w_up, w_down):
+        E, F, _ = (int(d) for d in w_gate.shape)
+        return getattr(opset, PLACEHOLDER_OP)(x, topk_idx, gates, w_gate, w_up, w_down,
+                                              num_experts=E, top_k=int(topk_idx.shape[1]), expert_dim=F)
+
+    return {torch.ops.mythos_deploy.moe_experts.default: moe_experts}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The torch exporter prints progress and warnings to stdout; keep our CLI output clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_arg: bool = False):
+    """Export one wrapper module to an onnx.ModelProto named and shaped by its contract."""
+    from torch.export import Dim
+
+    dims = {"batch": Dim("batch", min=1), "seq": Dim("seq", min=1), "past": Dim("past", min=0)}
+    sizes = dict(_TRACE_SIZES)
+    inputs = sample_inputs(contract, sizes)
+    names = [s.name for s in contract.inputs]
+    specs = {s.name: {ax: dims[sym] for ax, sym in s.dynamic_axes().items()} or None for s in contract.inputs}
+    if not list_arg:
+        args = tuple(inputs[n] for n in names)
+        dynamic = tuple(specs[n] for n in names)
+    else:  # trailing cache inputs travel as one list argument
+        head = [n for n in names if not n.startswith("past_") or n == "past_len"]
+        tail = [n for n in names if n not in head]
+        args = (*[inputs[n] for n in head], [inputs[n] for n in tail])
+        dynamic = (*[specs[n] for n in head], [specs[n] for n in tail])
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+            input_names=names, output_names=[s.name for s in contract.outputs],
+            custom_translation_table=_moe_translation(), optimize=True, verbose=False)
+    return program.model_proto
+
+
+def export_stepped(model: MythosModel, dtype: str, opset: int) -> dict[str, "onnx.ModelProto"]:  # noqa: F821
+    """The prelude, step and coda graphs of a model (already cast to the export dtype)."""
+    model = model.eval()
+    prelude_c, step_c, coda_c = stepped_contracts(model.cfg, dtype)
+    return {
+        "prelude": export_graph(PreludeGraph(model), prelude_c, opset, list_arg=True),
+        "step": export_graph(StepGraph(model), step_c, opset),
+        "coda": export_graph(CodaGraph(model), coda_c, opset, list_arg=True),
+    }

@@ -1,0 +1,114 @@
+"""The I/O contract: graph input/output names, dtypes, shapes and dynamic axes, as data.
+
+Generated from the config and export options; the exporter, the validation inputs, the
+runtimes and the manifest all read it. Symbols in shapes are dynamic axes.
+
+Cache layout (every mode): one tensor per prelude/coda slot `[batch, past, W]`, and the
+recurrent slots stacked as `[loops, batch, past, W]` (slot `recurrent_loop_t` is row t).
+`W = cfg.cache_width` (MLA: c_kv then the rotated shared RoPE key; GQA: rotated k then v).
+The graphs take the past and return only the *new* rows for the input positions
+(`new_*`, `[.., batch, seq, W]`): present = past[:past_len] ++ new. The runtime owns
+preallocated buffers and writes the new rows in place, so nothing re-concatenates the cache
+per token. Past rows at index >= past_len are ignored, so a runtime may pass a longer
+buffer than is filled; past = 0 (an empty cache) is valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mythos_deploy.config import MythosConfig
+
+LOOP_MODES = ("unroll", "loop", "stepped")
+FLOAT = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints are fixed, strings are dynamic-axis symbols
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    name: str  # graph file stem: model | prelude | step | coda
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(s for s in self.inputs if s.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(s for s in self.outputs if s.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "inputs": [asdict(s) for s in self.inputs],
+                "outputs": [asdict(s) for s in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphContract":
+        def specs(items):
+            return tuple(TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in items)
+        return cls(data["name"], specs(data["inputs"]), specs(data["outputs"]))
+
+
+def _past(name: str, W: int, dt: str, loops=None) -> TensorSpec:
+    lead = () if loops is None else (loops,)
+    return TensorSpec(f"past_{name}", dt, lead + ("batch", "past", W))
+
+
+def _new(name: str, W: int, dt: str, loops=None) -> TensorSpec:
+    lead = () if loops is None else (loops,)
+    return TensorSpec(f"new_{name}", dt, lead + ("batch", "seq", W))
+
+
+def stepped_contracts(cfg: MythosConfig, dtype: str = "fp32") -> list[GraphContract]:
+    dt, W, D = FLOAT[dtype], cfg.cache_width, cfg.dim
+    ids = TensorSpec("input_ids", "int64", ("batch", "seq"))
+    past_len = TensorSpec("past_len", "int64", ())
+    act = [TensorSpec("h_out", "float32", ("batch", "seq", D)), TensorSpec("cum", "float32", ("batch", "seq")),
+           TensorSpec("halted", "bool", ("batch", "seq")), TensorSpec("loops_used", "int32", ("batch", "seq"))]
+    pre = [f"prelude_{i}" for i in range(cfg.prelude_layers)]
+    coda = [f"coda_{i}" for i in range(cfg.coda_layers)]
+    prelude = GraphContract(
+        "prelude", (ids, past_len, *[_past(s, W, dt) for s in pre]),
+        (TensorSpec("e", dt, ("batch", "seq", D)), *[_new(s, W, dt) for s in pre]))
+    step = GraphContract(
+        "step",
+        (TensorSpec("h", dt, ("batch", "seq", D)), TensorSpec("e", dt, ("batch", "seq", D)), *act,
+         TensorSpec("loop_index", "int64", ()), TensorSpec("act_threshold", "float32", ()), past_len,
+         _past("recurrent", W, dt)),
+        (TensorSpec("h_next", dt, ("batch", "seq", D)),
+         *[TensorSpec(f"{s.name}_next", s.dtype, s.shape) for s in act], _new("recurrent", W, dt)))
+    coda_g = GraphContract(
+        "coda", (TensorSpec("h_out", "float32", ("batch", "seq", D)), past_len, *[_past(s, W, dt) for s in coda]),
+        (TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size)), *[_new(s, W, dt) for s in coda]))
+    return [prelude, step, coda_g]
+
+
+def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32") -> GraphContract:
+    """The single-graph contract of `unroll` (n_loops fixed) and `loop` (n_loops an input)."""
+    dt, W = FLOAT[dtype], cfg.cache_width
+    loops = n_loops if loop_mode == "unroll" else "loops"
+    pre = [f"prelude_{i}" for i in range(cfg.prelude_layers)]
+    coda = [f"coda_{i}" for i in range(cfg.coda_layers)]
+    inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")), TensorSpec("past_len", "int64", ())]
+    if loop_mode == "loop":
+        inputs += [TensorSpec("n_loops", "int64", ())]
+    inputs += [TensorSpec("act_threshold", "float32", ())]
+    inputs += [_past(s, W, dt) for s in pre] + [_past("recurrent", W, dt, loops)] + [_past(s, W, dt) for s in coda]
+    outputs = [TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size))]
+    outputs += [_new(s, W, dt) for s in pre] + [_new("recurrent", W, dt, loops)] + [_new(s, W, dt) for s in coda]
+    outputs += [TensorSpec("loops_used", "int32", ("batch", "seq")), TensorSpec("halt_prob", "float32", ("batch", "seq"))]
+    return GraphContract("model", tuple(inputs), tuple(outputs))
+
+
+def contracts_for(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32") -> list[GraphContract]:
+    if loop_mode == "stepped":
+        return stepped_contracts(cfg, dtype)
+    return [model_contract(cfg, loop_mode, n_loops, dtype)]
