@@ -195,3 +195,16 @@ def prune_initializers(model) -> None:
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+
+
+def strip_metadata(graph) -> None:
+    """Drop per-node doc strings and metadata (the torch exporter records Python stack traces
+    and module paths there: local file paths, and most of the bytes of an unrolled graph)."""
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for g in _subgraphs(node):
+            strip_metadata(g)
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        vi.doc_string = ""
+        del vi.metadata_props[:]

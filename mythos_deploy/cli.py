@@ -22,7 +22,8 @@ app = typer.Typer(
     name="mythos-export", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
     help="Export and deploy OpenMythos recurrent-depth transformers.\n\n"
          "Start with: [bold]mythos-export init --preset tiny -o ckpt/tiny[/bold], then "
-         "[bold]mythos-export generate ckpt/tiny --prompt 'hello'[/bold].")
+         "[bold]mythos-export generate ckpt/tiny --prompt 'hello'[/bold] and "
+         "[bold]mythos-export onnx ckpt/tiny -o out/tiny-onnx[/bold].")
 out = Console()
 err = Console(stderr=True)
 _state = {"debug": False}
@@ -241,6 +242,80 @@ def generate(
             err.print(f"[dim]{len(result.tokens[0])} tokens, mean loops "
                       f"{sum(result.loops_used[0]) / len(result.loops_used[0]):.2f}, prefill "
                       f"{result.prefill_seconds * 1e3:.1f} ms{rate}, stop: {result.stop_reason}[/dim]")
+
+
+def _print_validation(report: dict) -> None:
+    t = Table(title=f"parity vs eager ({report['dtype']}, {report['loop_mode']})")
+    for col in ("scenario", "output", "max abs", "max rel", "tolerance", ""):
+        t.add_column(col, justify="right" if col.startswith("max") or col == "tolerance" else "left")
+    worst: dict[tuple, dict] = {}
+    for o in report["outputs"]:
+        key = (o["scenario"], "new_* (cache)" if o["output"].startswith("new_") else o["output"])
+        if key not in worst or o["max_abs"] > worst[key]["max_abs"]:
+            worst[key] = o
+    for (scenario, output), o in worst.items():
+        mark = "[green]ok[/green]" if o["ok"] else "[bold red]FAIL[/bold red]"
+        t.add_row(scenario, output, f"{o['max_abs']:.2e}", f"{o['max_rel']:.2e}", f"{o['tolerance']:g}", mark)
+    out.print(t)
+    out.print(f"greedy agreement {report['greedy_agreement']:.4f} over {report['greedy_positions']} positions; "
+              f"loops_used mismatches {report['loops_used_mismatches']}/{report['loops_used_positions']}")
+    if report.get("note"):
+        out.print(f"[yellow]note:[/yellow] {report['note']}")
+
+
+@app.command("onnx", epilog="Examples:\n\n"
+             "mythos-export onnx ckpt/tiny -o out/tiny-onnx\n\n"
+             "mythos-export onnx ckpt/tiny -o out/tiny-loop --loop loop --moe ort\n\n"
+             "mythos-export onnx ckpt/tiny -o out/tiny-trt --loop stepped --moe plugin --dtype fp16")
+def onnx_cmd(
+    path: Path = typer.Argument(..., help="A checkpoint directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="ONNX artifact directory to create."),
+    loop: str = typer.Option("unroll", help="unroll: n_loops fixed in the graph; loop: one ONNX Loop, n_loops and "
+                                            "act_threshold are inputs; stepped: prelude/step/coda graphs for a runtime-driven loop."),
+    loops: Optional[int] = typer.Option(None, help="Loop count (unroll) / default loop count recorded in the manifest. Default: max_loop_iters."),
+    moe: str = typer.Option("standard", help="MoE lowering. standard: plain ONNX ops (runs anywhere); ort: onnxruntime com.microsoft::MoE "
+                                             "(fp32 on CPU); plugin: the TensorRT MythosMoE plugin node."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
+    dtype: str = typer.Option("fp32", help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime parity gate (not recommended)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest and validation report as JSON."),
+) -> None:
+    """Export a checkpoint to ONNX and gate it on parity with eager PyTorch.
+
+    The artifact holds the graph(s), manifest.json (options, source sha256, the I/O contract,
+    sha256 of every file) and validation.json. Outputs that differ from eager beyond
+    tolerance exit with status 4 and write nothing.
+    """
+    with _errors():
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from exporters.onnx_export import OnnxExportOptions, export_onnx
+        from mythos_deploy.errors import ParityError
+
+        opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=err, transient=True, disable=as_json) as progress:
+            task = progress.add_task("starting", total=None)
+            try:
+                result = export_onnx(path, output, opts, overwrite=force,
+                                     stage=lambda s: progress.update(task, description=s))
+            except ParityError as exc:
+                progress.stop()
+                if exc.report:
+                    if as_json:
+                        print(json.dumps({"validation": exc.report}, indent=2))
+                    else:
+                        _print_validation(exc.report)
+                raise
+        if as_json:
+            print(json.dumps({"manifest": result.manifest, "validation": result.report}, indent=2))
+            return
+        if result.report:
+            _print_validation(result.report)
+        size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+        out.print(f"wrote {output} ({', '.join(result.manifest['graphs'].values())}; "
+                  f"{_fmt_bytes(size)}) in {result.seconds:.1f} s")
 
 
 def main() -> None:

@@ -30,3 +30,13 @@ class MissingDependencyError(MythosError):
 
 class InternalError(Exception):
     """A bug in mythos-deploy, not in the user's input. Not a MythosError on purpose."""
+
+
+class ParityError(MythosError):
+    """An export's outputs differ from the eager reference beyond tolerance."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report

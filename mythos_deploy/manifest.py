@@ -70,6 +70,20 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
         raise CheckpointError(f"{directory} does not match its manifest: {', '.join(bad)}")
 
 
+def check_writable(target: str | Path, overwrite: bool = False) -> None:
+    """Fail fast (before minutes of work) if `target` cannot be created."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise MythosError(f"output {target} already exists (pass --force to replace it)")
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise MythosError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `target` only if the block succeeds."""
@@ -80,6 +94,9 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an artifact is an ordinary directory
     except OSError as exc:
         raise MythosError(f"cannot write to {parent}: {exc.strerror or exc}") from None
     try:

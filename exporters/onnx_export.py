@@ -1,0 +1,238 @@
+"""`export_onnx`: checkpoint directory -> ONNX artifact directory, parity-gated.
+
+Stages: load -> torch export of the stepped graphs -> compose (unroll | loop) -> MoE
+lowering -> onnx.checker + shape inference + contract check -> onnxruntime parity gate ->
+atomic write with manifest.json and validation.json. Any failure leaves no OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mythos_deploy.checkpoint import checkpoint_sha256, load_checkpoint
+from mythos_deploy.config import MythosConfig
+from mythos_deploy.contract import LOOP_MODES, GraphContract, contracts_for
+from mythos_deploy.errors import InputError, InternalError, MissingDependencyError, ParityError
+from mythos_deploy.manifest import atomic_output_dir, check_writable, write_manifest
+
+MOE_LOWERINGS = ("plugin", "ort", "standard")
+DTYPES = ("fp32", "fp16")
+MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
+MAX_UNROLL = 256
+MAX_LOOPS = 4096
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs above this keep their weights in <graph>.onnx.data
+
+
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    loop: str = "unroll"
+    loops: int | None = None  # default: the config's max_loop_iters
+    moe: str = "standard"
+    opset: int = MIN_OPSET
+    dtype: str = "fp32"
+    validate: bool = True
+
+    def resolved(self, cfg: MythosConfig) -> "OnnxExportOptions":
+        loops = cfg.max_loop_iters if self.loops is None else self.loops
+        return OnnxExportOptions(self.loop, loops, self.moe, self.opset, self.dtype, self.validate)
+
+    def check(self, cfg: MythosConfig) -> None:
+        import onnx
+        if self.loop not in LOOP_MODES:
+            raise InputError(f"--loop must be one of {', '.join(LOOP_MODES)}, got {self.loop!r}")
+        if self.moe not in MOE_LOWERINGS:
+            raise InputError(f"--moe must be one of {', '.join(MOE_LOWERINGS)}, got {self.moe!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.loops, bool) or not isinstance(self.loops, int) or not 1 <= self.loops <= MAX_LOOPS:
+            raise InputError(f"--loops must be an integer in [1, {MAX_LOOPS}], got {self.loops!r}")
+        if self.loop == "unroll" and self.loops > MAX_UNROLL:
+            raise InputError(f"--loops {self.loops} is too deep to unroll (max {MAX_UNROLL}); use --loop loop")
+        newest = onnx.defs.onnx_opset_version()
+        if self.opset < MIN_OPSET:
+            raise InputError(f"--opset {self.opset} is too old for --moe {self.moe}: the exporter needs opset >= {MIN_OPSET}")
+        if self.opset > newest:
+            raise InputError(f"--opset {self.opset} is newer than this onnx ({onnx.__version__}) knows (max {newest})")
+        if self.moe == "ort" and self.dtype == "fp16" and self.validate:
+            raise InputError("--moe ort with --dtype fp16 cannot be validated here: onnxruntime's CPU MoE "
+                             "kernel is fp32 only (use --dtype fp32, or --no-validate for a CUDA EP target)")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict
+    report: dict | None
+    seconds: float
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(f"ONNX export needs onnx and onnxscript ({exc.name} is missing): "
+                                     "pip install onnx onnxscript") from None
+
+
+def check_contract(model, contract: GraphContract) -> None:
+    """Graph inputs/outputs must be exactly the contract's names, dtypes and shapes."""
+    from onnx import helper
+
+    def describe(vi):
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim)
+        return vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name, dims
+
+    for kind, got, want in (("inputs", model.graph.input, contract.inputs),
+                            ("outputs", model.graph.output, contract.outputs)):
+        have = [describe(v) for v in got]
+        need = [(s.name, s.dtype, tuple(s.shape)) for s in want]
+        if have != need:
+            raise InternalError(f"graph {contract.name!r} {kind} do not match the I/O contract:\n"
+                                f"  graph:    {have}\n  contract: {need}")
+
+
+def _check_graph(model, contract: GraphContract) -> None:
+    import onnx
+
+    from exporters.onnx_ops import register_schemas
+    register_schemas()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InternalError(f"graph {contract.name!r} fails onnx.checker/shape inference: {exc}") from None
+    check_contract(model, contract)
+
+
+def _set_contract_io(model, contract: GraphContract) -> None:
+    """Stamp the contract's symbolic axis names on the graph's inputs and outputs (the torch
+    exporter names them after its own symbols)."""
+    from onnx import helper
+    by_name = {s.name: s for s in (*contract.inputs, *contract.outputs)}
+    for vi in (*model.graph.input, *model.graph.output):
+        spec = by_name.get(vi.name)
+        if spec is None:
+            raise InternalError(f"graph {contract.name!r} has {vi.name!r}, which the contract lacks")
+        elem = vi.type.tensor_type.elem_type
+        vi.CopyFrom(helper.make_tensor_value_info(spec.name, elem, list(spec.shape)))
+
+
+def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None],
+                 stepped: dict | None = None) -> dict:
+    """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
+    `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
+    import torch
+
+    from exporters.moe_lowering import lower_moe
+    from exporters.onnx_compose import IR_VERSION, compose, prune_initializers, strip_metadata
+    from exporters.torch_to_onnx import export_stepped
+
+    if stepped is None:
+        stage("torch export (prelude, core step, coda)")
+        export_model = model if opts.dtype == "fp32" else copy.deepcopy(model).to(torch.float16)
+        stepped = export_stepped(export_model, opts.dtype, opts.opset)
+    stepped = {k: copy.deepcopy(v) for k, v in stepped.items()}
+    for g in stepped.values():
+        strip_metadata(g.graph)
+        del g.metadata_props[:]
+    contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype)}
+    for name in ("prelude", "step", "coda"):
+        stepped[name].ir_version = IR_VERSION
+    if opts.loop == "stepped":
+        graphs = stepped
+        for name, g in graphs.items():
+            _set_contract_io(g, contracts[name])
+    else:
+        stage(f"compose ({opts.loop}, {opts.loops} loops)")
+        graphs = {"model": compose(stepped, contracts["model"], opts.loop, opts.loops,
+                                   cfg.prelude_layers, cfg.coda_layers)}
+    stage(f"lower MoE ({opts.moe})")
+    for g in graphs.values():
+        lower_moe(g, opts.moe)
+        prune_initializers(g)
+    stage("onnx.checker + shape inference + contract")
+    for name, g in graphs.items():
+        _check_graph(g, contracts[name])
+    return graphs
+
+
+def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOptions,
+                    stage: Callable[[str], None]):
+    from exporters.moe_lowering import count_moe_nodes, lower_moe
+    from exporters.onnx_validate import default_scenarios, validate
+    from runtimes.onnx_runner import OnnxModelRunner
+
+    note = ""
+    if opts.moe == "plugin":
+        graphs = {k: lower_moe(copy.deepcopy(g), "standard") for k, g in graphs.items()}
+        note = ("plugin nodes cannot run in onnxruntime: validated the same graph with each "
+                "MythosMoE plugin node swapped for its standard-op form")
+    elif any(count_moe_nodes(g) for g in graphs.values()):
+        raise InternalError("an MoE placeholder survived lowering")
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = {}
+        for name, g in graphs.items():  # via files: graphs over 2 GB cannot be serialised in memory
+            paths[name] = _save(g, Path(scratch), f"{name}.onnx")
+        runner = OnnxModelRunner(paths, opts.loop, opts.loops, cfg.prelude_layers, cfg.coda_layers)
+        scenarios = default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len)
+        return validate(model, runner, opts.loop, opts.dtype, scenarios, note,
+                        progress=lambda s: stage(f"validate: {s}"))
+
+
+def _save(model, directory: Path, filename: str, external_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
+    import onnx
+    path = directory / filename
+    if model.ByteSize() > external_bytes:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{filename}.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOptions = OnnxExportOptions(),
+                overwrite: bool = False, stage: Callable[[str], None] | None = None,
+                external_bytes: int = EXTERNAL_DATA_BYTES) -> ExportResult:
+    """Export a checkpoint; raises ParityError (nothing written) if validation fails."""
+    _require_onnx()
+    t0 = time.perf_counter()
+    stage = stage or (lambda s: None)
+    stage("load checkpoint")
+    model = load_checkpoint(ckpt_dir)
+    cfg = model.cfg
+    opts = options.resolved(cfg)
+    opts.check(cfg)
+    out_dir = Path(out_dir)
+    check_writable(out_dir, overwrite)  # fail before minutes of work, not after
+    graphs = build_graphs(model, cfg, opts, stage)
+    report = None
+    if opts.validate:
+        report = validate_graphs(model, cfg, graphs, opts, stage).to_dict()
+        if not report["passed"]:
+            raise ParityError("export differs from eager PyTorch beyond tolerance: "
+                              + "; ".join(report["failures"][:6]), report)
+    stage("write artifact")
+    from runtimes.onnx_runner import graph_files
+    files = graph_files(opts.loop)
+    contracts = contracts_for(cfg, opts.loop, opts.loops, opts.dtype)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        for name, g in graphs.items():
+            _save(g, tmp, files[name], external_bytes)
+        if report is not None:
+            (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+        manifest = write_manifest(
+            tmp, "onnx", options=asdict(opts), config=cfg.to_dict(),
+            source={"checkpoint": str(ckpt_dir), "sha256": checkpoint_sha256(ckpt_dir)},
+            graphs=files, contract=[c.to_dict() for c in contracts],
+            validation=None if report is None else {k: report[k] for k in ("passed", "note", "greedy_agreement")})
+    return ExportResult(out_dir, manifest, report, time.perf_counter() - t0)

@@ -1,0 +1,173 @@
+"""The parity gate: run an export with onnxruntime against the eager reference.
+
+Scenarios cover prefill of several lengths, empty and non-empty caches, chunked prefill,
+16 greedy decode steps, batch 1 and 3, and (for `loop`/`stepped`) several loop counts
+including one beyond max_loop_iters. Errors are collected per output, then judged once.
+Decode tokens are the eager model's greedy choices (teacher forcing), so one early flip
+cannot hide later errors; greedy agreement is counted at every compared position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from mythos_deploy.cache import slot_names
+from mythos_deploy.model import MythosModel
+
+# Documented tolerances (max abs error on each output, against the fp32 eager model).
+# fp16 graphs keep ACT accumulators in fp32 but run matmuls in half precision.
+TOLERANCES = {
+    "fp32": {"logits": 1e-4, "cache": 1e-4, "halt_prob": 1e-4, "greedy_agreement": 1.0, "loops_used": 0},
+    "fp16": {"logits": 5e-2, "cache": 2e-2, "halt_prob": 1e-2, "greedy_agreement": 0.98, "loops_used": 0.02},
+}
+
+
+@dataclass
+class Scenario:
+    name: str
+    batch: int
+    chunks: list[int]
+    decode_steps: int
+    n_loops: int
+
+
+@dataclass
+class OutputStat:
+    scenario: str
+    output: str
+    max_abs: float = 0.0
+    ref_max: float = 0.0
+    tolerance: float = 0.0
+
+    @property
+    def max_rel(self) -> float:
+        return self.max_abs / self.ref_max if self.ref_max else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.tolerance
+
+
+@dataclass
+class ValidationReport:
+    dtype: str
+    loop_mode: str
+    note: str = ""
+    stats: list[OutputStat] = field(default_factory=list)
+    greedy_total: int = 0
+    greedy_agree: int = 0
+    loops_total: int = 0
+    loops_mismatch: int = 0
+
+    @property
+    def greedy_agreement(self) -> float:
+        return self.greedy_agree / self.greedy_total if self.greedy_total else 1.0
+
+    @property
+    def loops_mismatch_rate(self) -> float:
+        return self.loops_mismatch / self.loops_total if self.loops_total else 0.0
+
+    @property
+    def passed(self) -> bool:
+        tol = TOLERANCES[self.dtype]
+        return (all(s.ok for s in self.stats) and self.greedy_agreement >= tol["greedy_agreement"]
+                and self.loops_mismatch_rate <= tol["loops_used"])
+
+    def failures(self) -> list[str]:
+        tol = TOLERANCES[self.dtype]
+        out = [f"{s.scenario}: {s.output} max abs error {s.max_abs:.3g} > {s.tolerance:g}" for s in self.stats if not s.ok]
+        if self.greedy_agreement < tol["greedy_agreement"]:
+            out.append(f"greedy agreement {self.greedy_agreement:.4f} < {tol['greedy_agreement']}")
+        if self.loops_mismatch_rate > tol["loops_used"]:
+            out.append(f"loops_used differs at {self.loops_mismatch}/{self.loops_total} positions")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "dtype": self.dtype, "loop_mode": self.loop_mode, "note": self.note,
+                "tolerances": TOLERANCES[self.dtype], "greedy_agreement": self.greedy_agreement,
+                "greedy_positions": self.greedy_total, "loops_used_mismatches": self.loops_mismatch,
+                "loops_used_positions": self.loops_total, "failures": self.failures(),
+                "outputs": [{**asdict(s), "max_rel": s.max_rel, "ok": s.ok} for s in self.stats]}
+
+
+def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq_len: int) -> list[Scenario]:
+    sc = [Scenario("prefill7+decode16", 1, [7], 16, n_loops),
+          Scenario("batch3 chunked 5+4 +decode3", 3, [5, 4], 3, n_loops),
+          Scenario("prefill1+decode2", 1, [1], 2, n_loops)]
+    if loop_mode != "unroll":
+        for n in sorted({2, max_loop_iters, 2 * max_loop_iters} - {n_loops}):
+            sc.append(Scenario(f"loops={n} prefill4+decode3", 1, [4], 3, n))
+    return [s for s in sc if sum(s.chunks) + s.decode_steps <= max_seq_len]
+
+
+def _cache_rows(cache, cfg, n_loops, start, end) -> dict[str, np.ndarray]:
+    rows = {}
+    for i in range(cfg.prelude_layers):
+        rows[f"new_prelude_{i}"] = cache.buffers[f"prelude_{i}"][:, start:end].numpy()
+    rows["new_recurrent"] = np.stack([cache.buffers[f"recurrent_loop_{t}"][:, start:end].numpy() for t in range(n_loops)])
+    for i in range(cfg.coda_layers):
+        rows[f"new_coda_{i}"] = cache.buffers[f"coda_{i}"][:, start:end].numpy()
+    return rows
+
+
+def _empty_pasts(cfg, batch: int, n_loops: int, dtype: str) -> dict[str, np.ndarray]:
+    dt = np.float16 if dtype == "fp16" else np.float32
+    W = cfg.cache_width
+    pasts = {f"past_prelude_{i}": np.zeros((batch, 0, W), dt) for i in range(cfg.prelude_layers)}
+    pasts["past_recurrent"] = np.zeros((n_loops, batch, 0, W), dt)
+    pasts.update({f"past_coda_{i}": np.zeros((batch, 0, W), dt) for i in range(cfg.coda_layers)})
+    return pasts
+
+
+@torch.no_grad()
+def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: list[Scenario],
+             note: str = "", act_threshold: float | None = None, seed: int = 0, progress=None) -> ValidationReport:
+    cfg = model.cfg
+    threshold = cfg.act_threshold if act_threshold is None else act_threshold
+    tol = TOLERANCES[dtype]
+    report = ValidationReport(dtype, loop_mode, note)
+    g = torch.Generator().manual_seed(seed)
+    for sc in scenarios:
+        if progress:
+            progress(sc.name)
+        stats: dict[str, OutputStat] = {}
+
+        def record(name, got, ref, kind):
+            st = stats.setdefault(name, OutputStat(sc.name, name, tolerance=tol[kind]))
+            got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+            err = float(np.max(np.abs(got - ref))) if got.size else 0.0
+            st.max_abs = max(st.max_abs, err if np.isfinite(err) else float("inf"))
+            st.ref_max = max(st.ref_max, float(np.max(np.abs(ref))) if ref.size else 0.0)
+
+        total = sum(sc.chunks) + sc.decode_steps
+        cache = model.new_cache(sc.batch, total, sc.n_loops)
+        pasts = _empty_pasts(cfg, sc.batch, sc.n_loops, dtype)
+        ids = torch.randint(0, cfg.vocab_size, (sc.batch, sum(sc.chunks)), generator=g)
+        feeds = [ids[:, a:b] for a, b in zip(np.cumsum([0] + sc.chunks[:-1]), np.cumsum(sc.chunks))]
+        pos = 0
+        step = 0
+        while step < len(feeds) + sc.decode_steps:
+            chunk = feeds[step] if step < len(feeds) else nxt
+            ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=threshold)
+            out = runner.forward(chunk.numpy(), pos, pasts, sc.n_loops, threshold)
+            T = chunk.shape[1]
+            record("logits", out["logits"], ref.logits.numpy(), "logits")
+            record("halt_prob", out["halt_prob"], ref.halt_prob.numpy(), "halt_prob")
+            for name, rows in _cache_rows(cache, cfg, sc.n_loops, pos, pos + T).items():
+                record(name, out[name], rows, "cache")
+                axis = 2 if name == "new_recurrent" else 1
+                pasts[name.replace("new_", "past_")] = np.concatenate(
+                    [pasts[name.replace("new_", "past_")], out[name]], axis=axis)
+            agree = out["logits"].argmax(-1) == ref.logits.numpy().argmax(-1)
+            report.greedy_total += agree.size
+            report.greedy_agree += int(agree.sum())
+            report.loops_total += out["loops_used"].size
+            report.loops_mismatch += int((out["loops_used"] != ref.loops_used.numpy()).sum())
+            nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
+            pos += T
+            step += 1
+        report.stats.extend(stats.values())
+    return report

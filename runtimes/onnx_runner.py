@@ -1,0 +1,109 @@
+"""Run an exported ONNX artifact (any loop mode) with onnxruntime through one call shape.
+
+`OnnxModelRunner.forward(...)` takes the model-contract inputs (input_ids, past_len, the
+cache pasts, n_loops, act_threshold) and returns the model-contract outputs, whether the
+artifact is one `unroll`/`loop` graph or the `stepped` trio driven here, loop by loop.
+This is the low-level engine call; cache buffers and generation live above it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mythos_deploy.errors import CheckpointError, InputError, MissingDependencyError
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
+                                     "(or the [gpu] extra for onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+def make_session(model: Any, providers: list[str] | None = None, threads: int = 0):
+    """An InferenceSession from a ModelProto or a file path."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        raise CheckpointError(f"onnxruntime cannot load the graph: {first}") from None
+
+
+class OnnxModelRunner:
+    """Sessions for one artifact's graphs. `graphs` maps graph name -> ModelProto or path."""
+
+    def __init__(self, graphs: dict[str, Any], loop_mode: str, n_loops: int, prelude_layers: int,
+                 coda_layers: int, providers: list[str] | None = None, threads: int = 0):
+        self.loop_mode, self.n_loops = loop_mode, n_loops
+        self.prelude_layers, self.coda_layers = prelude_layers, coda_layers
+        self.sessions = {name: make_session(g, providers, threads) for name, g in graphs.items()}
+        self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self.sessions[name]
+        wanted = {i.name for i in sess.get_inputs()}
+        outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        return dict(zip(self.output_names[name], outs))
+
+    def forward(self, input_ids: np.ndarray, past_len: int, pasts: dict[str, np.ndarray],
+                n_loops: int | None = None, act_threshold: float = 0.99) -> dict[str, np.ndarray]:
+        n_loops = self.n_loops if n_loops is None else n_loops
+        if self.loop_mode == "unroll" and n_loops != self.n_loops:
+            raise InputError(f"this export is unrolled for n_loops={self.n_loops}; re-export with "
+                             f"--loops {n_loops} or use a --loop loop/stepped export to vary depth")
+        base = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                "past_len": np.array(past_len, dtype=np.int64),
+                "act_threshold": np.array(act_threshold, dtype=np.float32), **pasts}
+        if self.loop_mode in ("unroll", "loop"):
+            if self.loop_mode == "loop":
+                base["n_loops"] = np.array(n_loops, dtype=np.int64)
+            return self._run("model", base)
+        return self._forward_stepped(base, n_loops)
+
+    def _forward_stepped(self, base: dict[str, np.ndarray], n_loops: int) -> dict[str, np.ndarray]:
+        pre = self._run("prelude", base)
+        e = pre["e"]
+        B, T = e.shape[:2]
+        state = {"h": e, "e": e, "h_out": np.zeros(e.shape, np.float32), "cum": np.zeros((B, T), np.float32),
+                 "halted": np.zeros((B, T), bool), "loops_used": np.zeros((B, T), np.int32)}
+        past_rec = base["past_recurrent"]
+        news = []
+        for t in range(n_loops):
+            out = self._run("step", {**state, "loop_index": np.array(t, np.int64),
+                                     "act_threshold": base["act_threshold"], "past_len": base["past_len"],
+                                     "past_recurrent": past_rec[t]})
+            state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"],
+                         halted=out["halted_next"], loops_used=out["loops_used_next"])
+            news.append(out["new_recurrent"])
+        coda = self._run("coda", {**base, "h_out": state["h_out"]})
+        result = {"logits": coda["logits"], "new_recurrent": np.stack(news),
+                  "loops_used": state["loops_used"], "halt_prob": state["cum"]}
+        result.update({k: v for k, v in pre.items() if k.startswith("new_")})
+        result.update({k: v for k, v in coda.items() if k.startswith("new_")})
+        return result
+
+
+def graph_files(loop_mode: str) -> dict[str, str]:
+    if loop_mode == "stepped":
+        return {"prelude": "prelude.onnx", "step": "step.onnx", "coda": "coda.onnx"}
+    return {"model": "model.onnx"}
+
+
+def runner_from_dir(path: str | Path, manifest: dict, providers: list[str] | None = None,
+                    threads: int = 0) -> OnnxModelRunner:
+    opts = manifest["options"]
+    cfg = manifest["config"]
+    graphs = {name: Path(path) / f for name, f in graph_files(opts["loop"]).items()}
+    return OnnxModelRunner(graphs, opts["loop"], opts["loops"], cfg["prelude_layers"], cfg["coda_layers"],
+                           providers, threads)

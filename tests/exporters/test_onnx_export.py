@@ -1,0 +1,187 @@
+"""ONNX export: parity across loop mode x MoE lowering x attention, the contract, the gate."""
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from exporters.moe_lowering import count_moe_nodes
+from exporters.onnx_export import OnnxExportOptions, build_graphs, check_contract, export_onnx, validate_graphs
+from mythos_deploy import InternalError, MythosError, ParityError, save_checkpoint
+from mythos_deploy.cli import app
+from mythos_deploy.contract import contracts_for
+from mythos_deploy.manifest import check_writable, read_manifest, verify_files
+from runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
+
+MODES = ("unroll", "loop", "stepped")
+LOWERINGS = ("standard", "ort", "plugin")
+
+
+def _quiet(_):
+    pass
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+@pytest.mark.parametrize("moe", LOWERINGS)
+@pytest.mark.parametrize("loop", MODES)
+def test_parity_matrix(om_pair, stepped_fp32, attn, moe, loop):
+    _, model = om_pair[attn]
+    opts = OnnxExportOptions(loop=loop, moe=moe).resolved(model.cfg)
+    graphs = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32[attn])
+    for g, c in zip(graphs.values(), contracts_for(model.cfg, loop, opts.loops)):
+        check_contract(g, c)  # every produced graph matches the I/O contract
+    kinds = {("trt.plugins", "MythosMoE")} if moe == "plugin" else {("com.microsoft", "MoE")} if moe == "ort" else set()
+    if kinds:
+        assert sum(count_moe_nodes(g, kinds) for g in graphs.values()) >= 1
+    else:
+        assert sum(count_moe_nodes(g) for g in graphs.values()) == 0
+    report = validate_graphs(model, model.cfg, graphs, opts, _quiet)
+    assert report.passed, report.failures()
+    assert report.greedy_agreement == 1.0 and report.loops_mismatch == 0
+    assert max(s.max_abs for s in report.stats if s.output == "logits") < 1e-4
+    names = {s.scenario for s in report.stats}
+    if loop != "unroll":  # three loop counts, one beyond max_loop_iters
+        assert any("loops=8" in n for n in names) and any("loops=2" in n for n in names)
+    assert ("plugin" in report.note) == (moe == "plugin")
+
+
+def test_loop_mode_varies_depth_and_matches_openmythos(om_pair, stepped_fp32):
+    om, model = om_pair["mla"]
+    opts = OnnxExportOptions(loop="loop").resolved(model.cfg)
+    graphs = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])
+    runner = OnnxModelRunner(graphs, "loop", 4, 1, 1)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    W = model.cfg.cache_width
+    for n in (1, 4, 8, 12):
+        pasts = {"past_prelude_0": np.zeros((2, 0, W), np.float32), "past_coda_0": np.zeros((2, 0, W), np.float32),
+                 "past_recurrent": np.zeros((n, 2, 0, W), np.float32)}
+        out = runner.forward(ids.numpy(), 0, pasts, n, 0.99)
+        with torch.no_grad():
+            ref = om(ids, n_loops=n).numpy()  # OpenMythos's own eager logits
+        np.testing.assert_allclose(out["logits"], ref, atol=1e-5, rtol=0)
+        assert out["new_recurrent"].shape == (n, 2, 9, W)
+    assert len(set(out["loops_used"].flatten().tolist())) > 1  # halting depth varies
+
+
+def test_loop_node_count_does_not_grow(om_pair, stepped_fp32):
+    _, model = om_pair["mla"]
+
+    def count(loop, n):
+        opts = OnnxExportOptions(loop=loop, loops=n).resolved(model.cfg)
+        g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
+
+        def walk(graph):
+            return sum(1 + sum(walk(a.g) for a in node.attribute if a.HasField("g")) for node in graph.node)
+        return walk(g.graph), g.ByteSize()
+
+    (loop2, size2), (loop16, size16) = count("loop", 2), count("loop", 16)
+    assert loop2 == loop16 and size2 == size16
+    (un2, usize2), (un16, usize16) = count("unroll", 2), count("unroll", 16)
+    assert un16 > 4 * un2
+    assert usize16 < 2 * usize2  # unrolled copies share the step's weights
+
+
+def test_contract_check_catches_drift(om_pair, stepped_fp32):
+    _, model = om_pair["mla"]
+    opts = OnnxExportOptions(loop="unroll").resolved(model.cfg)
+    g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
+    contract = contracts_for(model.cfg, "unroll", opts.loops)[0]
+    bad = copy.deepcopy(g)
+    bad.graph.output[0].name = "scores"
+    with pytest.raises(InternalError, match="contract"):
+        check_contract(bad, contract)
+    dims = [d.dim_param or d.dim_value for d in g.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+
+
+def test_parity_gate_fails_loudly_and_writes_nothing(om_pair, stepped_fp32, tmp_path, monkeypatch):
+    _, model = om_pair["mla"]
+    ck = tmp_path / "ck"
+    save_checkpoint(model, ck)
+    real = build_graphs
+
+    def tampered(model, cfg, opts, stage, stepped=None):
+        graphs = real(model, cfg, opts, stage, stepped=stepped_fp32["mla"])
+        for init in graphs["model"].graph.initializer:
+            if "head" in init.name or "embed" in init.name:
+                arr = onnx.numpy_helper.to_array(init) * 1.01
+                init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+        return graphs
+
+    monkeypatch.setattr("exporters.onnx_export.build_graphs", tampered)
+    with pytest.raises(ParityError) as exc:
+        export_onnx(ck, tmp_path / "out", OnnxExportOptions(loop="unroll"))
+    assert not exc.value.report["passed"] and "logits" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_cli_export_end_to_end(tiny_ckpt, tmp_path):
+    out = tmp_path / "onnx"
+    r = CliRunner().invoke(app, ["onnx", str(tiny_ckpt), "-o", str(out), "--loop", "stepped", "--moe", "ort", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["validation"]["passed"]
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest["kind"] == "onnx" and manifest["options"]["loop"] == "stepped"
+    assert set(manifest["files"]) == {"prelude.onnx", "step.onnx", "coda.onnx", "validation.json"}
+    assert [c["name"] for c in manifest["contract"]] == ["prelude", "step", "coda"]
+    for f in ("prelude.onnx", "step.onnx", "coda.onnx"):
+        onnx.checker.check_model(str(out / f), full_check=True)
+    runner = runner_from_dir(out, manifest)
+    assert runner.loop_mode == "stepped"
+
+
+def test_fp16_export_validates(tiny_ckpt, tmp_path):
+    res = export_onnx(tiny_ckpt, tmp_path / "fp16", OnnxExportOptions(loop="loop", dtype="fp16"))
+    assert res.report["passed"] and res.report["dtype"] == "fp16"
+    g = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_external_data_for_large_graphs(om_pair, stepped_fp32, tmp_path):
+    from exporters.onnx_export import _save
+    _, model = om_pair["mla"]
+    opts = OnnxExportOptions(loop="loop").resolved(model.cfg)
+    g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
+    path = _save(g, tmp_path, "model.onnx", external_bytes=1000)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 0.9 * g.ByteSize()
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--opset", "17"], "too old"),
+    (["--loops", "0"], "--loops"),
+    (["--loops", "5000"], "--loops"),
+    (["--loop", "unroll", "--loops", "300"], "too deep to unroll"),
+    (["--loop", "spiral"], "--loop"),
+    (["--moe", "dense"], "--moe"),
+    (["--dtype", "int3"], "--dtype"),
+    (["--moe", "ort", "--dtype", "fp16"], "fp32 only"),
+])
+def test_bad_options(tiny_ckpt, tmp_path, args, match):
+    r = CliRunner().invoke(app, ["onnx", str(tiny_ckpt), "-o", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2 and match in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_checkpoint_and_unwritable_output(tiny_ckpt, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["onnx", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "not found" in r.output
+    (tiny_ckpt / "model.safetensors").write_bytes(b"junk")
+    r = runner.invoke(app, ["onnx", str(tiny_ckpt), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "sha256 mismatch" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (tiny_ckpt / "model.safetensors").unlink()
+    r = runner.invoke(app, ["onnx", str(tiny_ckpt), "-o", str(blocker / "out"), "--force"])
+    assert r.exit_code == 2 and "missing" in r.output
+    with pytest.raises(MythosError, match="cannot write"):
+        check_writable(blocker / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]
