@@ -9,7 +9,8 @@
               use the load-balancing bias, gating must not, which the op cannot express).
 - `standard`: plain ONNX ops behind an `If` on token count: few tokens gather the K chosen
               experts' weights (decode reads only what it uses); many tokens run every
-              expert densely with a scattered [N, E] gate matrix (two large MatMuls).
+              expert densely (batched MatMul over E) weighted by a scattered [N, E] gate
+              matrix. Both branches read one copy of the weights in [E,D,F]/[E,F,D] layout.
 """
 
 from __future__ import annotations
@@ -162,9 +163,6 @@ class _Lowerer:
         wgT = self.derived(wg, "EDF", lambda w: w.transpose(0, 2, 1))  # [E,D,F]
         wuT = self.derived(wu, "EDF", lambda w: w.transpose(0, 2, 1))
         wdT = self.derived(wd, "EFD", lambda w: w.transpose(0, 2, 1))  # [E,F,D]
-        wg_all = self.derived(wg, "D_EF", lambda w: w.transpose(2, 0, 1).reshape(D, E * F))
-        wu_all = self.derived(wu, "D_EF", lambda w: w.transpose(2, 0, 1).reshape(D, E * F))
-        wd_all = self.derived(wd, "EF_D", lambda w: w.transpose(0, 2, 1).reshape(E * F, D))
         ax12 = self.const("moe/axes_1_2", np.array([1, 2], np.int64))
         ax1 = self.const("moe/axes_1", np.array([1], np.int64))
         ax2 = self.const("moe/axes_2", np.array([2], np.int64))
@@ -189,21 +187,23 @@ class _Lowerer:
             helper.make_node("Mul", [f"{q}/y3", f"{q}/g3"], [f"{q}/wy"]),
             helper.make_node("ReduceSum", [f"{q}/wy", ax1], [f"{q}/out"], keepdims=0),
         ]
-        r = f"{p}/dense"
+        r = f"{p}/dense"  # every expert on every token, batched over E with the same layouts
+        ax0 = self.const("moe/axes_0", np.array([0], np.int64))
         dense_nodes = [
             helper.make_node("Shape", [x], [f"{r}/n"], start=0, end=1),
             helper.make_node("Concat", [f"{r}/n", self.const(f"moe/E{E}", np.array([E], np.int64))], [f"{r}/ne"], axis=0),
             helper.make_node("ConstantOfShape", [f"{r}/ne"], [f"{r}/zeros"],
                              value=helper.make_tensor("v", _onnx_type(dtype), [1], [0.0])),
             helper.make_node("ScatterElements", [f"{r}/zeros", idx, gates], [f"{r}/G"], axis=1),  # [N,E]
-            helper.make_node("MatMul", [x, wg_all], [f"{r}/g"]),  # [N,E*F]
-            helper.make_node("MatMul", [x, wu_all], [f"{r}/u"]),
+            helper.make_node("Transpose", [f"{r}/G"], [f"{r}/GT"], perm=[1, 0]),  # [E,N]
+            helper.make_node("Unsqueeze", [f"{r}/GT", ax2], [f"{r}/G3"]),  # [E,N,1]
+            helper.make_node("Unsqueeze", [x, ax0], [f"{r}/x3"]),  # [1,N,D]
+            helper.make_node("MatMul", [f"{r}/x3", wgT], [f"{r}/g"]),  # [E,N,F]
+            helper.make_node("MatMul", [f"{r}/x3", wuT], [f"{r}/u"]),
             *swiglu(f"{r}/g", f"{r}/u", f"{r}/h", r),
-            helper.make_node("Reshape", [f"{r}/h", self.const(f"moe/NEF{E}_{F}", np.array([0, E, F], np.int64))], [f"{r}/h3"]),
-            helper.make_node("Unsqueeze", [f"{r}/G", ax2], [f"{r}/G3"]),  # [N,E,1]
-            helper.make_node("Mul", [f"{r}/h3", f"{r}/G3"], [f"{r}/hg"]),
-            helper.make_node("Reshape", [f"{r}/hg", self.const(f"moe/NEF_{E * F}", np.array([0, E * F], np.int64))], [f"{r}/hf"]),
-            helper.make_node("MatMul", [f"{r}/hf", wd_all], [f"{r}/out"]),  # [N,D]
+            helper.make_node("Mul", [f"{r}/h", f"{r}/G3"], [f"{r}/hg"]),
+            helper.make_node("MatMul", [f"{r}/hg", wdT], [f"{r}/y"]),  # [E,N,D]
+            helper.make_node("ReduceSum", [f"{r}/y", ax0], [f"{r}/out"], keepdims=0),  # [N,D]
         ]
         elem = _onnx_type(dtype)
         then_g = helper.make_graph(gather_nodes, f"{p}_gather", [],

@@ -134,7 +134,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     import torch
 
     from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import IR_VERSION, compose, prune_initializers, strip_metadata
+    from exporters.onnx_compose import IR_VERSION, compose, prune_initializers, share_tied_embedding, strip_metadata
     from exporters.torch_to_onnx import export_stepped
 
     if stepped is None:
@@ -156,6 +156,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
         stage(f"compose ({opts.loop}, {opts.loops} loops)")
         graphs = {"model": compose(stepped, contracts["model"], opts.loop, opts.loops,
                                    cfg.prelude_layers, cfg.coda_layers)}
+        share_tied_embedding(graphs["model"])
     stage(f"lower MoE ({opts.moe})")
     for g in graphs.values():
         lower_moe(g, opts.moe)

@@ -185,3 +185,15 @@ def test_bad_checkpoint_and_unwritable_output(tiny_ckpt, tmp_path):
     with pytest.raises(MythosError, match="cannot write"):
         check_writable(blocker / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]
+
+
+@pytest.mark.parametrize("moe", LOWERINGS)
+def test_weights_are_stored_once(om_pair, stepped_fp32, moe):
+    """No lowering or composition duplicates weights: the single graph holds about one copy
+    of the parameters (tied embedding once, one expert layout)."""
+    _, model = om_pair["mla"]
+    opts = OnnxExportOptions(loop="loop", moe=moe).resolved(model.cfg)
+    g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
+    stored = sum(onnx.numpy_helper.to_array(t).size for t in g.graph.initializer)
+    params = sum(p.numel() for p in model.parameters())
+    assert params <= stored < params * 1.08, (stored, params)
