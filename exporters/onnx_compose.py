@@ -148,8 +148,15 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
             "loop_index": f"{b}iter", "act_threshold": "act_threshold", "past_len": "past_len",
             "past_recurrent": f"{b}past"}, {}, shared_init_prefix="step/")
         inits += step.initializers  # outer scope: the body reads them without copies
+        # continue = not early_exit or not every position halted
         body_nodes = [helper.make_node("Gather", ["past_recurrent", f"{b}iter"], [f"{b}past"], axis=0),
-                      *step.nodes, helper.make_node("Identity", [f"{b}cond_in"], [f"{b}cond_out"])]
+                      *step.nodes,
+                      helper.make_node("Cast", [f"{b}halted_next"], [f"{b}halted_i"], to=TensorProto.INT32),
+                      helper.make_node("ReduceMin", [f"{b}halted_i"], [f"{b}min_halted"], keepdims=0),
+                      helper.make_node("Equal", [f"{b}min_halted", "loop/one_scalar"], [f"{b}all_halted"]),
+                      helper.make_node("And", [f"{b}all_halted", "early_exit"], [f"{b}stop"]),
+                      helper.make_node("Not", [f"{b}stop"], [f"{b}cond_out"])]
+        inits.append(numpy_helper.from_array(np.array(1, np.int32), "loop/one_scalar"))
         sc = {s.name: s for s in step_model.graph.input}
         so = {s.name: s for s in step_model.graph.output}
 

@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mythos_deploy.errors import InputError, MythosError
@@ -172,28 +173,35 @@ def inspect(
 
 
 @app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"
-                    "mythos-export generate ckpt/tiny --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 7 --json")
+                    "mythos-export generate out/tiny-onnx --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 7 --json\n\n"
+                    "mythos-export generate out/tiny-loop --prompt 'x' --loops 8 --exit fill-forward")
 def generate(
-    path: Path = typer.Argument(..., help="A checkpoint directory."),
-    prompt: Optional[str] = typer.Option(None, help="Text prompt (needs tokenizer.json in PATH)."),
+    path: Path = typer.Argument(..., help="A checkpoint directory (eager) or an ONNX artifact directory (onnxruntime)."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (needs tokenizer.json in the checkpoint)."),
     prompt_ids: Optional[str] = typer.Option(None, help="Comma-separated token ids, e.g. 1,2,3."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default when no sampling option is given)."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalise tokens already in the sequence (1.0 = off)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     loops: Optional[int] = typer.Option(None, help="Recurrent loops per token (default max_loop_iters; may exceed it)."),
     act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold in (0, 1] (default from config)."),
+    exit_mode: str = typer.Option("none", "--exit", help="none: every loop for every token (exact); fill-forward: stop a "
+                                                          "token's loop once halted (loop/stepped exports, and eager)."),
     stop_ids: Optional[str] = typer.Option(None, help="Comma-separated ids that end generation."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
-    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    backend: str = typer.Option("auto", help="auto (from the manifest), eager or onnxruntime."),
+    provider: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu / a CUDA torch for eager)."),
+    dtype: str = typer.Option("fp32", help="Checkpoints only: fp32, fp16 or bf16."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the manifest version and sha256 checks."),
     as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
 ) -> None:
-    """Generate from a checkpoint with the eager reference runtime, streaming tokens."""
+    """Generate from a checkpoint or an exported artifact, streaming tokens."""
     with _errors():
-        from mythos_deploy.checkpoint import load_checkpoint
         from mythos_deploy.tokenizer import load_tokenizer
+        from runtimes import load
         from runtimes.generation import GenerationResult, stream_generate
         from runtimes.sampling import SamplingParams
 
@@ -203,27 +211,30 @@ def generate(
         if greedy and sampling_given:
             raise InputError("--greedy cannot be combined with --temperature/--top-k/--top-p")
         params = SamplingParams(greedy=not sampling_given, temperature=1.0 if temperature is None else temperature,
-                                top_k=top_k, top_p=top_p, seed=seed)
-        model = load_checkpoint(path, dtype=dtype)
+                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        engine = load(path, backend=backend, provider=provider, verify=not no_verify, dtype=dtype)
+        tok_dir = _tokenizer_dir(path)
         tok = None
         if prompt is not None:
-            tok = load_tokenizer(path, model.cfg.vocab_size)
+            tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
             ids = tok.encode(prompt)
         else:
             ids = _parse_ids(prompt_ids, "--prompt-ids")
         if not ids:
             raise InputError("the prompt is empty")
         stops = _parse_ids(stop_ids, "--stop-ids") if stop_ids else []
-        if tok is None and (path / "tokenizer.json").is_file():
-            tok = load_tokenizer(path, model.cfg.vocab_size)
+        if tok is None and (tok_dir / "tokenizer.json").is_file():
+            tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
         result = GenerationResult([ids], [[]], [[]])
-        for ev in stream_generate(model, ids, max_new_tokens, params, stops, loops, act_threshold, max_length):
+        for ev in stream_generate(engine, ids, max_new_tokens, params, stops, loops, act_threshold, max_length,
+                                  exit_mode):
             if ev.step == 0:
                 result.prefill_seconds = ev.seconds
             else:
                 result.decode_seconds.append(ev.seconds)
             result.tokens[0].append(ev.tokens[0])
             result.loops_used[0].append(ev.loops_used[0])
+            result.loops_run.append(ev.loops_run)
             if not as_json:
                 piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
                 out.print(piece, end="", markup=False, highlight=False)
@@ -232,16 +243,27 @@ def generate(
         if len(result.tokens[0]) < max_new_tokens and result.stop_reason != "stop_token":
             result.stop_reason = "max_length"
         if as_json:
-            data = result.to_dict()
+            data = {"backend": engine.name, **result.to_dict()}
             data["text"] = tok.decode(result.tokens[0]) if tok else None
             print(json.dumps(data))
         else:
             out.print()
             n = len(result.decode_seconds)
             rate = f", {n / sum(result.decode_seconds):.1f} tok/s decode" if n else ""
-            err.print(f"[dim]{len(result.tokens[0])} tokens, mean loops "
+            err.print(f"[dim]{escape(engine.name)}: {len(result.tokens[0])} tokens, mean loops used "
                       f"{sum(result.loops_used[0]) / len(result.loops_used[0]):.2f}, prefill "
                       f"{result.prefill_seconds * 1e3:.1f} ms{rate}, stop: {result.stop_reason}[/dim]")
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    """A checkpoint keeps tokenizer.json; an ONNX artifact names its source checkpoint."""
+    if (path / "tokenizer.json").is_file():
+        return path
+    try:
+        src = json.loads((path / "manifest.json").read_text()).get("source", {}).get("checkpoint")
+    except (OSError, ValueError):
+        src = None
+    return Path(src) if src and (Path(src) / "tokenizer.json").is_file() else path
 
 
 def _print_validation(report: dict) -> None:
@@ -316,6 +338,51 @@ def onnx_cmd(
         size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
         out.print(f"wrote {output} ({', '.join(result.manifest['graphs'].values())}; "
                   f"{_fmt_bytes(size)}) in {result.seconds:.1f} s")
+
+
+@app.command(epilog="Examples: mythos-export parity ckpt/tiny out/tiny-onnx\n\n"
+                    "mythos-export parity out/tiny-loop out/tiny-loop --exit-b fill-forward --tolerance 1 --json")
+def parity(
+    a: Path = typer.Argument(..., help="Reference artifact (checkpoint or ONNX directory)."),
+    b: Path = typer.Argument(..., help="Artifact to check against A."),
+    tokens: int = typer.Option(32, help="Greedy tokens per prompt (B is teacher-forced with A's tokens)."),
+    prompts: int = typer.Option(3, help="Number of random prompts (seeded)."),
+    prompt_len: int = typer.Option(8, help="Prompt length."),
+    loops: Optional[int] = typer.Option(None, help="Loop count for both (default: each artifact's default)."),
+    exit_a: str = typer.Option("none", help="A's exit mode: none or fill-forward."),
+    exit_b: str = typer.Option("none", help="B's exit mode: none or fill-forward."),
+    tolerance: float = typer.Option(1e-4, help="Max abs logit error allowed."),
+    min_agreement: float = typer.Option(1.0, help="Minimum greedy-token agreement."),
+    seed: int = typer.Option(0, help="Prompt seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Compare two artifacts/backends on the same prompts; exit 4 beyond tolerance."""
+    with _errors():
+        import numpy as np
+
+        from mythos_deploy.errors import ParityError
+        from runtimes import load
+        from runtimes.parity import compare
+
+        ea, eb = load(a), load(b)
+        rng = np.random.default_rng(seed)
+        plist = rng.integers(0, ea.cfg.vocab_size, size=(prompts, prompt_len)).tolist()
+        report = compare(ea, eb, plist, tokens, loops, None, exit_a, exit_b, tolerance, min_agreement)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            t = Table(title=f"parity: {escape(report['a'])} ({exit_a}) vs {escape(report['b'])} ({exit_b})")
+            for col in ("prompt", "steps", "max abs logit err", "greedy agree", "loops_used agree", "loops run A/B"):
+                t.add_column(col, justify="right")
+            for i, r in enumerate(report["prompts"]):
+                t.add_row(str(i), str(r["steps"]), f"{r['max_abs_logit_error']:.2e}", f"{r['greedy_agreement']:.3f}",
+                          f"{r['loops_used_agreement']:.3f}", f"{r['loops_run_a']:.2f}/{r['loops_run_b']:.2f}")
+            out.print(t)
+            verdict = "[green]PASS[/green]" if report["passed"] else "[bold red]FAIL[/bold red]"
+            out.print(f"{verdict}: max abs logit error {report['max_abs_logit_error']:.2e} (tolerance {tolerance:g}), "
+                      f"greedy agreement {report['greedy_agreement']:.3f} (min {min_agreement:g})")
+        if not report["passed"]:
+            raise ParityError(f"{b} differs from {a} beyond tolerance")
 
 
 def main() -> None:

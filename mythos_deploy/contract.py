@@ -99,7 +99,9 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
     coda = [f"coda_{i}" for i in range(cfg.coda_layers)]
     inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")), TensorSpec("past_len", "int64", ())]
     if loop_mode == "loop":
-        inputs += [TensorSpec("n_loops", "int64", ())]
+        # early_exit=True lets the Loop stop once every position has halted; new_recurrent
+        # then has fewer than n_loops rows and the runtime fills the rest (fill-forward).
+        inputs += [TensorSpec("n_loops", "int64", ()), TensorSpec("early_exit", "bool", ())]
     inputs += [TensorSpec("act_threshold", "float32", ())]
     inputs += [_past(s, W, dt) for s in pre] + [_past("recurrent", W, dt, loops)] + [_past(s, W, dt) for s in coda]
     outputs = [TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size))]

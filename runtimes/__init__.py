@@ -1,9 +1,11 @@
-"""Runtimes: one interface over backends plus the shared generation loop.
+"""Runtimes: one Backend/Session interface over eager torch and onnxruntime (TensorRT lands
+with its issue), plus the shared generation loop (sampling, stop tokens, streaming, ACT
+control, cache management). onnxruntime is imported only when an ONNX artifact is opened."""
 
-Today: the eager torch reference (`runtimes.generation.generate` on a `MythosModel`).
-The onnxruntime and TensorRT backends land with the export and runtime issues.
-"""
+from runtimes.base import EXIT_MODES, Backend, Session, StepOutput
+from runtimes.generation import GenerationResult, TokenEvent, generate, stream_generate
+from runtimes.loader import load
+from runtimes.sampling import SamplingParams
 
-from runtimes.generation import GenerationResult, SamplingParams, generate, stream_generate
-
-__all__ = ["GenerationResult", "SamplingParams", "generate", "stream_generate"]
+__all__ = ["Backend", "Session", "StepOutput", "EXIT_MODES", "GenerationResult", "TokenEvent",
+           "SamplingParams", "generate", "stream_generate", "load"]

@@ -57,7 +57,8 @@ class OnnxModelRunner:
         return dict(zip(self.output_names[name], outs))
 
     def forward(self, input_ids: np.ndarray, past_len: int, pasts: dict[str, np.ndarray],
-                n_loops: int | None = None, act_threshold: float = 0.99) -> dict[str, np.ndarray]:
+                n_loops: int | None = None, act_threshold: float = 0.99,
+                early_exit: bool = False) -> dict[str, np.ndarray]:
         n_loops = self.n_loops if n_loops is None else n_loops
         if self.loop_mode == "unroll" and n_loops != self.n_loops:
             raise InputError(f"this export is unrolled for n_loops={self.n_loops}; re-export with "
@@ -68,10 +69,11 @@ class OnnxModelRunner:
         if self.loop_mode in ("unroll", "loop"):
             if self.loop_mode == "loop":
                 base["n_loops"] = np.array(n_loops, dtype=np.int64)
+                base["early_exit"] = np.array(early_exit)
             return self._run("model", base)
-        return self._forward_stepped(base, n_loops)
+        return self._forward_stepped(base, n_loops, early_exit)
 
-    def _forward_stepped(self, base: dict[str, np.ndarray], n_loops: int) -> dict[str, np.ndarray]:
+    def _forward_stepped(self, base: dict[str, np.ndarray], n_loops: int, early_exit: bool) -> dict[str, np.ndarray]:
         pre = self._run("prelude", base)
         e = pre["e"]
         B, T = e.shape[:2]
@@ -86,6 +88,8 @@ class OnnxModelRunner:
             state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"],
                          halted=out["halted_next"], loops_used=out["loops_used_next"])
             news.append(out["new_recurrent"])
+            if early_exit and state["halted"].all():
+                break
         coda = self._run("coda", {**base, "h_out": state["h_out"]})
         result = {"logits": coda["logits"], "new_recurrent": np.stack(news),
                   "loops_used": state["loops_used"], "halt_prob": state["cum"]}

@@ -1,4 +1,10 @@
-"""Token sampling: greedy, temperature, top-k, top-p, seeded. Pure torch, batch-wise."""
+"""Token sampling: greedy, temperature, top-k, top-p, repetition penalty, seeded.
+
+Written here rather than borrowed: transformers' LogitsProcessor classes are the well-kept
+implementation of exactly these rules, but importing transformers costs seconds and hundreds
+of MB for ~40 lines, and the runtime must stay light on edge devices. The definitions follow
+transformers' (TopK/TopP/RepetitionPenalty processors) and are tested against them by value.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in the sequence
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -26,6 +33,8 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def is_greedy(self) -> bool:
@@ -47,9 +56,22 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's rule: a seen token's logit is divided by `penalty` if positive, else multiplied.
+    logits [B,V]; seen [B,S] token ids."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B,V] -> next token ids [B] int64."""
     logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.is_greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)

@@ -1,0 +1,114 @@
+"""One interface over every backend: a Backend starts Sessions; a Session owns the
+preallocated latent cache of one generation and advances it one call at a time.
+
+    backend = runtimes.load("out/tiny-onnx")           # or an eager checkpoint directory
+    session = backend.start(batch=1, budget=96, n_loops=8, act_threshold=0.99, exit="none")
+    out = session.step(prompt_ids)                     # prefill (any T, chunks allowed)
+    out = session.step(next_ids)                       # decode, written in place
+
+`exit="none"` runs every loop for every token (OpenMythos's numbers). `exit="fill-forward"`
+stops a call's loop once every position in it has halted and fills that call's remaining
+recurrent cache slots with the last computed latent (Huginn's approximation; measured, not
+assumed, in benchmarks/fill_forward.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from mythos_deploy.config import MythosConfig
+from mythos_deploy.errors import CacheError, InputError
+
+EXIT_MODES = ("none", "fill-forward")
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # [B,T,V] float32
+    loops_used: np.ndarray  # [B,T] int32
+    halt_prob: np.ndarray  # [B,T] float32
+    loops_run: int  # loops actually computed for this call (< n_loops after an early exit)
+
+
+def check_ids(ids, cfg: MythosConfig) -> np.ndarray:
+    """Token ids as int64 [B,T]; clear errors for everything a native kernel would crash on."""
+    arr = np.asarray(ids)
+    if arr.dtype == object or arr.dtype.kind not in "iu" and arr.size:
+        raise InputError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise InputError(f"token ids must be [batch, seq], got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError("the prompt is empty: give at least one token id")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise InputError(f"token id {lo if lo < 0 else hi} out of range [0, {cfg.vocab_size})")
+    return arr.astype(np.int64, copy=False)
+
+
+class Session(ABC):
+    def __init__(self, cfg: MythosConfig, batch: int, budget: int, n_loops: int, act_threshold: float, exit: str):
+        if exit not in EXIT_MODES:
+            raise InputError(f"exit must be one of {', '.join(EXIT_MODES)}, got {exit!r}")
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise InputError(f"n_loops must be an integer >= 1, got {n_loops!r}")
+        if not 0.0 < float(act_threshold) <= 1.0:
+            raise InputError(f"act_threshold must be in (0, 1], got {act_threshold}")
+        if not 1 <= budget <= cfg.max_seq_len:
+            raise CacheError(f"sequence budget must be in [1, max_seq_len={cfg.max_seq_len}], got {budget}")
+        self.cfg, self.batch, self.budget = cfg, batch, budget
+        self.n_loops, self.act_threshold, self.exit = n_loops, float(act_threshold), exit
+        self.length = 0
+
+    def _check_step(self, ids: np.ndarray) -> None:
+        if ids.shape[0] != self.batch:
+            raise InputError(f"this session has batch {self.batch}, got {ids.shape[0]} rows")
+        if self.length + ids.shape[1] > self.budget:
+            raise CacheError(f"sequence budget exceeded: {self.length} cached + {ids.shape[1]} new > "
+                             f"budget {self.budget} (max_seq_len {self.cfg.max_seq_len})")
+
+    def step(self, ids) -> StepOutput:
+        ids = check_ids(ids, self.cfg)
+        self._check_step(ids)
+        out = self._step(ids)
+        self.length += ids.shape[1]
+        return out
+
+    @abstractmethod
+    def _step(self, ids: np.ndarray) -> StepOutput: ...
+
+    @abstractmethod
+    def cache_nbytes(self) -> int: ...
+
+
+class Backend(ABC):
+    name: str = "backend"
+    cfg: MythosConfig
+    default_loops: int
+    variable_depth: bool = True  # n_loops may differ from default_loops
+    fill_forward: bool = True  # exit="fill-forward" supported
+
+    def start(self, batch: int, budget: int, n_loops: int | None = None,
+              act_threshold: float | None = None, exit: str = "none") -> Session:
+        n_loops = self.default_loops if n_loops is None else n_loops
+        if not self.variable_depth and n_loops != self.default_loops:
+            raise InputError(f"this {self.name} artifact runs exactly n_loops={self.default_loops} (unrolled "
+                             f"export); re-export with --loop loop or --loop stepped to vary depth")
+        if exit == "fill-forward" and not self.fill_forward:
+            raise InputError(f"exit=fill-forward needs a --loop loop or --loop stepped export ({self.name} "
+                             f"artifact is unrolled)")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InputError(f"batch must be an integer >= 1, got {batch!r}")
+        threshold = self.cfg.act_threshold if act_threshold is None else act_threshold
+        return self._start(batch, budget, n_loops, threshold, exit)
+
+    @abstractmethod
+    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session: ...
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "default_loops": self.default_loops,
+                "variable_depth": self.variable_depth, "fill_forward": self.fill_forward}

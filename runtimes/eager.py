@@ -1,0 +1,63 @@
+"""The eager PyTorch backend: the reference every other backend is compared against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mythos_deploy.model import ACTState, MythosModel
+from runtimes.base import Backend, Session, StepOutput
+
+
+class EagerSession(Session):
+    def __init__(self, model: MythosModel, batch, budget, n_loops, act_threshold, exit):
+        super().__init__(model.cfg, batch, budget, n_loops, act_threshold, exit)
+        self.model = model
+        self.cache = model.new_cache(batch, budget, n_loops)
+
+    @torch.no_grad()
+    def _step(self, ids: np.ndarray) -> StepOutput:
+        m = self.model
+        x = torch.from_numpy(ids).to(m.embed.weight.device)
+        if self.exit == "none":
+            out = m(x, cache=self.cache, n_loops=self.n_loops, act_threshold=self.act_threshold)
+            return StepOutput(out.logits.float().cpu().numpy(), out.loops_used.cpu().numpy(),
+                              out.halt_prob.cpu().numpy(), self.n_loops)
+        return self._step_fill_forward(x)
+
+    def _step_fill_forward(self, x: torch.Tensor) -> StepOutput:
+        m, cache = self.model, self.cache
+        start, T = cache.length, x.shape[1]
+        m.check_inputs(x, start, self.n_loops, self.act_threshold)
+        cache.check(x.shape[0], start, T, self.n_loops)
+        views = {name: cache.view(name, start) for name in cache.buffers}
+        e = h = m.run_prelude(x, start, views)
+        state = ACTState.zeros(h)
+        ran = 0
+        for t in range(self.n_loops):
+            h, state = m.run_step(t, h, e, state, self.act_threshold, start, views[f"recurrent_loop_{t}"])
+            ran = t + 1
+            if bool(state.halted.all()):
+                break
+        last = cache.buffers[f"recurrent_loop_{ran - 1}"][:, start:start + T]
+        for t in range(ran, self.n_loops):  # fill-forward: later slots get the last latent
+            cache.buffers[f"recurrent_loop_{t}"][:, start:start + T] = last
+        logits = m.run_coda(state.h_out, start, views)
+        cache.advance(start, T)
+        return StepOutput(logits.float().cpu().numpy(), state.loops_used.cpu().numpy(),
+                          state.cum.cpu().numpy(), ran)
+
+    def cache_nbytes(self) -> int:
+        return self.cache.nbytes()
+
+
+class EagerBackend(Backend):
+    name = "eager"
+
+    def __init__(self, model: MythosModel):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.default_loops = model.cfg.max_loop_iters
+
+    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
+        return EagerSession(self.model, batch, budget, n_loops, act_threshold, exit)

@@ -1,0 +1,59 @@
+"""Open an artifact directory as a Backend, chosen from its manifest (or forced)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mythos_deploy.errors import CheckpointError, InputError
+from mythos_deploy.manifest import FORMAT_VERSION, read_manifest, tool_version, verify_files
+from runtimes.base import Backend
+
+BACKENDS = ("auto", "eager", "onnxruntime")
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def check_manifest_version(manifest: dict, path: Path) -> None:
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
+                              "re-export with this version of mythos-deploy")
+    theirs, ours = str(manifest.get("tool_version", "?")), tool_version()
+    if theirs.split(".")[:2] != ours.split(".")[:2]:
+        raise CheckpointError(f"{path} was made by mythos-deploy {theirs}; this is {ours}. Re-export it "
+                              "(or pass verify=False / --no-verify to load it anyway)")
+
+
+def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads: int = 0,
+         verify: bool = True, dtype: str = "fp32") -> Backend:
+    """A checkpoint directory opens with the eager backend, an ONNX directory with
+    onnxruntime. `verify` checks the manifest's version and every file's sha256."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if provider not in PROVIDERS:
+        raise InputError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if not path.is_dir():
+        raise CheckpointError(f"artifact directory not found: {path}")
+    manifest = read_manifest(path)
+    if verify:
+        check_manifest_version(manifest, path)
+        verify_files(path, manifest)
+    kind = manifest["kind"]
+    if dtype != "fp32" and kind != "checkpoint":
+        raise InputError(f"--dtype applies to checkpoints; {path} was exported as {manifest['options']['dtype']}")
+    if kind == "checkpoint":
+        if backend == "onnxruntime":
+            raise InputError(f"{path} is a checkpoint; export it first: mythos-export onnx {path} -o OUT")
+        from mythos_deploy.checkpoint import load_checkpoint
+        from runtimes.eager import EagerBackend
+        device = "cuda" if provider == "cuda" else "cpu"
+        return EagerBackend(load_checkpoint(path, dtype=dtype, device=device, verify=False))
+    if kind == "onnx":
+        if backend == "eager":
+            raise InputError(f"{path} is an ONNX artifact; the eager backend needs its checkpoint "
+                             f"({manifest.get('source', {}).get('checkpoint', '?')})")
+        if manifest["options"]["moe"] == "plugin":
+            raise InputError(f"{path} uses the TensorRT MythosMoE plugin, which onnxruntime cannot run; "
+                             "build a TensorRT engine from it or re-export with --moe standard or --moe ort")
+        from runtimes.onnxruntime_backend import OrtBackend
+        return OrtBackend(path, manifest, PROVIDERS[provider], threads)
+    raise CheckpointError(f"{path}: unsupported artifact kind {kind!r}")

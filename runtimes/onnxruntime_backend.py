@@ -1,0 +1,65 @@
+"""The onnxruntime backend: an exported artifact, cache buffers preallocated per session.
+
+Every call passes the whole preallocated buffer of each slot with `past_len` (the graph
+ignores rows at or past it), so nothing is copied or concatenated per token; the graph
+returns only the new rows, which are written in place at [past_len, past_len + T).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mythos_deploy.config import MythosConfig
+from runtimes.base import Backend, Session, StepOutput
+from runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
+
+
+class OrtSession(Session):
+    def __init__(self, backend: "OrtBackend", batch, budget, n_loops, act_threshold, exit):
+        super().__init__(backend.cfg, batch, budget, n_loops, act_threshold, exit)
+        self.runner: OnnxModelRunner = backend.runner
+        cfg, W, dt = backend.cfg, backend.cfg.cache_width, backend.np_dtype
+        self.buffers = {f"past_prelude_{i}": np.zeros((batch, budget, W), dt) for i in range(cfg.prelude_layers)}
+        self.buffers["past_recurrent"] = np.zeros((n_loops, batch, budget, W), dt)
+        self.buffers.update({f"past_coda_{i}": np.zeros((batch, budget, W), dt) for i in range(cfg.coda_layers)})
+
+    def _step(self, ids: np.ndarray) -> StepOutput:
+        pos, T = self.length, ids.shape[1]
+        out = self.runner.forward(ids, pos, self.buffers, self.n_loops, self.act_threshold,
+                                  early_exit=self.exit == "fill-forward")
+        for name, buf in self.buffers.items():
+            new = out[name.replace("past_", "new_")]
+            if name == "past_recurrent":
+                ran = new.shape[0]
+                buf[:ran, :, pos:pos + T] = new
+                buf[ran:, :, pos:pos + T] = new[ran - 1]  # fill-forward (no-op when all ran)
+            else:
+                buf[:, pos:pos + T] = new
+        return StepOutput(out["logits"].astype(np.float32, copy=False), out["loops_used"],
+                          out["halt_prob"], int(out["new_recurrent"].shape[0]))
+
+    def cache_nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, manifest: dict, providers: list[str] | None = None, threads: int = 0):
+        self.path, self.manifest = Path(path), manifest
+        self.cfg = MythosConfig.from_dict(manifest["config"])
+        opts = manifest["options"]
+        self.loop_mode, self.default_loops = opts["loop"], opts["loops"]
+        self.variable_depth = self.fill_forward = self.loop_mode != "unroll"
+        self.np_dtype = np.float16 if opts["dtype"] == "fp16" else np.float32
+        self.runner = runner_from_dir(path, manifest, providers, threads)
+        self.name = f"onnxruntime[{self.loop_mode},{opts['moe']},{opts['dtype']}]"
+
+    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
+        return OrtSession(self, batch, budget, n_loops, act_threshold, exit)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "options": self.manifest["options"],
+                "providers": next(iter(self.runner.sessions.values())).get_providers()}
