@@ -203,8 +203,9 @@ def _save(model, directory: Path, filename: str, external_bytes: int = EXTERNAL_
 
 def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOptions = OnnxExportOptions(),
                 overwrite: bool = False, stage: Callable[[str], None] | None = None,
-                external_bytes: int = EXTERNAL_DATA_BYTES) -> ExportResult:
-    """Export a checkpoint; raises ParityError (nothing written) if validation fails."""
+                external_bytes: int = EXTERNAL_DATA_BYTES, stepped: dict | None = None) -> ExportResult:
+    """Export a checkpoint; raises ParityError (nothing written) if validation fails.
+    `stepped` reuses stepped graphs already exported from this same checkpoint."""
     _require_onnx()
     t0 = time.perf_counter()
     stage = stage or (lambda s: None)
@@ -215,7 +216,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
     opts.check(cfg)
     out_dir = Path(out_dir)
     check_writable(out_dir, overwrite)  # fail before minutes of work, not after
-    graphs = build_graphs(model, cfg, opts, stage)
+    graphs = build_graphs(model, cfg, opts, stage, stepped=stepped)
     report = None
     if opts.validate:
         report = validate_graphs(model, cfg, graphs, opts, stage).to_dict()

@@ -127,7 +127,7 @@ def _fmt_bytes(n: float) -> str:
 
 @app.command(epilog="Examples: mythos-export inspect ckpt/tiny   |   mythos-export inspect --preset 1t --json")
 def inspect(
-    path: Optional[Path] = typer.Argument(None, help="A checkpoint directory."),
+    path: Optional[Path] = typer.Argument(None, help="A checkpoint or ONNX artifact directory."),
     preset: Optional[str] = typer.Option(None, help="Inspect a preset's config instead of a directory."),
     loops: Optional[int] = typer.Option(None, help="Loop count for cache sizes (default max_loop_iters)."),
     dtype: str = typer.Option("fp32", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
@@ -145,13 +145,25 @@ def inspect(
             raise InputError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}")
         if loops is not None and loops < 1:
             raise InputError(f"--loops must be >= 1, got {loops}")
-        cfg = MythosConfig.from_name(preset) if preset else load_config(path)
+        artifact = None
+        if preset:
+            cfg = MythosConfig.from_name(preset)
+        elif (path / "manifest.json").is_file() and not (path / "config.json").is_file():
+            from mythos_deploy.manifest import read_manifest
+            manifest = read_manifest(path)
+            cfg = MythosConfig.from_dict(manifest["config"])
+            artifact = {k: manifest.get(k) for k in ("kind", "tool_version", "options", "graphs", "source", "validation")}
+            loops = loops or manifest.get("options", {}).get("loops")
+        else:
+            cfg = load_config(path)
         params = parameter_counts(cfg)
         cache = cache_bytes_per_token(cfg, loops, dtype)
         report = {"source": str(path) if path else f"preset:{preset}", "config": cfg.to_dict(),
                   "parameters": params, "cache_bytes_per_token": cache, "cache_dtype": dtype,
                   "cache_reduction": {k: round(cache[k] / cache["mythos_deploy"], 3)
                                       for k in ("openmythos", "equivalent_gqa", "equivalent_mha")}}
+        if artifact:
+            report["artifact"] = artifact
         if as_json:
             print(json.dumps(report, indent=2))
             return
@@ -170,6 +182,12 @@ def inspect(
         for k, v in cfg.to_dict().items():
             g.add_row(k, str(v))
         out.print(g)
+        if artifact:
+            a = Table(title="artifact")
+            a.add_column("field"), a.add_column("value")
+            for k, v in artifact.items():
+                a.add_row(k, escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
+            out.print(a)
 
 
 @app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"

@@ -23,3 +23,40 @@ def tiny_ckpt(tmp_path, tiny_model):
     path = tmp_path / "tiny"
     save_checkpoint(tiny_model, path, tokenizer=ByteTokenizer().to_dict())
     return path
+
+
+@pytest.fixture(scope="session")
+def om_pair():
+    """OpenMythos models (mla, gqa) with spread halting, and their imported reference models."""
+    from mythos_deploy import from_openmythos
+    from oracle import make_openmythos
+    pairs = {}
+    for attn in ("mla", "gqa"):
+        cfg = MythosConfig.from_name("tiny").replace(attn_type=attn)
+        om = make_openmythos(cfg.to_dict(), seed=7)
+        pairs[attn] = (om, from_openmythos(om))
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def stepped_fp32(om_pair):
+    """One torch export per attention type; every loop mode and lowering is built from it."""
+    from exporters.torch_to_onnx import export_stepped
+    return {attn: export_stepped(model, "fp32", 18) for attn, (_, model) in om_pair.items()}
+
+
+@pytest.fixture(scope="session")
+def artifacts(om_pair, stepped_fp32, tmp_path_factory):
+    """Artifact directories: {(attn, loop): (checkpoint_dir, onnx_dir)} (standard MoE lowering)."""
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy import save_checkpoint
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for attn, (_, model) in om_pair.items():
+        ck = root / f"ck-{attn}"
+        save_checkpoint(model, ck)
+        for loop in ("unroll", "loop", "stepped"):
+            od = root / f"onnx-{attn}-{loop}"
+            export_onnx(ck, od, OnnxExportOptions(loop=loop, validate=False), stepped=stepped_fp32[attn])
+            out[(attn, loop)] = (ck, od)
+    return out

@@ -95,3 +95,23 @@ def test_console_script_help_and_error_exit(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     r = subprocess.run(exe + ["--debug", "generate", str(tmp_path), "--prompt-ids", "1"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_generate_and_parity_on_onnx_artifacts(artifacts):
+    ck, od = artifacts[("mla", "stepped")]
+    r = run("generate", od, "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json", "--loops", "6", "--exit", "fill-forward")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    assert data["backend"].startswith("onnxruntime[stepped") and len(data["tokens"][0]) == 6
+    r = run("parity", ck, od, "--tokens", "6", "--prompts", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["passed"]
+    # fill-forward against exact at a strict tolerance on a model whose halting varies: the
+    # command must report, and exit 4 if the difference exceeds the tolerance
+    r = run("parity", od, od, "--exit-b", "fill-forward", "--loops", "8", "--tokens", "16", "--tolerance", "0")
+    assert r.exit_code in (0, 4) and "greedy agreement" in r.output
+    r = run("generate", od, "--prompt-ids", "1,999")
+    assert r.exit_code == 2 and "out of range" in r.output
+    r = run("inspect", od, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["artifact"]["options"]["loop"] == "stepped"
