@@ -6,21 +6,29 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mythos-export
 CKPT ?= ckpt/tiny
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo bench test test-fast clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch 2.13.0 resolves to the local CPU wheel; any other version downloads gigabytes
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	# test oracle only: it pins torch 2.11.0 and imports transformers in its __init__
 	$(PY) -m pip install --quiet --no-deps open-mythos==0.5.0
 
+ONNX ?= out/tiny-onnx
+
 demo:
 	$(CLI) init --preset tiny --seed 0 -o $(CKPT) --force
-	$(CLI) inspect $(CKPT)
-	$(CLI) generate $(CKPT) --prompt "The loop " --max-new-tokens 24
+	$(CLI) onnx $(CKPT) -o $(ONNX) --loop loop --force
+	$(CLI) generate $(ONNX) --prompt "The loop " --max-new-tokens 24
+	$(CLI) parity $(CKPT) $(ONNX) --tokens 16
+
+bench:
+	$(CLI) bench
+	$(PY) -m benchmarks.fill_forward
+	$(PY) -m benchmarks.export_bench
 
 test:
 	$(PY) -m pytest -q
@@ -29,4 +37,4 @@ test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) ckpt .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) ckpt out .pytest_cache .hypothesis *.egg-info

@@ -35,3 +35,18 @@ def write_json(path: str | Path, data: dict) -> Path:
     data = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def load_oracle():
+    """tests/oracle.py (OpenMythos model builders) loaded by file path: putting tests/ on
+    sys.path would let the tests/mythos_deploy folder shadow the real package."""
+    import importlib.util
+    import sys
+    name = "mythos_bench_oracle"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "tests" / "oracle.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -24,6 +24,7 @@ from mythos_deploy.errors import InputError, InternalError, MissingDependencyErr
 from mythos_deploy.manifest import atomic_output_dir, check_writable, write_manifest
 
 MOE_LOWERINGS = ("plugin", "ort", "standard")
+MLA_FORMS = ("absorbed", "expanded")
 DTYPES = ("fp32", "fp16")
 MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
 MAX_UNROLL = 256
@@ -39,10 +40,11 @@ class OnnxExportOptions:
     opset: int = MIN_OPSET
     dtype: str = "fp32"
     validate: bool = True
+    mla: str = "absorbed"  # MLA attention form in the graph (ignored for GQA)
 
     def resolved(self, cfg: MythosConfig) -> "OnnxExportOptions":
         loops = cfg.max_loop_iters if self.loops is None else self.loops
-        return OnnxExportOptions(self.loop, loops, self.moe, self.opset, self.dtype, self.validate)
+        return OnnxExportOptions(self.loop, loops, self.moe, self.opset, self.dtype, self.validate, self.mla)
 
     def check(self, cfg: MythosConfig) -> None:
         import onnx
@@ -50,6 +52,8 @@ class OnnxExportOptions:
             raise InputError(f"--loop must be one of {', '.join(LOOP_MODES)}, got {self.loop!r}")
         if self.moe not in MOE_LOWERINGS:
             raise InputError(f"--moe must be one of {', '.join(MOE_LOWERINGS)}, got {self.moe!r}")
+        if self.mla not in MLA_FORMS:
+            raise InputError(f"--mla must be one of {', '.join(MLA_FORMS)}, got {self.mla!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.loops, bool) or not isinstance(self.loops, int) or not 1 <= self.loops <= MAX_LOOPS:
@@ -127,6 +131,16 @@ def _set_contract_io(model, contract: GraphContract) -> None:
         vi.CopyFrom(helper.make_tensor_value_info(spec.name, elem, list(spec.shape)))
 
 
+def export_form(model, opts: OnnxExportOptions):
+    """The model as it is traced: a copy in the export dtype and MLA form (the eager
+    reference passed in stays untouched for validation)."""
+    import torch
+    export_model = copy.deepcopy(model)
+    if opts.dtype == "fp16":
+        export_model = export_model.to(torch.float16)
+    return export_model.set_mla_absorb(opts.mla == "absorbed").eval()
+
+
 def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None],
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
@@ -139,7 +153,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
 
     if stepped is None:
         stage("torch export (prelude, core step, coda)")
-        export_model = model if opts.dtype == "fp32" else copy.deepcopy(model).to(torch.float16)
+        export_model = export_form(model, opts)
         stepped = export_stepped(export_model, opts.dtype, opts.opset)
     stepped = {k: copy.deepcopy(v) for k, v in stepped.items()}
     for g in stepped.values():

@@ -7,6 +7,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -317,6 +318,8 @@ def onnx_cmd(
                                              "(fp32 on CPU); plugin: the TensorRT MythosMoE plugin node."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
     dtype: str = typer.Option("fp32", help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
+    mla: str = typer.Option("absorbed", help="MLA attention in the graph. absorbed: kv_up folded into query/output (DeepSeek-V2), "
+                                             "attention in latent space, fastest decode; expanded: OpenMythos's form."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime parity gate (not recommended)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and validation report as JSON."),
@@ -333,7 +336,7 @@ def onnx_cmd(
         from exporters.onnx_export import OnnxExportOptions, export_onnx
         from mythos_deploy.errors import ParityError
 
-        opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate)
+        opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate, mla=mla)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err, transient=True, disable=as_json) as progress:
             task = progress.add_task("starting", total=None)
@@ -401,6 +404,44 @@ def parity(
                       f"greedy agreement {report['greedy_agreement']:.3f} (min {min_agreement:g})")
         if not report["passed"]:
             raise ParityError(f"{b} differs from {a} beyond tolerance")
+
+
+@app.command(epilog="Example: mythos-export bench --preset bench --prompt 32 --new-tokens 64 --out benchmarks/results/runtime.json")
+def bench(
+    preset: str = typer.Option("bench", help="Model size preset (weights: OpenMythos's init from --seed)."),
+    prompt: int = typer.Option(32, help="Prompt length."),
+    new_tokens: int = typer.Option(64, help="Tokens decoded per configuration."),
+    loops: Optional[int] = typer.Option(None, help="Loop count (default max_loop_iters)."),
+    threads: int = typer.Option(2, help="CPU threads for torch and onnxruntime."),
+    seed: int = typer.Option(0, help="Weight seed."),
+    only: str = typer.Option("", help="Comma-separated configuration names to run (OpenMythos always runs)."),
+    output: Path = typer.Option(Path("benchmarks/results/runtime.json"), "-o", "--output", help="JSON path (a .png plot lands beside it)."),
+) -> None:
+    """Decode and prefill latency of every backend in one run: OpenMythos's own cached decoding,
+    the eager reference, onnxruntime per loop mode and MoE lowering, exit none and fill-forward;
+    plus the memory-bandwidth floor, each configuration's fraction of it, and peak memory.
+    Takes a few minutes on the bench preset; needs open-mythos (make install adds it)."""
+    with _errors():
+        try:
+            from benchmarks.runtime_bench import main as run_bench
+        except ImportError as exc:
+            raise MythosError(f"the benchmarks need a source checkout (make install): {exc}") from None
+        if importlib.util.find_spec("open_mythos") is None:
+            from mythos_deploy.errors import MissingDependencyError
+            raise MissingDependencyError("the benchmark compares against OpenMythos: pip install --no-deps open-mythos==0.5.0")
+        data = run_bench(["--preset", preset, "--prompt", str(prompt), "--new-tokens", str(new_tokens),
+                          "--threads", str(threads), "--seed", str(seed), "--out", str(output),
+                          *(["--loops", str(loops)] if loops else []), *(["--only", only] if only else [])])
+        t = Table(title=f"decode, batch 1, {preset}: prompt {prompt}, {new_tokens} new tokens")
+        for col in ("configuration", "p50 ms", "p90 ms", "prefill tok/s", "x OpenMythos", "x floor", "loops run", "peak MB"):
+            t.add_column(col, justify="left" if col == "configuration" else "right")
+        for r in data["results"]:
+            t.add_row(escape(r["name"]), f"{r['decode']['p50_ms']:.2f}", f"{r['decode']['p90_ms']:.2f}",
+                      f"{r['prefill_tokens_per_s']:.0f}", f"{r['speedup_vs_openmythos']:.2f}", f"{r['x_floor']:.2f}",
+                      f"{r['mean_loops_run']:.1f}", f"{r['peak_rss_mb']:.0f}")
+        out.print(t)
+        out.print(f"copy bandwidth {data['copy_bandwidth_gbs']:.1f} GB/s; floor {data['bandwidth_floor']['ms_per_token']:.2f} ms/token "
+                  f"at {data['loops']} loops; wrote {output} and {output.with_suffix('.png')}")
 
 
 def main() -> None:

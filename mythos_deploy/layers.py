@@ -30,8 +30,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        rms = xf.pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
-        return (xf * rms).to(x.dtype) * self.weight
+        # x / sqrt(mean + eps) rather than x * rsqrt(...): equal to rounding, and the form
+        # onnxruntime fuses into one SimplifiedLayerNormalization kernel
+        return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 def rope_tables(width: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +96,10 @@ class MLAttention(nn.Module):
         self.kv_up = nn.Linear(cfg.kv_lora_rank,
                                cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        # absorbed: fold kv_up into the query and output sides (DeepSeek-V2) so attention runs
+        # in the latent space and the cached latents are never re-expanded per head. Same
+        # numbers up to rounding; the exporter enables it, the eager reference keeps it off.
+        self.absorb = False
 
     def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -107,6 +112,8 @@ class MLAttention(nn.Module):
         latent = torch.cat([kv_raw[..., : self.kv_lora_rank], k_rope], dim=-1)
         if cache is not None:
             latent = cache.update(latent)  # [B,S,W]
+        if self.absorb:
+            return self._absorbed(q_nope, q_rope, latent, mask)
         S = latent.shape[1]
         kv = self.kv_up(self.kv_norm(latent[..., : self.kv_lora_rank]))
         kv = kv.view(B, S, H, self.nope_dim + self.v_dim)
@@ -115,6 +122,23 @@ class MLAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B,H,T,nope+rope]
         k = torch.cat([k_nope, k_rope_all], dim=-1).transpose(1, 2)  # [B,H,S,nope+rope]
         out = _attend(q, k, v.transpose(1, 2), mask, self.scale)  # [B,H,T,v]
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+    def _absorbed(self, q_nope, q_rope, latent, mask) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        R = self.kv_lora_rank
+        w = self.kv_up.weight.view(H, self.nope_dim + self.v_dim, R)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H,nope,R], [H,v,R]
+        cn = self.kv_norm(latent[..., :R]).unsqueeze(1)  # [B,1,S,R]
+        k_rope = latent[..., R:].unsqueeze(1)  # [B,1,S,rope]
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk)  # [B,H,T,R]
+        scores = (torch.matmul(q_lat, cn.transpose(-2, -1))
+                  + torch.matmul(q_rope.transpose(1, 2), k_rope.transpose(-2, -1))).float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        o_lat = torch.matmul(F.softmax(scores, dim=-1).to(cn.dtype), cn)  # [B,H,T,R]
+        out = torch.matmul(o_lat, w_uv.transpose(-2, -1))  # [B,H,T,v]
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 

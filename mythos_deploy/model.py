@@ -163,6 +163,14 @@ class MythosModel(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         return self
 
+    def set_mla_absorb(self, absorb: bool) -> "MythosModel":
+        """Switch every MLA layer between the expanded (OpenMythos's) and absorbed form."""
+        from mythos_deploy.layers import MLAttention
+        for m in self.modules():
+            if isinstance(m, MLAttention):
+                m.absorb = absorb
+        return self
+
     def new_cache(self, batch: int, max_len: int | None = None, n_loops: int | None = None) -> KVCache:
         p = self.embed.weight
         return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len,

@@ -41,8 +41,10 @@ def om_pair():
 @pytest.fixture(scope="session")
 def stepped_fp32(om_pair):
     """One torch export per attention type; every loop mode and lowering is built from it."""
+    from exporters.onnx_export import OnnxExportOptions, export_form
     from exporters.torch_to_onnx import export_stepped
-    return {attn: export_stepped(model, "fp32", 18) for attn, (_, model) in om_pair.items()}
+    opts = OnnxExportOptions()  # the default export form (absorbed MLA)
+    return {attn: export_stepped(export_form(model, opts), "fp32", 18) for attn, (_, model) in om_pair.items()}
 
 
 @pytest.fixture(scope="session")

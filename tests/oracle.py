@@ -24,9 +24,11 @@ def load_openmythos_main():
     return module
 
 
-def make_openmythos(cfg_dict: dict, seed: int = 0, spread_halting: bool = True):
-    """A random OpenMythos model. With spread_halting, the halting head and router bias are
-    set so positions halt at different loops (some never), exercising every ACT branch."""
+def make_openmythos(cfg_dict: dict, seed: int = 0, spread_halting: bool = True,
+                    halt: tuple[float, float] = (-1.5, 0.3)):
+    """A random OpenMythos model. With spread_halting, the halting head (bias, weight std =
+    `halt`) is set so positions halt at different loops (some never), exercising every ACT
+    branch; the router bias is made nonzero so selection and gating differ."""
     om = load_openmythos_main()
     torch.manual_seed(seed)
     model = om.OpenMythos(om.MythosConfig(**cfg_dict)).eval()
@@ -37,8 +39,8 @@ def make_openmythos(cfg_dict: dict, seed: int = 0, spread_halting: bool = True):
             if name.endswith("injection.log_A"):
                 p.copy_(torch.randn_like(p))
         if spread_halting:
-            model.recurrent.act.halt.weight.normal_(0, 0.3)
-            model.recurrent.act.halt.bias.fill_(-1.5)
+            model.recurrent.act.halt.weight.normal_(0, halt[1])
+            model.recurrent.act.halt.bias.fill_(halt[0])
         model.recurrent.block.ffn.router_bias.copy_(torch.randn(cfg_dict["n_experts"]) * 0.01)
         model.recurrent.lora.scale.weight.normal_(0, 1.0)
     return model

@@ -138,7 +138,8 @@ def test_cli_export_end_to_end(tiny_ckpt, tmp_path):
 
 
 def test_fp16_export_validates(tiny_ckpt, tmp_path):
-    res = export_onnx(tiny_ckpt, tmp_path / "fp16", OnnxExportOptions(loop="loop", dtype="fp16"))
+    res = export_onnx(tiny_ckpt, tmp_path / "fp16", OnnxExportOptions(loop="loop", dtype="fp16", mla="expanded"))
+    assert json.loads((tmp_path / "fp16" / "manifest.json").read_text())["options"]["mla"] == "expanded"
     assert res.report["passed"] and res.report["dtype"] == "fp16"
     g = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
     assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
@@ -162,6 +163,7 @@ def test_external_data_for_large_graphs(om_pair, stepped_fp32, tmp_path):
     (["--loop", "spiral"], "--loop"),
     (["--moe", "dense"], "--moe"),
     (["--dtype", "int3"], "--dtype"),
+    (["--mla", "squashed"], "--mla"),
     (["--moe", "ort", "--dtype", "fp16"], "fp32 only"),
 ])
 def test_bad_options(tiny_ckpt, tmp_path, args, match):

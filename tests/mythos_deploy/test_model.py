@@ -191,3 +191,22 @@ def test_whole_model_exports_with_torch_export(tiny_model):
     assert not any("complex" in op for op in ops)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(ids), tiny_model(ids, n_loops=3).logits, rtol=0, atol=1e-6)
+
+
+def test_absorbed_mla_matches_openmythos():
+    om, model = _pair("mla", "deeper")
+    model.set_mla_absorb(True)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(9))
+    om_cache, cache = {}, model.new_cache(2, 20, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, n_loops=5).logits, om(ids, n_loops=5), rtol=0, atol=2e-5)
+        ref = om(ids, n_loops=5, kv_cache=om_cache)
+        out = model(ids, cache=cache, n_loops=5)
+        pos = 9
+        for _ in range(6):
+            torch.testing.assert_close(out.logits, ref, rtol=0, atol=2e-5)
+            nxt = ref[:, -1].argmax(-1, keepdim=True)
+            ref = om(nxt, n_loops=5, kv_cache=om_cache, start_pos=pos)
+            out = model(nxt, cache=cache, n_loops=5)
+            pos += 1
+    model.set_mla_absorb(False)

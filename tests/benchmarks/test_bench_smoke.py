@@ -1,0 +1,21 @@
+"""The benchmark harness runs end to end (numbers are not asserted: they are measurements)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from mythos_deploy.cli import app
+
+
+def test_bench_command_runs_and_writes_json_and_plot(tmp_path):
+    out = tmp_path / "rt.json"
+    r = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--prompt", "4", "--new-tokens", "4",
+                                 "--only", "eager,ort loop/standard fill-forward", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    names = [x["name"] for x in data["results"]]
+    assert names == ["openmythos 0.5.0 (cached)", "eager", "ort loop/standard fill-forward"]
+    for x in data["results"]:
+        assert x["decode"]["p50_ms"] > 0 and x["peak_rss_mb"] > 0 and x["bandwidth_floor_ms"] > 0
+    assert data["cache_bytes_per_token"]["openmythos"] > data["cache_bytes_per_token"]["mythos_deploy"]
+    assert out.with_suffix(".png").stat().st_size > 1000
