@@ -252,3 +252,66 @@ def share_tied_embedding(model) -> bool:
     model.graph.node.extend(new_nodes)
     prune_initializers(model)
     return True
+
+
+def name_nodes(graph, prefix: str = "") -> None:
+    """Give every node (subgraphs included) a unique, stable name: tools such as
+    onnxruntime's quantizers select and exclude nodes by name."""
+    seen: set[str] = set()
+
+    def walk(g, scope: str):
+        for i, node in enumerate(g.node):
+            if not node.name or node.name in seen:
+                node.name = f"{scope}{node.op_type}_{i}"
+            while node.name in seen:
+                node.name += "_"
+            seen.add(node.name)
+            for attr in node.attribute:
+                subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                for j, sub in enumerate(subs):
+                    walk(sub, f"{node.name}/{attr.name}{j if len(subs) > 1 else ''}/")
+    walk(graph, prefix)
+
+
+def _outer_refs(node) -> set[str]:
+    """Names a node's subgraphs read from enclosing scopes."""
+    refs: set[str] = set()
+    for g in _subgraphs(node):
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            local.update(n.output)
+        for n in g.node:
+            refs.update(i for i in n.input if i and i not in local)
+            refs.update(r for r in _outer_refs(n) if r not in local)
+    return refs
+
+
+def toposort(graph, outer: frozenset = frozenset()) -> None:
+    """Order nodes (recursively) so each value, including those subgraphs read from outer
+    scopes, is produced before use. Stable: already-ordered graphs are unchanged."""
+    available = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    produced_here = {o for n in graph.node for o in n.output}
+    needs = [({i for i in n.input} | _outer_refs(n)) & (produced_here | {""}) for n in graph.node]
+    pending = list(range(len(graph.node)))
+    ordered = []
+    while pending:
+        rest = []
+        for k in pending:
+            if needs[k] <= available:
+                ordered.append(graph.node[k])
+                available.update(graph.node[k].output)
+            else:
+                rest.append(k)
+        if len(rest) == len(pending):
+            missing = sorted(set().union(*(needs[k] for k in rest)) - available)[:5]
+            raise InternalError(f"graph {graph.name!r} has a cycle or dangling inputs: {missing}")
+        pending = rest
+    nodes = [type(n)() for n in ordered]
+    for dst, src in zip(nodes, ordered):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    scope = frozenset(available)
+    for n in graph.node:
+        for g in _subgraphs(n):
+            toposort(g, scope)

@@ -148,7 +148,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     import torch
 
     from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import IR_VERSION, compose, prune_initializers, share_tied_embedding, strip_metadata
+    from exporters.onnx_compose import IR_VERSION, compose, name_nodes, prune_initializers, share_tied_embedding, strip_metadata
     from exporters.torch_to_onnx import export_stepped
 
     if stepped is None:
@@ -175,6 +175,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     for g in graphs.values():
         lower_moe(g, opts.moe)
         prune_initializers(g)
+        name_nodes(g.graph)
     stage("onnx.checker + shape inference + contract")
     for name, g in graphs.items():
         _check_graph(g, contracts[name])
@@ -217,7 +218,8 @@ def _save(model, directory: Path, filename: str, external_bytes: int = EXTERNAL_
 
 def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOptions = OnnxExportOptions(),
                 overwrite: bool = False, stage: Callable[[str], None] | None = None,
-                external_bytes: int = EXTERNAL_DATA_BYTES, stepped: dict | None = None) -> ExportResult:
+                external_bytes: int = EXTERNAL_DATA_BYTES, stepped: dict | None = None,
+                extra_manifest: dict | None = None) -> ExportResult:
     """Export a checkpoint; raises ParityError (nothing written) if validation fails.
     `stepped` reuses stepped graphs already exported from this same checkpoint."""
     _require_onnx()
@@ -250,5 +252,6 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
             tmp, "onnx", options=asdict(opts), config=cfg.to_dict(),
             source={"checkpoint": str(ckpt_dir), "sha256": checkpoint_sha256(ckpt_dir)},
             graphs=files, contract=[c.to_dict() for c in contracts],
-            validation=None if report is None else {k: report[k] for k in ("passed", "note", "greedy_agreement")})
+            validation=None if report is None else {k: report[k] for k in ("passed", "note", "greedy_agreement")},
+            **(extra_manifest or {}))
     return ExportResult(out_dir, manifest, report, time.perf_counter() - t0)

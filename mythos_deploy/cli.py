@@ -444,6 +444,47 @@ def bench(
                   f"at {data['loops']} loops; wrote {output} and {output.with_suffix('.png')}")
 
 
+@app.command(epilog="Examples: mythos-export quantize out/tiny-onnx -o out/tiny-int8 --mode int8\n\n"
+                    "mythos-export quantize out/tiny-onnx -o out/tiny-int4 --mode int4 --block-size 32")
+def quantize(
+    path: Path = typer.Argument(..., help="An fp32 ONNX artifact directory (--moe standard or ort)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Quantized artifact directory to create."),
+    mode: str = typer.Option("int8", help="int8: per-channel int8 weights, dynamic activations (onnxruntime CPU; experts and "
+                                          "embedding int8 too with --moe standard). int4: MatMulNBits weight-only (onnxruntime "
+                                          "CPU, Jetson-class memory savings). fp16: native fp16 re-export (GPUs). TensorRT Q/DQ "
+                                          "modes (qdq-int8, qdq-int4, fp8) are not implemented yet."),
+    calib: int = typer.Option(256, "--calib", help="Positions the accuracy gate compares (teacher-forced greedy tokens)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Keep nodes whose name contains this in float (repeatable)."),
+    block_size: int = typer.Option(32, help="int4 block size."),
+    accuracy_level: int = typer.Option(4, help="int4 MatMulNBits accuracy level (4 = int8 compute, fastest on CPU)."),
+    accept_accuracy_loss: bool = typer.Option(False, "--accept-accuracy-loss", help="Write the artifact even if the gate fails (recorded in the manifest)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Quantize an ONNX export for onnxruntime, gated on greedy agreement with the fp32 export
+    (int8 >= 98%, int4 >= 90%; fp16 uses the export's fp16 parity gate)."""
+    with _errors():
+        from exporters.quantize import QuantizeOptions, quantize_artifact
+        from mythos_deploy.errors import ParityError
+
+        opts = QuantizeOptions(mode=mode, block_size=block_size, accuracy_level=accuracy_level, exclude=tuple(exclude),
+                               gate_tokens=calib, accept_accuracy_loss=accept_accuracy_loss)
+        with err.status(f"quantizing ({mode})") as status:
+            try:
+                result = quantize_artifact(path, output, opts, overwrite=force, stage=lambda s: status.update(s))
+            except ParityError as exc:
+                if exc.report and as_json:
+                    print(json.dumps({"gate": exc.report}, indent=2))
+                raise
+        if as_json:
+            print(json.dumps({k: result[k] for k in ("gate", "sizes", "seconds")}, indent=2))
+            return
+        g, z = result["gate"], result["sizes"]
+        out.print(f"wrote {output} ({mode}): {_fmt_bytes(z['quantized_bytes'])} vs {_fmt_bytes(z['source_bytes'])} fp32 "
+                  f"({z['source_bytes'] / max(z['quantized_bytes'], 1):.1f}x smaller); greedy agreement "
+                  f"{g['greedy_agreement']:.4f}{' (gate overridden)' if g.get('overridden') else ''}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,285 @@
+"""`quantize`: ONNX artifact -> quantized ONNX artifact for onnxruntime, gated on agreement.
+
+Modes (onnxruntime CPU; the TensorRT Q/DQ modes are not implemented yet):
+- `int8`: 2-D weight MatMuls/Gemms -> per-channel symmetric int8 weights with dynamic
+  activation quantization (onnxruntime `quantize_dynamic`, Loop/If bodies included); the
+  tied embedding gathers rows of the int8 head; routed experts of the `standard` lowering
+  become int8 weight-only (per output channel), dequantized after the top-k Gather.
+- `int4`: 2-D weight MatMuls -> MatMulNBits (symmetric, `--block-size`, accuracy level 4 by
+  default: int8 compute, fast on CPU). Experts and the embedding gather stay fp32.
+- `fp16`: a native fp16 re-export of the artifact's source checkpoint (recorded in its
+  manifest and checked by sha256) with the same options, gated by the export's own fp16
+  parity gate against eager fp32. onnxruntime's float16 converter is not used: on these
+  graphs it leaves dangling names inside nested Loop/If bodies. For GPUs; onnxruntime CPU
+  runs fp16 slowly.
+The `ort` lowering's com.microsoft::MoE keeps fp32 experts (QMoE is not wired); `plugin`
+artifacts are refused (their expert weights belong to the TensorRT plugin path).
+
+Gate: against the source artifact on fixed prompts (teacher forcing, >= 256 positions):
+greedy agreement >= 98% (int8), >= 90% (int4), >= 99% (fp16), and finite logits. The
+trained-task accuracy gates of the issue need the demo checkpoint, which does not exist yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mythos_deploy.errors import CheckpointError, InputError, ParityError
+from mythos_deploy.manifest import atomic_output_dir, check_writable, read_manifest, verify_files, write_manifest
+
+MODES = ("int8", "int4", "fp16")
+MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    mode: str = "int8"
+    block_size: int = 32  # int4
+    accuracy_level: int = 4  # int4: 4 = int8 compute (fast); 0 = fp32 compute
+    exclude: tuple[str, ...] = ()  # node names (or substrings) left in float
+    gate_tokens: int = 256
+    accept_accuracy_loss: bool = False  # record and skip the gate
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"--mode must be one of {', '.join(MODES)} (TensorRT Q/DQ modes are not implemented yet), got {self.mode!r}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"--accuracy-level must be in 0..4, got {self.accuracy_level}")
+        if self.gate_tokens < 16:
+            raise InputError(f"--calib/gate tokens must be >= 16, got {self.gate_tokens}")
+
+
+def _walk(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _walk(g)
+
+
+def _excluded(model, exclude: tuple[str, ...]) -> list[str]:
+    """MatMuls that must stay float: B not a 2-D initializer (attention, gathered experts),
+    plus user exclusions (substring match on node names)."""
+    inits = {t.name: len(t.dims) for t in model.graph.initializer}
+    names = []
+    for g in _walk(model.graph):
+        for n in g.node:
+            if n.op_type in ("MatMul", "Gemm") and inits.get(n.input[1]) != 2:
+                names.append(n.name)
+            elif any(e in n.name for e in exclude):
+                names.append(n.name)
+    return names
+
+
+def _int8_experts(model) -> int:
+    """Standard-lowering experts -> int8 weight-only. Each Gather of an expert weight table
+    [E,a,b] becomes Gather(int8) * Gather(scale); each dense use becomes Cast * scale."""
+    from onnx import TensorProto, helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = {name for name in inits if "::EDF" in name or "::EFD" in name}
+    if not targets:
+        return 0
+    new_inits = []
+    for name in targets:
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)  # [E, in, out]
+        scale = np.abs(w).max(axis=1, keepdims=True) / 127.0  # per (expert, output channel)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        new_inits += [numpy_helper.from_array(q, f"{name}::q8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}::s8")]
+    for g in _walk(model.graph):
+        out = []
+        for n in g.node:
+            if n.input and n.input[0] in targets and n.op_type == "Gather":
+                w, idx, y = n.input[0], n.input[1], n.output[0]
+                out += [helper.make_node("Gather", [f"{w}::q8", idx], [f"{y}/q"], name=f"{n.name}/q", axis=0),
+                        helper.make_node("Gather", [f"{w}::s8", idx], [f"{y}/s"], name=f"{n.name}/s", axis=0),
+                        helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{n.name}/cast", to=TensorProto.FLOAT),
+                        helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{n.name}/dq")]
+                continue
+            uses = [i for i in n.input if i in targets]
+            if uses:  # dense branch: dequantize the whole table once per call
+                for w in set(uses):
+                    d = f"{n.name}/{w}::dq"
+                    out += [helper.make_node("Cast", [f"{w}::q8"], [f"{d}/f"], name=f"{d}/cast", to=TensorProto.FLOAT),
+                            helper.make_node("Mul", [f"{d}/f", f"{w}::s8"], [d], name=f"{d}/mul")]
+                    n.input[:] = [d if i == w else i for i in n.input]
+            out.append(n)
+        del g.node[:]
+        g.node.extend(out)
+    model.graph.initializer.extend(new_inits)
+    return len(targets)
+
+
+def _int8_embedding(model) -> bool:
+    """After quantize_dynamic, the tied head is int8 for the head MatMul but still fp32 for
+    the embedding Gather. Gather rows of the int8 head instead and drop the fp32 copy."""
+    from onnx import TensorProto, helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"
+               and n.input[0] in inits and f"{n.input[0]}_quantized" in inits]
+    if len(gathers) != 1:
+        return False
+    g = gathers[0]
+    head = g.input[0]
+    zp = inits.get(f"{head}_zero_point")
+    if zp is not None and np.any(numpy_helper.to_array(zp) != 0):
+        return False
+    axis = next((a.i for a in g.attribute if a.name == "axis"), 0)
+    y = g.output[0]
+    new = [helper.make_node("Gather", [f"{head}_quantized", "input_ids"], [f"{y}/q"], name=f"{g.name}/q", axis=axis),
+           helper.make_node("Gather", [f"{head}_scale", "input_ids"], [f"{y}/s"], name=f"{g.name}/s", axis=0),
+           helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{g.name}/cast", to=TensorProto.FLOAT),
+           helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{g.name}/dq")]
+    nodes = []
+    for n in model.graph.node:
+        nodes.extend(new if n is g else [n])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return True
+
+
+def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dict:
+    """Quantize one graph file; returns what was done (recorded in the manifest)."""
+    import onnx
+
+    from exporters.onnx_compose import IR_VERSION, prune_initializers, toposort
+    model = onnx.load(str(src))
+    info: dict = {"mode": opts.mode}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp_in = Path(scratch) / "in.onnx"
+        if opts.mode == "int8":
+            info["experts"] = (f"int8 weight-only ({_int8_experts(model)} tables)" if moe == "standard"
+                               else "fp32 (com.microsoft::MoE; QMoE not wired)")
+            onnx.save(model, str(tmp_in))
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            quantize_dynamic(str(tmp_in), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                             nodes_to_exclude=_excluded(model, opts.exclude), op_types_to_quantize=["MatMul", "Gemm"],
+                             extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
+            model = onnx.load(str(dst))
+            info["embedding"] = "int8 rows of the head" if _int8_embedding(model) else "fp32"
+        elif opts.mode == "int4":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            q = MatMulNBitsQuantizer(model, block_size=opts.block_size, is_symmetric=True,
+                                     accuracy_level=opts.accuracy_level, nodes_to_exclude=_excluded(model, opts.exclude))
+            q.process()
+            model = q.model.model
+            info.update(experts="fp32", embedding="fp32", block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+        else:
+            raise InputError("fp16 is produced by re-export (see quantize_artifact)")
+    prune_initializers(model)
+    toposort(model.graph)  # the quantizers reorder nodes without regard to If/Loop bodies
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(dst))
+    onnx.checker.check_model(str(dst), full_check=True)
+    return info
+
+
+def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
+                      overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
+    from runtimes.loader import check_manifest_version, load
+    from runtimes.onnx_runner import graph_files
+    from runtimes.parity import compare
+    stage = stage or (lambda s: None)
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    opts.check()
+    if not src_dir.is_dir():
+        raise CheckpointError(f"ONNX artifact directory not found: {src_dir}")
+    manifest = read_manifest(src_dir)
+    if manifest["kind"] != "onnx":
+        raise InputError(f"{src_dir} is a {manifest['kind']!r} artifact; quantize takes an ONNX export "
+                         f"(mythos-export onnx CKPT -o DIR)")
+    if manifest.get("quantization"):
+        raise InputError(f"{src_dir} is already quantized ({manifest['quantization']['mode']}); quantize the fp32 export")
+    check_manifest_version(manifest, src_dir)
+    verify_files(src_dir, manifest)
+    options = manifest["options"]
+    if options["moe"] == "plugin":
+        raise InputError("this artifact uses the TensorRT MoE plugin; the onnxruntime modes need a --moe standard or ort export")
+    if options["dtype"] != "fp32":
+        raise InputError(f"quantize an fp32 export (this one is {options['dtype']})")
+    check_writable(out_dir, overwrite)
+    t0 = time.perf_counter()
+    if opts.mode == "fp16":
+        return _fp16_reexport(src_dir, out_dir, manifest, opts, overwrite, stage, t0)
+    files = graph_files(options["loop"])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        info = {}
+        for name, f in files.items():
+            stage(f"quantize {f} ({opts.mode})")
+            info[name] = quantize_graph(src_dir / f, work / f, opts, options["moe"])
+        for f in files.values():
+            if (work / f).stat().st_size == 0:
+                raise ParityError(f"quantized {f} is empty")
+        qmanifest = {**manifest, "quantization": {**asdict(opts), "graphs": info}}
+        (work / "manifest.json").write_text(json.dumps({k: v for k, v in qmanifest.items() if k != "files"}))
+        stage("accuracy gate")
+        from runtimes.onnxruntime_backend import OrtBackend
+        base = load(src_dir, verify=False)
+        quant = OrtBackend(work, qmanifest)
+        cfg = base.cfg
+        per = min(64, cfg.max_seq_len - 8)
+        n_prompts = max(1, -(-opts.gate_tokens // per))
+        prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(n_prompts, 8)).tolist()
+        report = compare(base, quant, prompts, per, tolerance=float("inf"), min_agreement=MIN_AGREEMENT[opts.mode])
+        finite = all(np.isfinite(r["max_abs_logit_error"]) for r in report["prompts"])
+        report["passed"] = bool(report["passed"] and finite)
+        gate = {"positions": n_prompts * per, "greedy_agreement": report["greedy_agreement"],
+                "min_agreement": MIN_AGREEMENT[opts.mode], "max_abs_logit_error": report["max_abs_logit_error"],
+                "passed": report["passed"], "overridden": bool(opts.accept_accuracy_loss and not report["passed"])}
+        if not report["passed"] and not opts.accept_accuracy_loss:
+            raise ParityError(f"{opts.mode} quantization fails the accuracy gate: greedy agreement "
+                              f"{report['greedy_agreement']:.4f} < {MIN_AGREEMENT[opts.mode]} over {gate['positions']} "
+                              f"positions (max abs logit error {report['max_abs_logit_error']:.3g}); "
+                              "--accept-accuracy-loss overrides (recorded in the manifest)", report)
+        stage("write artifact")
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            for f in files.values():
+                shutil.copyfile(work / f, tmp / f)
+            (tmp / "validation.json").write_text(json.dumps({"quantization_gate": gate, "report": report}, indent=2) + "\n")
+            fields = {k: v for k, v in manifest.items() if k not in ("files", "format", "kind", "tool", "tool_version")}
+            fields["quantization"] = {**asdict(opts), "graphs": info, "gate": gate,
+                                      "source": {"artifact": str(src_dir)}}
+            out_manifest = write_manifest(tmp, "onnx", **fields)
+    sizes = {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
+             "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
+    return {"manifest": out_manifest, "gate": gate, "sizes": sizes, "seconds": time.perf_counter() - t0}
+
+
+def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeOptions, overwrite: bool,
+                   stage, t0: float) -> dict:
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.checkpoint import checkpoint_sha256
+    from runtimes.onnx_runner import graph_files
+    source = manifest.get("source", {})
+    ckpt = Path(source.get("checkpoint", ""))
+    if not (ckpt / "model.safetensors").is_file():
+        raise InputError(f"--mode fp16 re-exports from the source checkpoint, which is not at {ckpt}; "
+                         "run: mythos-export onnx CKPT --dtype fp16")
+    if checkpoint_sha256(ckpt) != source.get("sha256"):
+        raise CheckpointError(f"{ckpt} changed since {src_dir} was exported (sha256 differs)")
+    o = manifest["options"]
+    if o["moe"] == "ort":
+        raise InputError("fp16 with the ort MoE lowering cannot be validated on onnxruntime CPU (fp32-only MoE kernel)")
+    result = export_onnx(ckpt, out_dir, OnnxExportOptions(loop=o["loop"], loops=o["loops"], moe=o["moe"], opset=o["opset"],
+                                                          dtype="fp16", mla=o.get("mla", "absorbed")),
+                         overwrite=overwrite, stage=stage,
+                         extra_manifest={"quantization": {**asdict(opts), "method": "native fp16 re-export",
+                                                          "source": {"artifact": str(src_dir)}}})
+    files = graph_files(o["loop"]).values()
+    gate = {"passed": result.report["passed"], "greedy_agreement": result.report["greedy_agreement"],
+            "method": "export parity gate (fp16 tolerances) against eager fp32"}
+    return {"manifest": result.manifest, "gate": gate, "seconds": time.perf_counter() - t0,
+            "sizes": {"source_bytes": sum((src_dir / f).stat().st_size for f in files),
+                      "quantized_bytes": sum((out_dir / f).stat().st_size for f in files)}}

@@ -1,0 +1,95 @@
+"""Quantization for onnxruntime: every mode produces a checked graph that runs and passes its
+gate on the tiny preset; bad input gets clear errors and leaves nothing."""
+
+import json
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from exporters.quantize import QuantizeOptions, quantize_artifact
+from mythos_deploy import InputError, ParityError
+from mythos_deploy.cli import app
+from mythos_deploy.manifest import read_manifest, verify_files
+from runtimes import generate, load
+
+
+def _ops(path):
+    m = onnx.load(str(path))
+    ops = set()
+
+    def walk(g):
+        for n in g.node:
+            ops.add(n.op_type)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+    walk(m.graph)
+    return ops
+
+
+@pytest.mark.parametrize("loop", ["loop", "stepped"])
+def test_int8(artifacts, tmp_path, loop):
+    _, src = artifacts[("mla", loop)]
+    out = tmp_path / "q8"
+    res = quantize_artifact(src, out, QuantizeOptions(mode="int8"))
+    assert res["gate"]["passed"] and res["gate"]["greedy_agreement"] >= 0.98 and res["gate"]["positions"] >= 256
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    info = manifest["quantization"]["graphs"]
+    assert all(i["mode"] == "int8" for i in info.values())
+    graph = out / ("model.onnx" if loop == "loop" else "step.onnx")
+    onnx.checker.check_model(str(graph), full_check=True)
+    ops = _ops(graph)
+    assert "DynamicQuantizeLinear" in ops or "MatMulIntegerToFloat" in ops or "DynamicQuantizeMatMul" in ops
+    if loop == "loop":
+        assert info["model"]["embedding"].startswith("int8") and info["model"]["experts"].startswith("int8")
+        assert res["sizes"]["quantized_bytes"] < 0.7 * res["sizes"]["source_bytes"]  # tiny: small tensors stay fp32
+    ref = generate(load(src), [5, 6, 7], 16).tokens
+    assert len(generate(load(out), [5, 6, 7], 16).tokens[0]) == 16
+    assert ref  # both run through the same runtime API
+
+
+def test_int4(artifacts, tmp_path):
+    _, src = artifacts[("gqa", "loop")]
+    res = quantize_artifact(src, tmp_path / "q4", QuantizeOptions(mode="int4", block_size=32))
+    assert res["gate"]["passed"]
+    assert "MatMulNBits" in _ops(tmp_path / "q4" / "model.onnx")
+
+
+def test_fp16_reexports_from_the_source_checkpoint(artifacts, tmp_path):
+    ck, src = artifacts[("mla", "loop")]
+    res = quantize_artifact(src, tmp_path / "h", QuantizeOptions(mode="fp16"))
+    assert res["gate"]["passed"]
+    m = read_manifest(tmp_path / "h")
+    assert m["options"]["dtype"] == "fp16" and m["quantization"]["method"] == "native fp16 re-export"
+
+
+def test_gate_failure_writes_nothing_unless_overridden(artifacts, tmp_path, monkeypatch):
+    _, src = artifacts[("mla", "loop")]
+    monkeypatch.setattr("exporters.quantize.MIN_AGREEMENT", {"int8": 1.01, "int4": 1.01, "fp16": 1.01})
+    with pytest.raises(ParityError, match="accuracy gate"):
+        quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8"))
+    assert not (tmp_path / "q").exists()
+    res = quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8", accept_accuracy_loss=True))
+    assert res["gate"]["overridden"] and read_manifest(tmp_path / "q")["quantization"]["gate"]["overridden"]
+
+
+def test_bad_input(artifacts, tmp_path, tiny_ckpt):
+    ck, src = artifacts[("mla", "loop")]
+    runner = CliRunner()
+    cases = [
+        (["quantize", str(src), "-o", str(tmp_path / "x"), "--mode", "int3"], "--mode"),
+        (["quantize", str(src), "-o", str(tmp_path / "x"), "--mode", "qdq-int8"], "not implemented"),
+        (["quantize", str(ck), "-o", str(tmp_path / "x")], "ONNX export"),
+        (["quantize", str(tmp_path / "none"), "-o", str(tmp_path / "x")], "not found"),
+        (["quantize", str(src), "-o", str(tmp_path / "x"), "--block-size", "7", "--mode", "int4"], "--block-size"),
+    ]
+    for args, match in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and match in r.output and "Traceback" not in r.output, r.output
+    r = runner.invoke(app, ["quantize", str(src), "-o", str(tmp_path / "q"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["gate"]["passed"]
+    r = runner.invoke(app, ["quantize", str(tmp_path / "q"), "-o", str(tmp_path / "qq")])
+    assert r.exit_code == 2 and "already quantized" in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
