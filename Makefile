@@ -29,6 +29,7 @@ bench:
 	$(CLI) bench
 	$(PY) -m benchmarks.fill_forward
 	$(PY) -m benchmarks.export_bench
+	$(PY) -m benchmarks.quant_bench
 
 test:
 	$(PY) -m pytest -q
