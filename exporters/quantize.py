@@ -203,6 +203,10 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         raise InputError(f"{src_dir} is already quantized ({manifest['quantization']['mode']}); quantize the fp32 export")
     check_manifest_version(manifest, src_dir)
     verify_files(src_dir, manifest)
+    from mythos_deploy.safety import check_external_data
+    from runtimes.onnx_runner import graph_files as _files
+    for f in _files(manifest["options"]["loop"]).values():
+        check_external_data(src_dir / f, src_dir)
     options = manifest["options"]
     if options["moe"] == "plugin":
         raise InputError("this artifact uses the TensorRT MoE plugin; the onnxruntime modes need a --moe standard or ort export")

@@ -70,14 +70,22 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
         raise CheckpointError(f"{directory} does not match its manifest: {', '.join(bad)}")
 
 
-def check_writable(target: str | Path, overwrite: bool = False) -> None:
-    """Fail fast (before minutes of work) if `target` cannot be created."""
-    target = Path(target)
+def _output_parent(target: Path, overwrite: bool) -> Path:
+    """The directory `target` will be created in (made if needed); refuses an existing target."""
     if target.exists() and not overwrite:
         raise MythosError(f"output {target} already exists (pass --force to replace it)")
     parent = target.parent if str(target.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MythosError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    return parent
+
+
+def check_writable(target: str | Path, overwrite: bool = False) -> None:
+    """Fail fast (before minutes of work) if `target` cannot be created."""
+    parent = _output_parent(Path(target), overwrite)
+    try:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
@@ -88,11 +96,8 @@ def check_writable(target: str | Path, overwrite: bool = False) -> None:
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `target` only if the block succeeds."""
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise MythosError(f"output {target} already exists (pass --force to replace it)")
-    parent = target.parent if str(target.parent) else Path(".")
+    parent = _output_parent(target, overwrite)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
