@@ -485,6 +485,38 @@ def quantize(
                   f"{g['greedy_agreement']:.4f}{' (gate overridden)' if g.get('overridden') else ''}")
 
 
+@app.command(epilog="Examples: mythos-export lint out/tiny-trt --target trt\n\nmythos-export lint out/tiny-onnx --json")
+def lint(
+    path: Path = typer.Argument(..., help="An ONNX artifact directory."),
+    target: str = typer.Option("trt", help="Target to lint for (trt: TensorRT 10.1's ONNX parser)."),
+    show_info: bool = typer.Option(False, "--info", help="Also list informational findings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+) -> None:
+    """Check an export against TensorRT's ONNX parser without TensorRT: ops and types, opset and
+    IR version, Loop/If/TopK/axes restrictions, plugin attributes, Q/DQ zero points. Exit 1 on errors."""
+    with _errors():
+        from exporters.trt_lint import lint_artifact
+        if target != "trt":
+            raise InputError(f"--target must be trt, got {target!r}")
+        report = lint_artifact(path)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            shown = [f for f in report["findings"] if show_info or f["severity"] != "info"]
+            if shown:
+                t = Table(title=f"{escape(report['target'])} lint: {escape(str(path))}")
+                for col in ("severity", "graph", "node", "op", "message"):
+                    t.add_column(col)
+                for f in shown:
+                    color = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
+                    t.add_row(f"[{color}]{f['severity']}[/{color}]", f["graph"], escape(f["node"]), f["op"], escape(f["message"]))
+                out.print(t)
+            verdict = "[green]passes[/green]" if report["passed"] else "[bold red]fails[/bold red]"
+            out.print(f"{verdict}: {report['errors']} error(s), {report['warnings']} warning(s)")
+        if not report["passed"]:
+            raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

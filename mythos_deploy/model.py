@@ -44,7 +44,8 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, y: torch.Tensor, t) -> torch.Tensor:
         last = self.scale.num_embeddings - 1  # depth extrapolation reuses the last trained scale
-        idx = t.clamp(max=last) if isinstance(t, torch.Tensor) else min(t, last)
+        # Min, not Clip: TensorRT's Clip takes float inputs only, the loop index is int64
+        idx = torch.minimum(t, torch.full_like(t, last)) if isinstance(t, torch.Tensor) else min(t, last)
         return (self.down(y) * self.scale.weight[idx]) @ self.B
 
 

@@ -1,0 +1,186 @@
+"""TensorRT-compatibility lint for exported ONNX graphs. Runs without TensorRT.
+
+Checks every graph of an artifact (subgraphs included) against TensorRT 10.1's ONNX parser
+(exporters/trt_ops.py cites the table): default-domain opset range, IR version, every op and
+its element types, the parser's restrictions that these graphs can hit (Loop scan outputs
+with a dynamic trip count, If branch outputs, TopK `sorted`/K, constant `axes` inputs,
+Q/DQ zero points), custom-domain nodes (the MythosMoE plugin's attributes; onnxruntime
+contrib ops, which TensorRT cannot parse), and INT64 tensors (supported in 10.x, but Jetson
+builds and older TensorRT cast them down: reported as info).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
+from exporters.trt_ops import OPSET_RANGE, SUPPORTED, TRT_VERSION, UNSUPPORTED
+
+MAX_IR = 10
+ELEM = {1: "f32", 10: "f16", 16: "bf16", 6: "i32", 7: "i64", 9: "b", 2: "u8", 3: "i8", 22: "i4", 17: "f8", 18: "f8"}
+AXES_INPUT = {"ReduceMean", "ReduceMin", "ReduceMax", "ReduceSum", "ReduceProd", "Squeeze", "Unsqueeze"}
+
+
+@dataclass
+class Finding:
+    severity: str  # error | warning | info
+    graph: str
+    node: str
+    op: str
+    message: str
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def lint_model(model, graph_name: str) -> list[Finding]:
+    import onnx
+    findings: list[Finding] = []
+
+    def add(sev, node, msg):
+        findings.append(Finding(sev, graph_name, node.name if node is not None else "", node.op_type if node is not None else "", msg))
+
+    opset = {imp.domain: imp.version for imp in model.opset_import}
+    default = opset.get("", opset.get("ai.onnx"))
+    if default is None or not OPSET_RANGE[0] <= default <= OPSET_RANGE[1]:
+        add("error", None, f"default-domain opset {default} outside TensorRT {TRT_VERSION}'s range {OPSET_RANGE}")
+    if model.ir_version > MAX_IR:
+        add("error", None, f"IR version {model.ir_version} > {MAX_IR}")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    except Exception:  # custom nodes without inference: fall back to declared types
+        inferred = model
+    types: dict[str, int] = {}
+    for g in _graphs(inferred.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            types[vi.name] = vi.type.tensor_type.elem_type
+        for t in g.initializer:
+            types[t.name] = t.data_type
+    consts = _constant_names(model.graph)
+    int64_seen = False
+
+    for g in _graphs(model.graph):
+        for node in g.node:
+            dom = node.domain or ""
+            if dom in ("", "ai.onnx"):
+                if node.op_type in UNSUPPORTED or node.op_type not in SUPPORTED:
+                    add("error", node, f"{node.op_type} is not supported by TensorRT {TRT_VERSION}'s ONNX parser")
+                    continue
+                allowed = SUPPORTED[node.op_type]  # the table lists the data input's types
+                data = node.input[0] if node.input else ""
+                et = types.get(data)
+                if data and et in ELEM and allowed and node.op_type != "Cast" and ELEM[et] not in allowed:
+                    add("error", node, f"input {data!r} has type {ELEM[et]}, not one of {sorted(allowed)}")
+                int64_seen |= any(types.get(o) == 7 for o in node.output)
+                _restrictions(node, consts, add)
+            elif dom == PLUGIN_DOMAIN and node.op_type == PLUGIN_OP:
+                ns, ver = _attr(node, "plugin_namespace"), _attr(node, "plugin_version")
+                ns = ns.decode() if isinstance(ns, bytes) else ns
+                ver = ver.decode() if isinstance(ver, bytes) else ver
+                if ns != PLUGIN_NAMESPACE or ver != PLUGIN_VERSION:
+                    add("error", node, f"plugin node needs plugin_namespace={PLUGIN_NAMESPACE!r}, plugin_version={PLUGIN_VERSION!r}; has {ns!r}, {ver!r}")
+                for a in ("num_experts", "top_k", "expert_dim"):
+                    if not isinstance(_attr(node, a), int) or _attr(node, a) < 1:
+                        add("error", node, f"plugin attribute {a} missing or not a positive int")
+                add("info", node, "needs the MythosMoE plugin registered with TensorRT (mythos-export build)")
+            elif dom == PLACEHOLDER_DOMAIN:
+                add("error", node, "unlowered MoE placeholder (an exporter bug)")
+            elif dom == "com.microsoft":
+                add("error", node, f"onnxruntime contrib op com.microsoft::{node.op_type}: TensorRT cannot parse it "
+                                   "(export with --moe plugin or --moe standard; quantize with TensorRT Q/DQ modes)")
+            else:
+                add("error", node, f"unknown custom domain {dom!r}")
+    if int64_seen:
+        add("info", None, "INT64 tensors present: TensorRT 10 supports them; older TensorRT and some Jetson builds cast to INT32")
+    return findings
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _graphs(g)
+
+
+def _constant_names(graph) -> set[str]:
+    names = set()
+    for g in _graphs(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(n.output[0] for n in g.node if n.op_type == "Constant")
+    return names
+
+
+def _restrictions(node, consts: set[str], add) -> None:
+    op = node.op_type
+    if op == "Loop":
+        body = _attr(node, "body")
+        n_carried = len(node.input) - 2
+        n_scan = len(body.output) - 1 - n_carried
+        trip = node.input[0]
+        if n_scan > 0 and trip and trip not in consts:
+            add("error", node, f"{n_scan} scan output(s) with a trip count from graph input {trip!r}: TensorRT requires "
+                               "scan output length to be static (export with --loop unroll or --loop stepped for TensorRT)")
+    elif op == "If":
+        then_g, else_g = _attr(node, "then_branch"), _attr(node, "else_branch")
+        names_t = [o.name for o in then_g.output]
+        names_e = [o.name for o in else_g.output]
+        if set(names_t) & set(names_e):
+            add("error", node, "If branches must name their outputs differently")
+        if len(names_t) != len(names_e):
+            add("error", node, "If branches must have the same number of outputs")
+    elif op == "TopK":
+        if _attr(node, "sorted", 1) != 1:
+            add("error", node, "TopK needs sorted=1")
+        if len(node.input) > 1 and node.input[1] not in consts:
+            add("warning", node, "TopK K is not a constant")
+    elif op in AXES_INPUT or op == "Slice":
+        idx = 3 if op == "Slice" else 1
+        if len(node.input) > idx and node.input[idx] and node.input[idx] not in consts:
+            add("error", node, f"{op} axes must be an initializer or constant")
+    elif op in ("DequantizeLinear", "QuantizeLinear"):
+        if len(node.input) > 2 and node.input[2]:
+            add("warning", node, "zero point given: TensorRT needs it to be exactly 0 (checked by value below)")
+
+
+def _zero_points(model) -> list[Finding]:
+    from onnx import numpy_helper
+    inits = {t.name: t for g in _graphs(model.graph) for t in g.initializer}
+    out = []
+    for g in _graphs(model.graph):
+        for n in g.node:
+            if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+                if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+                    out.append(Finding("error", "", n.name, n.op_type, "nonzero zero point: TensorRT requires symmetric (zero_point = 0)"))
+    return out
+
+
+def lint_artifact(path: str | Path) -> dict:
+    import onnx
+
+    from mythos_deploy.errors import InputError
+    from mythos_deploy.manifest import read_manifest
+    from mythos_deploy.safety import check_external_data
+    from runtimes.onnx_runner import graph_files
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["kind"] != "onnx":
+        raise InputError(f"{path} is a {manifest['kind']!r} artifact; lint takes an ONNX export")
+    findings: list[Finding] = []
+    for name, f in graph_files(manifest["options"]["loop"]).items():
+        check_external_data(path / f, path)
+        model = onnx.load(str(path / f), load_external_data=False)
+        findings += lint_model(model, name)
+        findings += [Finding(x.severity, name, x.node, x.op, x.message) for x in _zero_points(model)]
+    errors = sum(f.severity == "error" for f in findings)
+    return {"target": f"tensorrt {TRT_VERSION}", "artifact": str(path), "options": manifest["options"],
+            "passed": errors == 0, "errors": errors,
+            "warnings": sum(f.severity == "warning" for f in findings), "findings": [asdict(f) for f in findings]}
