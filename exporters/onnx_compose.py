@@ -3,8 +3,9 @@
 Names inside each piece are prefixed so pieces cannot collide; the step's weights are
 shared by every unrolled copy (and referenced from the Loop body as outer-scope values), so
 the unrolled file is not n_loops times larger. In `loop` mode the recurrent cache slots are
-one stacked tensor: the body gathers slot `iteration` from `past_recurrent` and emits its new
-rows as the Loop's scan output, so the node count does not depend on n_loops.
+one stacked tensor: the body gathers slot `iteration` from `past_recurrent` and writes its new
+rows into a loop-carried [n_loops, B, T, W] tensor (ScatterND at the iteration; no scan
+outputs, whose length TensorRT needs static), so the node count does not depend on n_loops.
 """
 
 from __future__ import annotations
@@ -159,21 +160,47 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
         inits.append(numpy_helper.from_array(np.array(1, np.int32), "loop/one_scalar"))
         sc = {s.name: s for s in step_model.graph.input}
         so = {s.name: s for s in step_model.graph.output}
+        # The recurrent cache rows are loop-carried state of fixed shape [n_loops, B, T, W],
+        # written at row `iter` with ScatterND (not a scan output: TensorRT needs scan outputs of
+        # static length), and `ran` counts the iterations actually run (early exit).
+        body_nodes += [
+            helper.make_node("Unsqueeze", [f"{b}iter", "loop/axis0"], [f"{b}iter1"]),
+            helper.make_node("Unsqueeze", [f"{b}iter1", "loop/axis0"], [f"{b}iter11"]),  # [1,1]
+            helper.make_node("Unsqueeze", [f"{b}new_recurrent", "loop/axis0"], [f"{b}new4"]),  # [1,B,T,W]
+            helper.make_node("ScatterND", [f"{b}rec_in", f"{b}iter11", f"{b}new4"], [f"{b}rec_next"]),
+            helper.make_node("Add", [f"{b}iter", "loop/one_i64"], [f"{b}ran_next"]),
+        ]
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "loop/axis0"),
+                  numpy_helper.from_array(np.array(1, np.int64), "loop/one_i64"),
+                  numpy_helper.from_array(np.array(0, np.int64), "loop/zero_i64"),
+                  numpy_helper.from_array(np.array([so["new_recurrent"].type.tensor_type.shape.dim[-1].dim_value], np.int64),
+                                          "loop/W")]
+        cache_elem = so["new_recurrent"].type.tensor_type.elem_type
+        nodes += [
+            helper.make_node("Reshape", ["n_loops", "loop/axis0_shape"], ["loop/n1"]),
+            helper.make_node("Shape", ["pre/e_out"], ["loop/bt"], start=0, end=2),
+            helper.make_node("Concat", ["loop/n1", "loop/bt", "loop/W"], ["loop/rec_shape"], axis=0),
+            helper.make_node("ConstantOfShape", ["loop/rec_shape"], ["loop/rec0"],
+                             value=helper.make_tensor("v", cache_elem, [1], [0])),
+        ]
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "loop/axis0_shape"))
 
         def like(name, src):
-            vi = helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, None)
-            return vi
+            return helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, None)
         body_inputs = [helper.make_tensor_value_info(f"{b}iter", TensorProto.INT64, []),
                        helper.make_tensor_value_info(f"{b}cond_in", TensorProto.BOOL, []),
-                       like(f"{b}h_in", sc["h"]), *[like(f"{b}{k}_in", sc[k]) for k in ACT_STATE]]
+                       like(f"{b}h_in", sc["h"]), *[like(f"{b}{k}_in", sc[k]) for k in ACT_STATE],
+                       helper.make_tensor_value_info(f"{b}rec_in", cache_elem, None),
+                       helper.make_tensor_value_info(f"{b}ran_in", TensorProto.INT64, [])]
         body_outputs = [helper.make_tensor_value_info(f"{b}cond_out", TensorProto.BOOL, []),
                         like(f"{b}h_next", so["h_next"]), *[like(f"{b}{k}_next", so[f"{k}_next"]) for k in ACT_STATE],
-                        like(f"{b}new_recurrent", so["new_recurrent"])]
+                        helper.make_tensor_value_info(f"{b}rec_next", cache_elem, None),
+                        helper.make_tensor_value_info(f"{b}ran_next", TensorProto.INT64, [])]
         body = helper.make_graph(body_nodes, "core_step", body_inputs, body_outputs, value_info=step.value_info)
         inits.append(numpy_helper.from_array(np.array(True), "loop/true"))
         nodes.append(helper.make_node(
-            "Loop", ["n_loops", "loop/true", "pre/e_out", *[f"act0/{k}" for k in ACT_STATE]],
-            ["loop/h", *[f"loop/{k}" for k in ACT_STATE], "new_recurrent"], body=body, name="recurrent_core"))
+            "Loop", ["n_loops", "loop/true", "pre/e_out", *[f"act0/{k}" for k in ACT_STATE], "loop/rec0", "loop/zero_i64"],
+            ["loop/h", *[f"loop/{k}" for k in ACT_STATE], "new_recurrent", "loops_run"], body=body, name="recurrent_core"))
         final = {"h": "loop/h", **{k: f"loop/{k}" for k in ACT_STATE}}
     else:
         raise InternalError(f"cannot compose mode {mode!r}")

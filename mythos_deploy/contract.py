@@ -107,6 +107,8 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
     outputs = [TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size))]
     outputs += [_new(s, W, dt) for s in pre] + [_new("recurrent", W, dt, loops)] + [_new(s, W, dt) for s in coda]
     outputs += [TensorSpec("loops_used", "int32", ("batch", "seq")), TensorSpec("halt_prob", "float32", ("batch", "seq"))]
+    if loop_mode == "loop":  # iterations run (< n_loops after an early exit); rows past it are zero
+        outputs.append(TensorSpec("loops_run", "int64", ()))
     return GraphContract("model", tuple(inputs), tuple(outputs))
 
 

@@ -70,7 +70,9 @@ class OnnxModelRunner:
             if self.loop_mode == "loop":
                 base["n_loops"] = np.array(n_loops, dtype=np.int64)
                 base["early_exit"] = np.array(early_exit)
-            return self._run("model", base)
+            out = self._run("model", base)
+            out.setdefault("loops_run", np.array(n_loops))
+            return out
         return self._forward_stepped(base, n_loops, early_exit)
 
     def _forward_stepped(self, base: dict[str, np.ndarray], n_loops: int, early_exit: bool) -> dict[str, np.ndarray]:
@@ -91,7 +93,9 @@ class OnnxModelRunner:
             if early_exit and state["halted"].all():
                 break
         coda = self._run("coda", {**base, "h_out": state["h_out"]})
-        result = {"logits": coda["logits"], "new_recurrent": np.stack(news),
+        ran = len(news)
+        news += [np.zeros_like(news[0])] * (n_loops - ran)  # same shape as the loop graph's output
+        result = {"logits": coda["logits"], "new_recurrent": np.stack(news), "loops_run": np.array(ran),
                   "loops_used": state["loops_used"], "halt_prob": state["cum"]}
         result.update({k: v for k, v in pre.items() if k.startswith("new_")})
         result.update({k: v for k, v in coda.items() if k.startswith("new_")})

@@ -32,13 +32,13 @@ class OrtSession(Session):
         for name, buf in self.buffers.items():
             new = out[name.replace("past_", "new_")]
             if name == "past_recurrent":
-                ran = new.shape[0]
-                buf[:ran, :, pos:pos + T] = new
+                ran = int(out["loops_run"])
+                buf[:ran, :, pos:pos + T] = new[:ran]
                 buf[ran:, :, pos:pos + T] = new[ran - 1]  # fill-forward (no-op when all ran)
             else:
                 buf[:, pos:pos + T] = new
         return StepOutput(out["logits"].astype(np.float32, copy=False), out["loops_used"],
-                          out["halt_prob"], int(out["new_recurrent"].shape[0]))
+                          out["halt_prob"], int(out["loops_run"]))
 
     def cache_nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers.values())

@@ -63,7 +63,7 @@ def test_loop_mode_varies_depth_and_matches_openmythos(om_pair, stepped_fp32):
         with torch.no_grad():
             ref = om(ids, n_loops=n).numpy()  # OpenMythos's own eager logits
         np.testing.assert_allclose(out["logits"], ref, atol=1e-5, rtol=0)
-        assert out["new_recurrent"].shape == (n, 2, 9, W)
+        assert out["new_recurrent"].shape == (n, 2, 9, W) and int(out["loops_run"]) == n
     assert len(set(out["loops_used"].flatten().tolist())) > 1  # halting depth varies
 
 

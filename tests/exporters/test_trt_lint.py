@@ -26,7 +26,7 @@ def _errors(findings):
 
 
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
-@pytest.mark.parametrize("loop", ["unroll", "stepped"])
+@pytest.mark.parametrize("loop", ["unroll", "loop", "stepped"])
 @pytest.mark.parametrize("moe", ["standard", "plugin"])
 def test_trt_targets_pass(om_pair, stepped_fp32, attn, loop, moe):
     _, findings = _lint(om_pair, stepped_fp32, loop, moe, attn)
@@ -35,10 +35,18 @@ def test_trt_targets_pass(om_pair, stepped_fp32, attn, loop, moe):
         assert any("MythosMoE plugin registered" in f.message for f in findings)
 
 
-@pytest.mark.parametrize("moe", ["standard", "plugin"])
-def test_loop_mode_dynamic_scan_output_is_flagged(om_pair, stepped_fp32, moe):
-    _, findings = _lint(om_pair, stepped_fp32, "loop", moe)
-    errs = _errors(findings)
+def test_dynamic_scan_output_is_flagged(om_pair, stepped_fp32):
+    """A Loop whose scan output length comes from a graph input (the old `loop` layout)."""
+    graphs, _ = _lint(om_pair, stepped_fp32, "stepped", "standard")
+    step = graphs["step"]
+    body = helper.make_graph([helper.make_node("Identity", ["c"], ["c2"]), helper.make_node("Identity", ["i"], ["s"])],
+                             "b", [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                                   helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("c2", onnx.TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("s", onnx.TensorProto.INT64, [])])
+    bad = copy.deepcopy(step)
+    bad.graph.node.append(helper.make_node("Loop", ["loop_index", ""], ["scan"], body=body, name="dyn"))
+    errs = _errors(lint_model(bad, "step"))
     assert len(errs) == 1 and errs[0].op == "Loop" and "scan output" in errs[0].message
 
 
@@ -94,7 +102,7 @@ def test_lint_command(artifacts, tmp_path):
     assert json.loads(r.stdout)["passed"]
     _, loop_dir = artifacts[("mla", "loop")]
     r = CliRunner().invoke(app, ["lint", str(loop_dir)])
-    assert r.exit_code == 1 and "scan output" in r.output
+    assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["lint", str(od), "--target", "tvm"])
     assert r.exit_code == 2
     assert lint_artifact(od)["target"] == "tensorrt 10.1"

@@ -129,7 +129,7 @@ def test_manifest_version_and_tampering(artifacts, tmp_path):
     with pytest.raises(CheckpointError, match="sha256"):
         load(copy)
     (copy / "model.onnx").write_bytes(b"not a model")
-    with pytest.raises(CheckpointError, match="onnxruntime cannot load"):
+    with pytest.raises(CheckpointError, match="not a readable ONNX file|onnxruntime cannot load"):
         load(copy, verify=False)
 
 
