@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mythos-export
 CKPT ?= ckpt/tiny
 
-.PHONY: install demo bench test test-fast clean
+.PHONY: install demo bench gpu-check test test-fast clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch 2.13.0 resolves to the local CPU wheel; any other version downloads gigabytes
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,bench,triton]'
 	# test oracle only: it pins torch 2.11.0 and imports transformers in its __init__
 	$(PY) -m pip install --quiet --no-deps open-mythos==0.5.0
 
@@ -39,3 +39,6 @@ test-fast:
 
 clean:
 	rm -rf $(VENV) ckpt out .pytest_cache .hypothesis *.egg-info
+
+gpu-check:
+	$(PY) -m benchmarks.gpu_check

@@ -517,6 +517,26 @@ def lint(
             raise typer.Exit(1)
 
 
+@app.command("plugin-kernels", epilog="Example: mythos-export plugin-kernels -o out/moe-kernels --sm 87 --sm 90 --dtype fp16")
+def plugin_kernels(
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for the PTX/cubin files and kernels.json."),
+    sm: List[int] = typer.Option([87, 90], "--sm", help="CUDA compute capability (87 Jetson Orin, 90 H100/H200); repeatable."),
+    dtype: List[str] = typer.Option(["fp32", "fp16", "bf16"], "--dtype", help="Kernel storage type; repeatable."),
+) -> None:
+    """Compile the MoE plugin's Triton kernels ahead of time to PTX and cubin (no GPU needed)."""
+    with _errors():
+        import os
+        from exporters.moe_aot import DTYPES, compile_kernels
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise InputError("unset TRITON_INTERPRET to compile kernels (the interpreter replaces the compiler)")
+        bad = [d for d in dtype if d not in DTYPES]
+        if bad or any(c < 70 for c in sm):
+            raise InputError(f"--dtype must be among {', '.join(DTYPES)} and --sm >= 70; got {dtype}, {sm}")
+        with err.status("compiling Triton kernels"):
+            index = compile_kernels(output, tuple(dtype), tuple(sm))
+        out.print(f"wrote {len(index['kernels'])} kernels (PTX + cubin) for sm {', '.join(map(str, sm))} to {output}")
+
+
 def main() -> None:
     app()
 

@@ -67,6 +67,25 @@ def _moe_backward(ctx, grad_out):
 moe_experts.register_autograd(_moe_backward, setup_context=_moe_setup_context)
 
 
+_triton_registered = False
+
+
+def use_triton_kernel() -> bool:
+    """Route CUDA calls of the custom op to the Triton plugin kernel (exporters/moe_kernel.py).
+    Returns False (and changes nothing) when triton is not installed. CPU calls keep the
+    vectorised torch kernel. Idempotent."""
+    global _triton_registered
+    if _triton_registered:
+        return True
+    try:
+        from exporters.moe_kernel import moe_experts_triton
+    except ImportError:
+        return False
+    moe_experts.register_kernel("cuda")(moe_experts_triton)
+    _triton_registered = True
+    return True
+
+
 def moe_experts_naive(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tensor:
     """Per-expert Python loop, as OpenMythos computes it. For tests only."""
     out = torch.zeros_like(x)
