@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_json
+from exporters.onnx_compose import iter_graphs
 from exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs
 from exporters.torch_to_onnx import export_stepped
 from mythos_deploy import MythosConfig, MythosModel
@@ -25,8 +26,7 @@ from runtimes.onnx_runner import graph_files
 
 
 def count_nodes(graph) -> int:
-    return sum(1 + sum(count_nodes(a.g) for a in n.attribute if a.HasField("g"))
-               + sum(count_nodes(g) for a in n.attribute for g in a.graphs) for n in graph.node)
+    return sum(len(g.node) for g in iter_graphs(graph))
 
 
 def main() -> None:

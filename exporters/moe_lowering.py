@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from exporters.onnx_compose import iter_graphs, subgraphs
 from exporters.onnx_ops import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE,
                                 PLUGIN_OP, PLUGIN_VERSION, register_schemas)
 from mythos_deploy.errors import InternalError
@@ -33,32 +34,14 @@ def _set_opset(model, domain: str, version: int) -> None:
 
 
 def _drop_unused_opsets(model) -> None:
-    used = set()
-
-    def walk(graph):
-        for node in graph.node:
-            used.add(node.domain)
-            for attr in node.attribute:
-                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(g)
-    walk(model.graph)
+    used = {node.domain for g in iter_graphs(model.graph) for node in g.node}
     keep = [imp for imp in model.opset_import if imp.domain in used or imp.domain in ("", "ai.onnx")]
     del model.opset_import[:]
     model.opset_import.extend(keep)
 
 
 def count_moe_nodes(model, kinds=MOE_OPS) -> int:
-    n = 0
-
-    def walk(graph):
-        nonlocal n
-        for node in graph.node:
-            n += (node.domain, node.op_type) in kinds
-            for attr in node.attribute:
-                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(g)
-    walk(model.graph)
-    return n
+    return sum((node.domain, node.op_type) in kinds for g in iter_graphs(model.graph) for node in g.node)
 
 
 class _Lowerer:
@@ -100,9 +83,8 @@ class _Lowerer:
     def walk(self, graph):
         out = []
         for node in graph.node:
-            for attr in node.attribute:
-                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    self.walk(g)
+            for g in subgraphs(node):
+                self.walk(g)
             if (node.domain, node.op_type) in MOE_OPS:
                 out.extend(getattr(self, self.target)(node))
             else:

@@ -21,11 +21,20 @@ IR_VERSION = 10  # onnx 1.23 writes 11+ by default; onnxruntime 1.31 rejects new
 ACT_STATE = ("h_out", "cum", "halted", "loops_used")
 
 
-def _subgraphs(node):
+def subgraphs(node):
+    """The graphs a node carries as attributes (Loop body, If branches, ...)."""
     for attr in node.attribute:
         if attr.HasField("g"):
             yield attr.g
         yield from attr.graphs
+
+
+def iter_graphs(graph):
+    """`graph` and every graph nested in it, depth first."""
+    yield graph
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from iter_graphs(g)
 
 
 def rename_graph(graph, f: Callable[[str], str]) -> None:
@@ -41,7 +50,7 @@ def rename_graph(graph, f: Callable[[str], str]) -> None:
         node.output[:] = [r(n) for n in node.output]
         if node.name:
             node.name = r(node.name)
-        for g in _subgraphs(node):
+        for g in subgraphs(node):
             rename_graph(g, f)
 
 
@@ -217,14 +226,7 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
 
 def prune_initializers(model) -> None:
     """Drop initializers no node (in any subgraph) reads."""
-    used: set[str] = set()
-
-    def walk(graph):
-        for node in graph.node:
-            used.update(node.input)
-            for g in _subgraphs(node):
-                walk(g)
-    walk(model.graph)
+    used = {i for g in iter_graphs(model.graph) for node in g.node for i in node.input}
     used.update(o.name for o in model.graph.output)
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
@@ -237,7 +239,7 @@ def strip_metadata(graph) -> None:
     for node in graph.node:
         node.doc_string = ""
         del node.metadata_props[:]
-        for g in _subgraphs(node):
+        for g in subgraphs(node):
             strip_metadata(g)
     for vi in (*graph.input, *graph.output, *graph.value_info):
         vi.doc_string = ""
@@ -303,7 +305,7 @@ def name_nodes(graph, prefix: str = "") -> None:
 def _outer_refs(node) -> set[str]:
     """Names a node's subgraphs read from enclosing scopes."""
     refs: set[str] = set()
-    for g in _subgraphs(node):
+    for g in subgraphs(node):
         local = {i.name for i in g.input} | {t.name for t in g.initializer}
         for n in g.node:
             local.update(n.output)
@@ -340,5 +342,5 @@ def toposort(graph, outer: frozenset = frozenset()) -> None:
     graph.node.extend(nodes)
     scope = frozenset(available)
     for n in graph.node:
-        for g in _subgraphs(n):
+        for g in subgraphs(n):
             toposort(g, scope)

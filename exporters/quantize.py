@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from exporters.onnx_compose import iter_graphs
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
 from mythos_deploy.manifest import atomic_output_dir, check_writable, read_manifest, verify_files, write_manifest
 
@@ -60,20 +61,12 @@ class QuantizeOptions:
             raise InputError(f"--calib/gate tokens must be >= 16, got {self.gate_tokens}")
 
 
-def _walk(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _walk(g)
-
-
 def _excluded(model, exclude: tuple[str, ...]) -> list[str]:
     """MatMuls that must stay float: B not a 2-D initializer (attention, gathered experts),
     plus user exclusions (substring match on node names)."""
     inits = {t.name: len(t.dims) for t in model.graph.initializer}
     names = []
-    for g in _walk(model.graph):
+    for g in iter_graphs(model.graph):
         for n in g.node:
             if n.op_type in ("MatMul", "Gemm") and inits.get(n.input[1]) != 2:
                 names.append(n.name)
@@ -97,7 +90,7 @@ def _int8_experts(model) -> int:
         scale[scale == 0] = 1.0
         q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         new_inits += [numpy_helper.from_array(q, f"{name}::q8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}::s8")]
-    for g in _walk(model.graph):
+    for g in iter_graphs(model.graph):
         out = []
         for n in g.node:
             if n.input and n.input[0] in targets and n.op_type == "Gather":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.onnx_compose import iter_graphs
 from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
 from exporters.trt_ops import OPSET_RANGE, SUPPORTED, TRT_VERSION, UNSUPPORTED
 
@@ -59,7 +60,7 @@ def lint_model(model, graph_name: str) -> list[Finding]:
     except Exception:  # custom nodes without inference: fall back to declared types
         inferred = model
     types: dict[str, int] = {}
-    for g in _graphs(inferred.graph):
+    for g in iter_graphs(inferred.graph):
         for vi in (*g.input, *g.output, *g.value_info):
             types[vi.name] = vi.type.tensor_type.elem_type
         for t in g.initializer:
@@ -67,7 +68,7 @@ def lint_model(model, graph_name: str) -> list[Finding]:
     consts = _constant_names(model.graph)
     int64_seen = False
 
-    for g in _graphs(model.graph):
+    for g in iter_graphs(model.graph):
         for node in g.node:
             dom = node.domain or ""
             if dom in ("", "ai.onnx"):
@@ -103,17 +104,9 @@ def lint_model(model, graph_name: str) -> list[Finding]:
     return findings
 
 
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _graphs(g)
-
-
 def _constant_names(graph) -> set[str]:
     names = set()
-    for g in _graphs(graph):
+    for g in iter_graphs(graph):
         names.update(t.name for t in g.initializer)
         names.update(n.output[0] for n in g.node if n.op_type == "Constant")
     return names
@@ -153,9 +146,9 @@ def _restrictions(node, consts: set[str], add) -> None:
 
 def _zero_points(model) -> list[Finding]:
     from onnx import numpy_helper
-    inits = {t.name: t for g in _graphs(model.graph) for t in g.initializer}
+    inits = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
     out = []
-    for g in _graphs(model.graph):
+    for g in iter_graphs(model.graph):
         for n in g.node:
             if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
                 if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
