@@ -181,7 +181,7 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
                       overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
     from runtimes.loader import check_manifest_version, load
-    from runtimes.onnx_runner import graph_files
+    from runtimes.onnx_runner import artifact_graphs, graph_files
     from runtimes.parity import compare
     stage = stage or (lambda s: None)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -196,10 +196,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         raise InputError(f"{src_dir} is already quantized ({manifest['quantization']['mode']}); quantize the fp32 export")
     check_manifest_version(manifest, src_dir)
     verify_files(src_dir, manifest)
-    from mythos_deploy.safety import check_external_data
-    from runtimes.onnx_runner import graph_files as _files
-    for f in _files(manifest["options"]["loop"]).values():
-        check_external_data(src_dir / f, src_dir)
+    artifact_graphs(src_dir, manifest)
     options = manifest["options"]
     if options["moe"] == "plugin":
         raise InputError("this artifact uses the TensorRT MoE plugin; the onnxruntime modes need a --moe standard or ort export")

@@ -161,16 +161,14 @@ def lint_artifact(path: str | Path) -> dict:
 
     from mythos_deploy.errors import InputError
     from mythos_deploy.manifest import read_manifest
-    from mythos_deploy.safety import check_external_data
-    from runtimes.onnx_runner import graph_files
+    from runtimes.onnx_runner import artifact_graphs
     path = Path(path)
     manifest = read_manifest(path)
     if manifest["kind"] != "onnx":
         raise InputError(f"{path} is a {manifest['kind']!r} artifact; lint takes an ONNX export")
     findings: list[Finding] = []
-    for name, f in graph_files(manifest["options"]["loop"]).items():
-        check_external_data(path / f, path)
-        model = onnx.load(str(path / f), load_external_data=False)
+    for name, f in artifact_graphs(path, manifest).items():
+        model = onnx.load(str(f), load_external_data=False)
         findings += lint_model(model, name)
         findings += [Finding(x.severity, name, x.node, x.op, x.message) for x in _zero_points(model)]
     errors = sum(f.severity == "error" for f in findings)

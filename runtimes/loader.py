@@ -54,11 +54,6 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
         if manifest["options"]["moe"] == "plugin":
             raise InputError(f"{path} uses the TensorRT MythosMoE plugin, which onnxruntime cannot run; "
                              "build a TensorRT engine from it or re-export with --moe standard or --moe ort")
-        from mythos_deploy.safety import check_external_data
-        from runtimes.onnx_runner import graph_files
-        for f in graph_files(manifest["options"]["loop"]).values():
-            if (path / f).is_file():  # always, even with verify=False: hashes do not stop a hostile author
-                check_external_data(path / f, path)
         from runtimes.onnxruntime_backend import OrtBackend
         return OrtBackend(path, manifest, PROVIDERS[provider], threads)
     raise CheckpointError(f"{path}: unsupported artifact kind {kind!r}")

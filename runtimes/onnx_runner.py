@@ -108,10 +108,21 @@ def graph_files(loop_mode: str) -> dict[str, str]:
     return {"model": "model.onnx"}
 
 
+def artifact_graphs(path: str | Path, manifest: dict) -> dict[str, Path]:
+    """Graph name -> file of an ONNX artifact, each checked for external-data locations that
+    escape the directory. Always checked, even without manifest verification: hashes do not
+    stop a hostile author."""
+    from mythos_deploy.safety import check_external_data
+    paths = {name: Path(path) / f for name, f in graph_files(manifest["options"]["loop"]).items()}
+    for p in paths.values():
+        check_external_data(p, path)
+    return paths
+
+
 def runner_from_dir(path: str | Path, manifest: dict, providers: list[str] | None = None,
                     threads: int = 0) -> OnnxModelRunner:
     opts = manifest["options"]
     cfg = manifest["config"]
-    graphs = {name: Path(path) / f for name, f in graph_files(opts["loop"]).items()}
+    graphs = artifact_graphs(path, manifest)
     return OnnxModelRunner(graphs, opts["loop"], opts["loops"], cfg["prelude_layers"], cfg["coda_layers"],
                            providers, threads)
