@@ -221,7 +221,7 @@ def generate(
     with _errors():
         from mythos_deploy.tokenizer import load_tokenizer
         from runtimes import load
-        from runtimes.generation import GenerationResult, stream_generate
+        from runtimes.generation import generate as run_generation
         from runtimes.sampling import SamplingParams
 
         if (prompt is None) == (prompt_ids is None):
@@ -244,23 +244,12 @@ def generate(
         stops = _parse_ids(stop_ids, "--stop-ids") if stop_ids else []
         if tok is None and (tok_dir / "tokenizer.json").is_file():
             tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
-        result = GenerationResult([ids], [[]], [[]])
-        for ev in stream_generate(engine, ids, max_new_tokens, params, stops, loops, act_threshold, max_length,
-                                  exit_mode):
-            if ev.step == 0:
-                result.prefill_seconds = ev.seconds
-            else:
-                result.decode_seconds.append(ev.seconds)
-            result.tokens[0].append(ev.tokens[0])
-            result.loops_used[0].append(ev.loops_used[0])
-            result.loops_run.append(ev.loops_run)
-            if not as_json:
-                piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
-                out.print(piece, end="", markup=False, highlight=False)
-            if ev.finished[0]:
-                result.stop_reason = "stop_token"
-        if len(result.tokens[0]) < max_new_tokens and result.stop_reason != "stop_token":
-            result.stop_reason = "max_length"
+        def show(ev) -> None:
+            piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
+            out.print(piece, end="", markup=False, highlight=False)
+
+        result = run_generation(engine, ids, max_new_tokens, params, stops, loops, act_threshold, max_length,
+                                exit_mode, on_event=None if as_json else show)
         if as_json:
             data = {"backend": engine.name, **result.to_dict()}
             data["text"] = tok.decode(result.tokens[0]) if tok else None

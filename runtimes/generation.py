@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +114,10 @@ def stream_generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingP
 
 def generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
              stop_tokens: Sequence[int] = (), n_loops: int | None = None, act_threshold: float | None = None,
-             max_length: int | None = None, exit: str = "none") -> GenerationResult:
+             max_length: int | None = None, exit: str = "none",
+             on_event: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+    """Run stream_generate to the end and collect the result; `on_event` sees each TokenEvent
+    as it arrives (the CLI streams text with it)."""
     ids = _as_batch(prompt)
     B = ids.shape[0] if ids.ndim == 2 else 1
     result = GenerationResult(np.atleast_2d(ids).tolist(), [[] for _ in range(B)], [[] for _ in range(B)])
@@ -124,6 +127,8 @@ def generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingParams =
     for ev in stream_generate(model, ids, max_new_tokens, sampling, stop_tokens, n_loops, act_threshold,
                               max_length, exit):
         n_events += 1
+        if on_event is not None:
+            on_event(ev)
         if ev.step == 0:
             result.prefill_seconds = ev.seconds
         else:
