@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import write_json
-from benchmarks.runtime_bench import copy_bandwidth_gbs, prepare, run_config
+from benchmarks.runtime_bench import copy_bandwidth_gbs, floor_bytes_per_token, prepare, run_config
 
 
 def main(argv=None) -> dict:
@@ -46,14 +46,14 @@ def main(argv=None) -> dict:
             rows.append({"mode": mode, "file_bytes": size, **r, "prefill_tokens_per_s": args.prompt / r["prefill_s"],
                          "gate": None if res is None else res["gate"]})
     bw = copy_bandwidth_gbs()
+    fp32_floor_bytes = floor_bytes_per_token(cfg, loops, args.prompt + args.new_tokens // 2)["total"]
     fp32_row = rows[0]
     for r in rows:
         r["size_vs_fp32"] = r["file_bytes"] / fp32_row["file_bytes"]
         r["decode_speedup_vs_fp32"] = fp32_row["decode"]["p50_ms"] / r["decode"]["p50_ms"]
         r["decode_speedup_vs_openmythos"] = om["decode"]["p50_ms"] / r["decode"]["p50_ms"]
-        # floor: the whole stored model read once per loop for the recurrent share is
-        # approximated by file bytes scaled like the fp32 floor (file bytes / fp32 bytes)
-        r["bandwidth_floor_ms"] = 157e6 * r["size_vs_fp32"] / (bw * 1e9) * 1e3
+        # floor: the fp32 floor (runtime_bench.floor_bytes_per_token) scaled by stored size
+        r["bandwidth_floor_ms"] = fp32_floor_bytes * r["size_vs_fp32"] / (bw * 1e9) * 1e3
         r["x_floor"] = r["decode"]["p50_ms"] / r["bandwidth_floor_ms"]
         print(f"{r['mode']:5s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x) decode p50 "
               f"{r['decode']['p50_ms']:.2f} ms ({r['decode_speedup_vs_openmythos']:.2f}x OpenMythos) "
