@@ -10,7 +10,8 @@ from mythos_deploy.cache import KVCache, slot_names
 from mythos_deploy.checkpoint import load_checkpoint, save_checkpoint
 from mythos_deploy.config import PRESETS, MythosConfig
 from mythos_deploy.errors import (CacheError, CheckpointError, ConfigError, InputError,
-                                  InternalError, MissingDependencyError, MythosError, ParityError)
+                                  InternalError, MissingDependencyError, MythosError, NumericalError,
+                                  ParityError)
 from mythos_deploy.model import ModelOutput, MythosModel
 from mythos_deploy.openmythos_import import from_openmythos, from_openmythos_file
 
@@ -18,5 +19,5 @@ __all__ = [
     "__version__", "MythosConfig", "PRESETS", "MythosModel", "ModelOutput", "KVCache",
     "slot_names", "load_checkpoint", "save_checkpoint", "from_openmythos",
     "from_openmythos_file", "MythosError", "ConfigError", "CheckpointError", "InputError",
-    "CacheError", "MissingDependencyError", "InternalError", "ParityError",
+    "CacheError", "MissingDependencyError", "InternalError", "ParityError", "NumericalError",
 ]

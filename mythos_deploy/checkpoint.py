@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mythos_deploy.config import MythosConfig
-from mythos_deploy.errors import CheckpointError, ConfigError
+from mythos_deploy.errors import MythosError, CheckpointError, ConfigError
 from mythos_deploy.manifest import atomic_output_dir, read_manifest, sha256_file, verify_files, write_manifest
 from mythos_deploy.model import MythosModel
 
@@ -83,14 +83,22 @@ def model_from_state(cfg: MythosConfig, state: dict[str, torch.Tensor], source: 
 
 
 def save_checkpoint(model: MythosModel, out_dir: str | Path, overwrite: bool = False,
-                    tokenizer: dict | None = None, **provenance) -> Path:
+                    tokenizer: dict | None = None, extra_files: dict[str, str] | None = None,
+                    **provenance) -> Path:
     from safetensors.torch import save_file
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.cfg.save(tmp / CONFIG)
-        save_file(state, str(tmp / WEIGHTS))
+        try:
+            save_file(state, str(tmp / WEIGHTS))
+        except Exception as exc:  # safetensors wraps OSError (disk full, EFBIG) in SafetensorError
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise MythosError(f"failed writing {out_dir}/{WEIGHTS}: {str(exc).strip()}") from None
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(json.dumps(tokenizer, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         write_manifest(tmp, "checkpoint", config=model.cfg.to_dict(), **provenance)
     return Path(out_dir)
 

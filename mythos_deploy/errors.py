@@ -28,6 +28,10 @@ class MissingDependencyError(MythosError):
     """An optional engine (tensorrt, triton, onnxruntime-gpu, ...) is not installed."""
 
 
+class NumericalError(MythosError):
+    """NaN or Inf in weights or in a runtime's outputs; the message names the stage."""
+
+
 class InternalError(Exception):
     """A bug in mythos-deploy, not in the user's input. Not a MythosError on purpose."""
 

@@ -93,10 +93,46 @@ def check_writable(target: str | Path, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
+def output_lock(target: Path, parent: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `parent/.NAME.lock` so a second writer of the same output
+    fails at once instead of racing (the final rename is atomic either way). POSIX only."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename is the only guard
+        yield
+        return
+    lock = parent / f".{target.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise MythosError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise MythosError(f"another mythos-export is writing {target} right now "
+                              f"(lock {lock}); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` only if the block succeeds."""
+    """Yield a temporary directory that becomes `target` only if the block succeeds. A second
+    writer of the same target fails at once (output_lock)."""
     target = Path(target)
     parent = _output_parent(target, overwrite)
+    with output_lock(target, parent):
+        _output_parent(target, overwrite)  # again: a writer that held the lock may have made it
+        yield from _atomic_output_dir(target, parent)
+
+
+def _atomic_output_dir(target: Path, parent: Path) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
         umask = os.umask(0)

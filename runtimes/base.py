@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mythos_deploy.config import MythosConfig
-from mythos_deploy.errors import CacheError, InputError
+from mythos_deploy.errors import CacheError, InputError, NumericalError
 
 EXIT_MODES = ("none", "fill-forward")
 
@@ -51,6 +51,8 @@ def check_ids(ids, cfg: MythosConfig) -> np.ndarray:
 
 
 class Session(ABC):
+    backend_name = "runtime"
+
     def __init__(self, cfg: MythosConfig, batch: int, budget: int, n_loops: int, act_threshold: float, exit: str):
         if exit not in EXIT_MODES:
             raise InputError(f"exit must be one of {', '.join(EXIT_MODES)}, got {exit!r}")
@@ -75,7 +77,14 @@ class Session(ABC):
         ids = check_ids(ids, self.cfg)
         self._check_step(ids)
         out = self._step(ids)
+        start = self.length
         self.length += ids.shape[1]
+        if not np.isfinite(out.logits).all():
+            bad = np.argwhere(~np.isfinite(out.logits).all(-1))[0]
+            stage = "prefill" if start == 0 else "decode"
+            raise NumericalError(f"{self.backend_name}: non-finite logits ({stage} step, batch row {bad[0]}, "
+                                 f"position {start + bad[1]}); the weights or activations overflowed. "
+                                 "This session is unusable; check the model with `mythos-export parity`")
         return out
 
     @abstractmethod

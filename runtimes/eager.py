@@ -10,6 +10,8 @@ from runtimes.base import Backend, Session, StepOutput
 
 
 class EagerSession(Session):
+    backend_name = "eager"
+
     def __init__(self, model: MythosModel, batch, budget, n_loops, act_threshold, exit):
         super().__init__(model.cfg, batch, budget, n_loops, act_threshold, exit)
         self.model = model

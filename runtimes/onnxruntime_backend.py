@@ -17,6 +17,8 @@ from runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 
 
 class OrtSession(Session):
+    backend_name = "onnxruntime"
+
     def __init__(self, backend: "OrtBackend", batch, budget, n_loops, act_threshold, exit):
         super().__init__(backend.cfg, batch, budget, n_loops, act_threshold, exit)
         self.runner: OnnxModelRunner = backend.runner

@@ -33,8 +33,8 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 1e-3 <= self.repetition_penalty <= 1e3:  # NaN fails too; outside, logits overflow
+            raise InputError(f"repetition_penalty must be in [0.001, 1000], got {self.repetition_penalty}")
 
     @property
     def is_greedy(self) -> bool:
@@ -50,7 +50,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-        drop_sorted = before >= top_p  # keeps the smallest prefix reaching top_p (>= 1 token)
+        drop_sorted = before >= top_p  # keeps the smallest prefix reaching top_p
+        drop_sorted[..., 0] = False  # and always the top token (a tiny top_p rounds to 0 in fp32)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -74,6 +75,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.is_greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    # shift first: a tiny temperature then sends the others to -inf, never the max to +inf
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    logits = filter_logits(shifted / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)

@@ -20,3 +20,57 @@ def test_sigkill_during_export_leaves_nothing_complete(tiny_ckpt, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").exists() and (out / "model.onnx").exists()
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+sys.argv = ["mythos-export"] + sys.argv[1:]
+from mythos_deploy.cli import main
+main()
+"""
+
+
+def _run_with_small_disk(args, cwd):
+    return subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_full_disk_gives_a_clear_error_and_leaves_nothing(tiny_ckpt, tmp_path):
+    """A write that fails (a file-size limit stands in for a full disk) exits 2 with one line;
+    neither the output nor a temporary sibling is left behind."""
+    for args, name in ((["init", "--preset", "tiny", "-o", "ck"], "ck"),
+                       (["onnx", str(tiny_ckpt), "-o", "ox", "--no-validate"], "ox"),
+                       (["onnx", str(tiny_ckpt), "-o", "ox2"], "ox2")):  # fails in the validation scratch
+        r = _run_with_small_disk(args, tmp_path)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "too large" in r.stderr.lower()
+        assert not (tmp_path / name).exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.tmp-")]
+
+
+def test_a_second_writer_of_the_same_output_fails_at_once(tmp_path):
+    from mythos_deploy.manifest import output_lock
+    target = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "mythos_deploy.cli", "init", "--preset", "tiny", "-o", str(target)]
+    with output_lock(target, tmp_path):  # another writer holds the output
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 2 and "another mythos-export is writing" in r.stderr, r.stderr
+        assert not target.exists()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (target / "manifest.json").exists() and not (tmp_path / ".ck.lock").exists()
+
+
+def test_the_lock_is_exclusive_in_process_too(tmp_path):
+    import pytest
+    from mythos_deploy.errors import MythosError
+    from mythos_deploy.manifest import atomic_output_dir
+    with atomic_output_dir(tmp_path / "a") as tmp:
+        (tmp / "x").write_text("1")
+        with pytest.raises(MythosError, match="another mythos-export"):
+            with atomic_output_dir(tmp_path / "a"):
+                pass
+    assert (tmp_path / "a" / "x").read_text() == "1"
