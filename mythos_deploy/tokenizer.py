@@ -17,20 +17,27 @@ from mythos_deploy.errors import CheckpointError, InputError
 class ByteTokenizer:
     offset: int = 0
     specials: dict[str, int] = field(default_factory=dict)
+    n_bytes: int = 256  # 128: ASCII only (the demo checkpoint)
 
     @property
     def vocab_size(self) -> int:
-        return self.offset + 256
+        return self.offset + self.n_bytes
 
     def encode(self, text: str) -> list[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
+        data = text.encode("utf-8")
+        bad = next((b for b in data if b >= self.n_bytes), None)
+        if bad is not None:
+            raise InputError(f"the prompt has a byte 0x{bad:02x} outside this tokenizer's range "
+                             f"(bytes below {self.n_bytes}{', i.e. ASCII' if self.n_bytes == 128 else ''})")
+        return [b + self.offset for b in data]
 
     def decode(self, ids: list[int]) -> str:
-        data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
+        data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + self.n_bytes)
         return data.decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict:
-        return {"type": "bytes", "offset": self.offset, "specials": self.specials}
+        data = {"type": "bytes", "offset": self.offset, "specials": self.specials}
+        return data if self.n_bytes == 256 else {**data, "n_bytes": self.n_bytes}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "tokenizer") -> "ByteTokenizer":
@@ -38,9 +45,11 @@ class ByteTokenizer:
             raise CheckpointError(f"{source}: unsupported tokenizer (expected type 'bytes')")
         offset = data.get("offset", 0)
         specials = data.get("specials", {})
-        if not isinstance(offset, int) or offset < 0 or not isinstance(specials, dict):
+        n_bytes = data.get("n_bytes", 256)
+        if (not isinstance(offset, int) or offset < 0 or not isinstance(specials, dict)
+                or not isinstance(n_bytes, int) or not 1 <= n_bytes <= 256):
             raise CheckpointError(f"{source}: malformed byte tokenizer")
-        return cls(offset, {str(k): int(v) for k, v in specials.items()})
+        return cls(offset, {str(k): int(v) for k, v in specials.items()}, n_bytes)
 
 
 def load_tokenizer(ckpt_dir: str | Path, vocab_size: int) -> ByteTokenizer:
