@@ -123,6 +123,11 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: str | torch.dtype = torch.float
         if dtype not in DTYPES:
             raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    from mythos_deploy.stats import check_fits
+    try:
+        check_fits(cfg, torch.finfo(dtype).bits // 8, f"{ckpt_dir}/{CONFIG}")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     if verify and (ckpt_dir / "manifest.json").exists():
         verify_files(ckpt_dir, read_manifest(ckpt_dir))
     state = read_weights_file(ckpt_dir / WEIGHTS)

@@ -541,7 +541,7 @@ def plugin_kernels(
 @app.command("train-demo", epilog="Example: mythos-export train-demo -o checkpoints/hops --seed 0")
 def train_demo_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
-    steps: int = typer.Option(5000, help="Optimizer steps (batch 32): about 25 minutes on 2 CPU cores; the curriculum reaches the full task (8 statements, up to 4 hops, 6 loops) after ~1400."),
+    steps: int = typer.Option(5000, help="Optimizer steps (batch 32): about 15 minutes on 2 CPU cores; the curriculum reaches the full task (8 statements, up to 4 hops, 6 loops) after ~1400."),
     seed: int = typer.Option(0, help="Seed for the weights and the generated problems."),
     threads: int = typer.Option(2, help="CPU threads."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
@@ -590,6 +590,7 @@ def eval_hops(
     count: int = typer.Option(100, help="Problems per cell."),
     seed: int = typer.Option(1234, help="Problem seed (the same problems for every backend)."),
     compare: Optional[Path] = typer.Option(None, help="A second artifact that must make exactly the same predictions (exit 4 otherwise)."),
+    act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold (default: the checkpoint's, 0.99)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Task accuracy by hop count x n_loops, mean ACT loops at the answer, and the per-token
@@ -612,9 +613,10 @@ def eval_hops(
             for name, backend in backends:
                 task = progress.add_task(f"evaluating {name}", total=len(hop_list) * len(loop_list))
                 results.append(hops_eval.evaluate(backend, hop_list, loop_list, count, seed,
-                                                  progress=lambda d, t, task=task: progress.update(task, completed=d)))
+                                                  progress=lambda d, t, task=task: progress.update(task, completed=d),
+                                                  act_threshold=act_threshold))
         result = results[0]
-        result["depths"] = hops_eval.token_depths(backends[0][1])
+        result["depths"] = hops_eval.token_depths(backends[0][1], act_threshold=act_threshold)
         result["artifact"] = str(path)
         if compare:
             diffs = hops_eval.differences(results[0], results[1])

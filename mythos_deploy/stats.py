@@ -3,10 +3,13 @@ allocated, so the 1t preset can be inspected on a laptop)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from mythos_deploy.cache import slot_names
 from mythos_deploy.config import MythosConfig
+from mythos_deploy.errors import ConfigError
 from mythos_deploy.model import MythosModel
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
@@ -50,3 +53,29 @@ def cache_bytes_per_token(cfg: MythosConfig, n_loops: int | None = None, dtype: 
     return {"slots": slots, "mythos_deploy": slots * cfg.cache_width * b,
             "openmythos": slots * openmythos * b, "equivalent_gqa": slots * gqa * b,
             "equivalent_mha": slots * mha * b}
+
+
+def memory_estimate(cfg: MythosConfig, dtype_bytes: int = 4) -> dict[str, int]:
+    """Bytes a model needs resident before it computes anything: weights (the tied head is
+    stored once) and the fp32 RoPE tables (cos and sin, max_seq_len x rope_dim/2 each)."""
+    weights = parameter_counts(cfg)["total"] * dtype_bytes
+    rope = 2 * cfg.max_seq_len * (cfg.rope_dim // 2) * 4
+    return {"weights": weights, "rope_tables": rope, "total": weights + rope}
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg: MythosConfig, dtype_bytes: int = 4, what: str = "this model") -> None:
+    """Refuse, before anything is allocated, a config whose weights and tables alone exceed
+    this machine's physical memory (a wrong or hostile config.json)."""
+    need, have = memory_estimate(cfg, dtype_bytes), physical_memory()
+    if have is not None and need["total"] > have:
+        gib = 2 ** 30
+        raise ConfigError(f"{what} needs {need['total'] / gib:.1f} GiB before it runs (weights "
+                          f"{need['weights'] / gib:.1f} GiB, RoPE tables for max_seq_len={cfg.max_seq_len} "
+                          f"{need['rope_tables'] / gib:.1f} GiB); this machine has {have / gib:.1f} GiB")

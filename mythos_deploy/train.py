@@ -1,7 +1,7 @@
 """Train the demo checkpoint: the reference model on the multi-hop task (mythos_deploy.hops).
 
 Reproducible (seeded data and init; bitwise on the same machine and thread count) and small:
-a 0.3M-parameter model, 5000 steps, about 25 minutes on 2 CPU cores
+a 0.29M-parameter model, 5000 steps, about 15 minutes on 2 CPU cores
 (`mythos-export train-demo -o checkpoints/hops`). The loss is the cross-entropy of the answer
 digits computed through the ACT-weighted output (what inference computes), plus an auxiliary
 cross-entropy through the last loop's state (so deep loops are useful from the first step,

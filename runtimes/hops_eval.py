@@ -30,7 +30,8 @@ def check_task_model(backend: Backend) -> None:
 
 def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
              loops: Sequence[int] = (1, 2, 4, 6, 8, 12), count: int = 100, seed: int = 1234,
-             n_statements: int = 8, progress: Callable[[int, int], None] | None = None) -> dict:
+             n_statements: int = 8, progress: Callable[[int, int], None] | None = None,
+             act_threshold: float | None = None) -> dict:
     """Returns {"cells": [{hops, n_loops, accuracy, mean_loops_used, predictions}], ...}."""
     check_task_model(backend)
     if count < 1:
@@ -49,7 +50,8 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
                               for p in problems])
         value_pos = np.arange(n_statements) * hops.STATEMENT + 1
         for n in loops:
-            session = backend.start(batch=count, budget=ids.shape[1], n_loops=n, exit="none")
+            session = backend.start(batch=count, budget=ids.shape[1], n_loops=n, exit="none",
+                                    act_threshold=act_threshold)
             out = session.step(ids)
             pred = out.logits[:, -1].argmax(-1)
             at_values = out.loops_used[:, value_pos]
@@ -62,15 +64,17 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
             if progress:
                 progress(done, total)
     return {"hops": list(hop_counts), "loops": list(loops), "count": count, "seed": seed,
+            "act_threshold": backend.cfg.act_threshold if act_threshold is None else act_threshold,
             "n_statements": n_statements, "trained_loops": backend.default_loops, "cells": cells}
 
 
-def token_depths(backend: Backend, text: str = SAMPLE_PROMPT, n_loops: int | None = None) -> dict:
+def token_depths(backend: Backend, text: str = SAMPLE_PROMPT, n_loops: int | None = None,
+                 act_threshold: float | None = None) -> dict:
     """Per-token ACT depth (loops until halting) for one prompt, prefilled in one call."""
     check_task_model(backend)
     ids = np.array([hops.encode(text)], dtype=np.int64)
     n = backend.default_loops if n_loops is None else n_loops
-    out = backend.start(batch=1, budget=ids.shape[1], n_loops=n).step(ids)
+    out = backend.start(batch=1, budget=ids.shape[1], n_loops=n, act_threshold=act_threshold).step(ids)
     return {"text": text, "n_loops": n, "loops_used": out.loops_used[0].tolist(),
             "halt_prob": [round(float(p), 4) for p in out.halt_prob[0]],
             "predicted_next": hops.decode(out.logits[0].argmax(-1))}
@@ -132,11 +136,13 @@ def plot(result: dict, depths: dict, path) -> None:
 
     ax = fig.add_subplot(grid[0, 1])
     loops_used = np.array(table(result, "mean_loops_used"))
-    for j, n in enumerate(result["loops"]):
-        if n >= trained:
-            ax.plot(result["hops"], loops_used[:, j], marker="o", label=f"query, n_loops={n}")
-            depth = statement_depth(result, n)
-            ax.plot(list(depth), list(depth.values()), marker="s", ls="--", label=f"statement, n_loops={n}")
+    shown = sorted({n for n in (trained, max(result["loops"])) if n in result["loops"]})
+    for n in shown:
+        j = result["loops"].index(n)
+        ax.plot(result["hops"], loops_used[:, j], marker="o", label=f"query (at its letter), n_loops={n}")
+        depth = statement_depth(result, n)
+        ax.plot(list(depth), list(depth.values()), marker="s", ls="--",
+                label=f"statement (at its value), n_loops={n}")
     ax.axvspan(0.5, 4.5, color="grey", alpha=0.12, label="trained hops")
     ax.set_xlabel("hops (of the query / of the statement)")
     ax.set_ylabel("mean ACT loops")

@@ -179,3 +179,19 @@ def test_truncated_files_give_one_line_errors(two_artifacts, tmp_path, kind, nam
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2, r.output
     assert lines[-1].startswith("error:") and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("field,value", [("max_seq_len", 10**10), ("dim", 2**20)])
+def test_absurd_config_is_refused_with_a_memory_estimate_before_allocating(two_artifacts, tmp_path, field, value):
+    import json
+    import shutil
+    from typer.testing import CliRunner
+    from mythos_deploy.cli import app
+    art = tmp_path / "ck"
+    shutil.copytree(two_artifacts[0], art)
+    cfg = json.loads((art / "config.json").read_text())
+    cfg[field] = value
+    (art / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["generate", str(art), "--prompt-ids", "1,2", "--max-new-tokens", "1", "--no-verify"])
+    assert r.exit_code == 2, r.output
+    assert "GiB before it runs" in r.output and "this machine has" in r.output, r.output
