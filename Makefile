@@ -7,7 +7,7 @@ CLI := $(VENV)/bin/mythos-export
 # the shipped default: a 0.3M-parameter model trained on the multi-hop task (mythos_deploy/hops.py)
 CKPT ?= checkpoints/hops
 
-.PHONY: install demo demo-random demo-checkpoint bench gpu-check test test-fast clean
+.PHONY: install demo demo-random demo-checkpoint bench soak gpu-check test test-fast clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench:
 	$(PY) -m benchmarks.fill_forward
 	$(PY) -m benchmarks.export_bench
 	$(PY) -m benchmarks.quant_bench
+
+# 10,000 decode steps at batch 1 and 4 on the bench preset (about 10 minutes on 2 cores)
+soak:
+	$(PY) -m benchmarks.soak
 
 test:
 	$(PY) -m pytest -q

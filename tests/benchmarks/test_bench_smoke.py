@@ -19,3 +19,13 @@ def test_bench_command_runs_and_writes_json_and_plot(tmp_path):
         assert x["decode"]["p50_ms"] > 0 and x["peak_rss_mb"] > 0 and x["bandwidth_floor_ms"] > 0
     assert data["cache_bytes_per_token"]["openmythos"] > data["cache_bytes_per_token"]["mythos_deploy"]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_soak_runs_several_sessions_and_writes_json(tmp_path):
+    from benchmarks.soak import main
+    out = tmp_path / "soak.json"
+    data = main(["--preset", "tiny", "--max-seq-len", "40", "--steps", "20", "--batch", "2", "--out", str(out)])
+    r = data["results"][0]
+    assert [s["tokens"] for s in r["sessions"]] == [8, 8, 4]  # 40 - 32 prompt tokens per session
+    assert all(s["rss_mb"] > 0 and s["mean_ms"] > 0 for s in r["sessions"])
+    assert json.loads(out.read_text())["results"][0]["batch"] == 2

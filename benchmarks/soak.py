@@ -1,0 +1,110 @@
+"""Soak benchmark: many generated tokens through onnxruntime, memory and latency over time.
+
+    python -m benchmarks.soak [--preset bench] [--steps 10000] [--batch 1 --batch 4]
+
+The cache budget policy is the runtime's own: a session holds at most max_seq_len positions,
+preallocated; at the limit the generation ends and a new session starts (a fresh prompt,
+like a serving loop taking the next request). Per batch size this records, in one process:
+resident memory (VmRSS) after every session, and decode latency by position bucket in every
+session. Flat means: RSS after the last session within 5% (+16 MB) of after the first, and
+each position bucket of the last session within 15% of the first session's. The growth of
+attention cost with position inside a session is reported, not judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_json
+
+BUCKET = 256
+
+
+def rss_mb() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
+
+
+def soak(backend, batch: int, steps: int, prompt_len: int = 32, seed: int = 0) -> dict:
+    cfg = backend.cfg
+    per_session = cfg.max_seq_len - prompt_len
+    rng = np.random.default_rng(seed)
+    sessions, done = [], 0
+    while done < steps:
+        n = min(per_session, steps - done)
+        prompt = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len))
+        session = backend.start(batch=batch, budget=prompt_len + n)
+        out = session.step(prompt)
+        nxt = out.logits[:, -1].argmax(-1)[:, None]
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = session.step(nxt)
+            times.append(time.perf_counter() - t0)
+            nxt = out.logits[:, -1].argmax(-1)[:, None]
+        done += n
+        buckets = [float(np.mean(times[i:i + BUCKET]) * 1e3) for i in range(0, len(times), BUCKET)]
+        sessions.append({"tokens": n, "rss_mb": round(rss_mb(), 1), "ms_by_position_bucket": buckets,
+                         "mean_ms": float(np.mean(times) * 1e3)})
+        del session
+    first, last = sessions[0], sessions[-1]
+    common = min(len(first["ms_by_position_bucket"]), len(last["ms_by_position_bucket"]))
+    slowdown = [b / a for a, b in zip(first["ms_by_position_bucket"][:common],
+                                      last["ms_by_position_bucket"][:common])]
+    rss_growth = last["rss_mb"] - first["rss_mb"]
+    b0 = first["ms_by_position_bucket"]
+    return {
+        "batch": batch, "steps": steps, "sessions": sessions, "session_tokens": per_session,
+        "rss_growth_mb_after_first_session": round(rss_growth, 1),
+        "memory_flat": rss_growth <= 0.05 * first["rss_mb"] + 16,
+        "slowdown_last_vs_first_session_by_bucket": [round(x, 3) for x in slowdown],
+        "no_slowdown": len(sessions) < 2 or max(slowdown) <= 1.15,
+        "attention_growth_in_session": round(b0[-1] / b0[0], 3) if len(b0) > 1 else None,
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--steps", type=int, default=10_000, help="decode steps per batch size")
+    ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 4)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-seq-len", type=int, default=None, help="override the preset's (shorter sessions)")
+    ap.add_argument("--out", default="benchmarks/results/soak.json")
+    args = ap.parse_args(argv)
+
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
+    import runtimes
+
+    cfg = MythosConfig.from_name(args.preset)
+    if args.max_seq_len:
+        cfg = cfg.replace(max_seq_len=args.max_seq_len)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ck, ox = Path(tmp) / "ck", Path(tmp) / "ox"
+        save_checkpoint(MythosModel(cfg).init_weights(0), ck)
+        export_onnx(ck, ox, OnnxExportOptions(loop="loop", validate=False))
+        backend = runtimes.load(ox, threads=args.threads)
+        for batch in args.batch or [1, 4]:
+            t0 = time.perf_counter()
+            r = soak(backend, batch, args.steps)
+            r["seconds"] = round(time.perf_counter() - t0, 1)
+            results.append(r)
+            print(f"batch {batch}: {args.steps} tokens in {r['seconds']} s, RSS growth "
+                  f"{r['rss_growth_mb_after_first_session']} MB (flat: {r['memory_flat']}), slowdown by "
+                  f"position {r['slowdown_last_vs_first_session_by_bucket']} (none: {r['no_slowdown']})", flush=True)
+    data = {"preset": args.preset, "max_seq_len": cfg.max_seq_len, "backend": "onnxruntime loop/standard fp32",
+            "results": results}
+    write_json(args.out, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
