@@ -7,7 +7,7 @@ preallocated; at the limit the generation ends and a new session starts (a fresh
 like a serving loop taking the next request). Per batch size this records, in one process:
 resident memory (VmRSS) after every session, and decode latency by position bucket in every
 session. Flat means: RSS after the last session within 5% (+16 MB) of after the first, and
-each position bucket of the last session within 15% of the first session's. The growth of
+the last session's mean latency within 10% of the first's (see summarize). The growth of
 attention cost with position inside a session is reported, not judged.
 """
 
@@ -53,18 +53,27 @@ def soak(backend, batch: int, steps: int, prompt_len: int = 32, seed: int = 0) -
         sessions.append({"tokens": n, "rss_mb": round(rss_mb(), 1), "ms_by_position_bucket": buckets,
                          "mean_ms": float(np.mean(times) * 1e3)})
         del session
+    return {"batch": batch, "steps": steps, "session_tokens": per_session, "sessions": sessions,
+            **summarize(sessions)}
+
+
+def summarize(sessions: list[dict]) -> dict:
+    """Flat memory: RSS after the last session within 5% (+16 MB) of after the first. No
+    slowdown: the last session's mean decode latency within 10% of the first's (single
+    256-token buckets vary by +-15% on a shared 2-core machine, so they are reported only)."""
     first, last = sessions[0], sessions[-1]
     common = min(len(first["ms_by_position_bucket"]), len(last["ms_by_position_bucket"]))
-    slowdown = [b / a for a, b in zip(first["ms_by_position_bucket"][:common],
-                                      last["ms_by_position_bucket"][:common])]
+    by_bucket = [b / a for a, b in zip(first["ms_by_position_bucket"][:common],
+                                       last["ms_by_position_bucket"][:common])]
     rss_growth = last["rss_mb"] - first["rss_mb"]
+    ratio = last["mean_ms"] / first["mean_ms"]
     b0 = first["ms_by_position_bucket"]
     return {
-        "batch": batch, "steps": steps, "sessions": sessions, "session_tokens": per_session,
         "rss_growth_mb_after_first_session": round(rss_growth, 1),
         "memory_flat": rss_growth <= 0.05 * first["rss_mb"] + 16,
-        "slowdown_last_vs_first_session_by_bucket": [round(x, 3) for x in slowdown],
-        "no_slowdown": len(sessions) < 2 or max(slowdown) <= 1.15,
+        "slowdown_last_vs_first_session_mean": round(ratio, 3),
+        "slowdown_last_vs_first_session_by_bucket": [round(x, 3) for x in by_bucket],
+        "no_slowdown": ratio <= 1.10,
         "attention_growth_in_session": round(b0[-1] / b0[0], 3) if len(b0) > 1 else None,
     }
 
@@ -98,8 +107,8 @@ def main(argv=None) -> dict:
             r["seconds"] = round(time.perf_counter() - t0, 1)
             results.append(r)
             print(f"batch {batch}: {args.steps} tokens in {r['seconds']} s, RSS growth "
-                  f"{r['rss_growth_mb_after_first_session']} MB (flat: {r['memory_flat']}), slowdown by "
-                  f"position {r['slowdown_last_vs_first_session_by_bucket']} (none: {r['no_slowdown']})", flush=True)
+                  f"{r['rss_growth_mb_after_first_session']} MB (flat: {r['memory_flat']}), last/first session "
+                  f"latency {r['slowdown_last_vs_first_session_mean']} (no slowdown: {r['no_slowdown']})", flush=True)
     data = {"preset": args.preset, "max_seq_len": cfg.max_seq_len, "backend": "onnxruntime loop/standard fp32",
             "results": results}
     write_json(args.out, data)

@@ -39,6 +39,33 @@ from mythos_deploy.manifest import atomic_output_dir, check_writable, read_manif
 
 MODES = ("int8", "int4", "fp16")
 MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99}
+# on a model trained on the multi-hop task (the demo checkpoint): largest allowed drop in task
+# accuracy (hops 1-4 at the trained depth, 100 problems each), in percentage points
+MAX_TASK_DROP = {"int8": 1.0, "int4": 3.0, "fp16": 0.5}
+TASK_HOPS, TASK_COUNT = (1, 2, 3, 4), 100
+
+
+def _trained_on_hops(manifest: dict) -> bool:
+    """Whether the export's source checkpoint is a train-demo checkpoint (task accuracy applies)."""
+    ckpt = Path(manifest.get("source", {}).get("checkpoint", ""))
+    try:
+        src = read_manifest(ckpt)
+    except Exception:  # missing or unreadable: no task gate, the logit gate still applies
+        return False
+    return src.get("source", {}).get("task") == "hops"
+
+
+def task_gate(base, quant, mode: str) -> dict:
+    """Task accuracy of the fp32 and quantized artifacts on the same problems."""
+    from runtimes import hops_eval
+    a = hops_eval.evaluate(base, TASK_HOPS, (base.default_loops,), TASK_COUNT)
+    b = hops_eval.evaluate(quant, TASK_HOPS, (quant.default_loops,), TASK_COUNT)
+    acc_a = float(np.mean([c["accuracy"] for c in a["cells"]]))
+    acc_b = float(np.mean([c["accuracy"] for c in b["cells"]]))
+    drop = round((acc_a - acc_b) * 100, 2)
+    return {"task": "hops 1-4", "problems": TASK_COUNT * len(TASK_HOPS), "accuracy_fp32": acc_a,
+            "accuracy": acc_b, "drop_points": drop, "max_drop_points": MAX_TASK_DROP[mode],
+            "by_hops": {c["hops"]: c["accuracy"] for c in b["cells"]}, "passed": drop <= MAX_TASK_DROP[mode]}
 
 
 @dataclass(frozen=True)
@@ -229,14 +256,22 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         report = compare(base, quant, prompts, per, tolerance=float("inf"), min_agreement=MIN_AGREEMENT[opts.mode])
         finite = all(np.isfinite(r["max_abs_logit_error"]) for r in report["prompts"])
         report["passed"] = bool(report["passed"] and finite)
+        task = None
+        if _trained_on_hops(manifest):
+            stage("accuracy gate: task accuracy")
+            task = task_gate(base, quant, opts.mode)
+        passed = report["passed"] and (task is None or task["passed"])
         gate = {"positions": n_prompts * per, "greedy_agreement": report["greedy_agreement"],
                 "min_agreement": MIN_AGREEMENT[opts.mode], "max_abs_logit_error": report["max_abs_logit_error"],
-                "passed": report["passed"], "overridden": bool(opts.accept_accuracy_loss and not report["passed"])}
-        if not report["passed"] and not opts.accept_accuracy_loss:
-            raise ParityError(f"{opts.mode} quantization fails the accuracy gate: greedy agreement "
-                              f"{report['greedy_agreement']:.4f} < {MIN_AGREEMENT[opts.mode]} over {gate['positions']} "
-                              f"positions (max abs logit error {report['max_abs_logit_error']:.3g}); "
-                              "--accept-accuracy-loss overrides (recorded in the manifest)", report)
+                "task": task, "passed": passed, "overridden": bool(opts.accept_accuracy_loss and not passed)}
+        if not passed and not opts.accept_accuracy_loss:
+            why = (f"greedy agreement {report['greedy_agreement']:.4f} < {MIN_AGREEMENT[opts.mode]} over "
+                   f"{gate['positions']} positions (max abs logit error {report['max_abs_logit_error']:.3g})"
+                   if not report["passed"] else
+                   f"task accuracy {task['accuracy']:.3f} vs fp32 {task['accuracy_fp32']:.3f}: a drop of "
+                   f"{task['drop_points']} points > {task['max_drop_points']}")
+            raise ParityError(f"{opts.mode} quantization fails the accuracy gate: {why}; "
+                              "--accept-accuracy-loss overrides (recorded in the manifest)", {**report, "task": task})
         stage("write artifact")
         with atomic_output_dir(out_dir, overwrite) as tmp:
             for f in files.values():

@@ -484,6 +484,10 @@ def quantize(
         out.print(f"wrote {output} ({mode}): {_fmt_bytes(z['quantized_bytes'])} vs {_fmt_bytes(z['source_bytes'])} fp32 "
                   f"({z['source_bytes'] / max(z['quantized_bytes'], 1):.1f}x smaller); greedy agreement "
                   f"{g['greedy_agreement']:.4f}{' (gate overridden)' if g.get('overridden') else ''}")
+        if g.get("task"):
+            t = g["task"]
+            out.print(f"task accuracy (multi-hop, hops 1-4, {t['problems']} problems): {t['accuracy']:.3f} vs fp32 "
+                      f"{t['accuracy_fp32']:.3f} ({t['drop_points']:+.2f} points drop; gate {t['max_drop_points']})")
 
 
 @app.command(epilog="Examples: mythos-export lint out/tiny-trt --target trt\n\nmythos-export lint out/tiny-onnx --json")

@@ -74,3 +74,23 @@ def test_the_lock_is_exclusive_in_process_too(tmp_path):
             with atomic_output_dir(tmp_path / "a"):
                 pass
     assert (tmp_path / "a" / "x").read_text() == "1"
+
+
+def test_sigkill_during_quantize_leaves_nothing_complete(tiny_ckpt, tmp_path):
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    ox, q = tmp_path / "ox", tmp_path / "q"
+    export_onnx(tiny_ckpt, ox, OnnxExportOptions(loop="unroll", validate=False))
+    cmd = [sys.executable, "-m", "mythos_deploy.cli", "quantize", str(ox), "-o", str(q), "--mode", "int8"]
+    for delay in (2.0, 5.0):  # while importing / while quantizing or gating
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (q / "manifest.json").exists() or proc.returncode == 0
+        leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".q.tmp-")]
+        assert all(not (p / "manifest.json").exists() for p in leftovers)
+    if q.exists():  # a run finished before its kill: that is a complete artifact, not a partial one
+        assert (q / "manifest.json").exists()
+    r = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (q / "manifest.json").exists()

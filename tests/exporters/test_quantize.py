@@ -93,3 +93,34 @@ def test_bad_input(artifacts, tmp_path, tiny_ckpt):
     r = runner.invoke(app, ["quantize", str(tmp_path / "q"), "-o", str(tmp_path / "qq")])
     assert r.exit_code == 2 and "already quantized" in r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory):
+    """The trained demo checkpoint exported unrolled (its source manifest says task "hops")."""
+    from pathlib import Path
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    demo = Path(__file__).resolve().parents[2] / "checkpoints" / "hops"
+    out = tmp_path_factory.mktemp("demo") / "ox"
+    export_onnx(demo, out, OnnxExportOptions(loop="unroll", validate=False))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_task_accuracy_gate_on_the_demo_checkpoint(demo_export, tmp_path, mode, monkeypatch):
+    res = quantize_artifact(demo_export, tmp_path / mode, QuantizeOptions(mode=mode, block_size=32))
+    task = res["gate"]["task"]
+    assert task is not None and task["problems"] == 400 and task["accuracy_fp32"] >= 0.95
+    assert task["passed"] == (task["drop_points"] <= task["max_drop_points"]) and res["gate"]["passed"]
+    assert read_manifest(tmp_path / mode)["quantization"]["gate"]["task"]["accuracy"] == task["accuracy"]
+    # the same gate fails loudly, and writes nothing, when the allowed drop is negative
+    monkeypatch.setattr("exporters.quantize.MAX_TASK_DROP", {"int8": -1.0, "int4": -1.0, "fp16": -1.0})
+    with pytest.raises(ParityError, match="task accuracy"):
+        quantize_artifact(demo_export, tmp_path / "fail", QuantizeOptions(mode=mode, block_size=32))
+    assert not (tmp_path / "fail").exists()
+
+
+def test_no_task_gate_for_an_untrained_model(artifacts, tmp_path):
+    _, src = artifacts[("gqa", "unroll")]
+    res = quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8"))
+    assert res["gate"]["task"] is None
