@@ -7,10 +7,10 @@ shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -561,7 +561,7 @@ def train_demo_cmd(
         from mythos_deploy.checkpoint import save_checkpoint
         from mythos_deploy.manifest import check_writable
         from mythos_deploy.tokenizer import ByteTokenizer
-        from mythos_deploy.train import TrainOptions, options_dict, train_demo
+        from mythos_deploy.train import TrainOptions, train_demo
 
         if steps < 1:
             raise InputError(f"--steps must be >= 1, got {steps}")
@@ -577,7 +577,7 @@ def train_demo_cmd(
                                             f"answer loops {row['answer_loops']:.2f}")
             model, history = train_demo(opts, log)
         save_checkpoint(model, output, overwrite=force, tokenizer=ByteTokenizer(n_bytes=128).to_dict(),
-                        source={"kind": "train-demo", "task": "hops", "options": options_dict(opts)},
+                        source={"kind": "train-demo", "task": "hops", "options": dataclasses.asdict(opts)},
                         extra_files={"train_log.json": json.dumps(history, indent=1) + "\n"})
         last = history[-1]
         out.print(f"wrote {output}: {steps} steps in {last['seconds']:.0f} s, final training accuracy "

@@ -11,12 +11,10 @@ sum_t running_t * (1 - cum_{t-1}), which is differentiable in the halting probab
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
-from dataclasses import dataclass, asdict
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -161,7 +159,3 @@ def train_demo(opts: TrainOptions, log: Callable[[dict], None] | None = None) ->
                 log(row)
     model.eval()
     return model, history
-
-
-def options_dict(opts: TrainOptions) -> dict:
-    return asdict(opts)

@@ -45,9 +45,9 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
         ids = np.array([hops.encode(p.prompt) for p in problems], dtype=np.int64)
         answers = np.array([hops.encode(p.answers)[0] for p in problems])
         # each statement's own hop count, to read the ACT depth at its value character
-        stmt_hops = np.array([[hops.resolve(p.prompt)[p.prompt[i]][0]
-                               for i in range(0, n_statements * hops.STATEMENT, hops.STATEMENT)]
-                              for p in problems])
+        envs = [hops.resolve(p.prompt) for p in problems]
+        stmt_hops = np.array([[env[p.prompt[i]][0] for i in range(0, n_statements * hops.STATEMENT, hops.STATEMENT)]
+                              for p, env in zip(problems, envs)])
         value_pos = np.arange(n_statements) * hops.STATEMENT + 1
         for n in loops:
             session = backend.start(batch=count, budget=ids.shape[1], n_loops=n, exit="none",

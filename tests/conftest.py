@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,4 +63,31 @@ def artifacts(om_pair, stepped_fp32, tmp_path_factory):
             od = root / f"onnx-{attn}-{loop}"
             export_onnx(ck, od, OnnxExportOptions(loop=loop, validate=False), stepped=stepped_fp32[attn])
             out[(attn, loop)] = (ck, od)
+    return out
+
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "hops"
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The shipped, trained demo checkpoint (committed)."""
+    assert (DEMO_CHECKPOINT / "model.safetensors").is_file(), f"the demo checkpoint is missing from {DEMO_CHECKPOINT}"
+    return DEMO_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def demo_exports(demo_checkpoint, tmp_path_factory):
+    """The shipped demo checkpoint exported as an ONNX Loop and unrolled, from one torch
+    export: {"loop": dir, "unroll": dir}."""
+    pytest.importorskip("onnxruntime")
+    from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
+    from exporters.torch_to_onnx import export_stepped
+    from mythos_deploy import load_checkpoint
+    stepped = export_stepped(export_form(load_checkpoint(demo_checkpoint), OnnxExportOptions()), "fp32", 18)
+    root = tmp_path_factory.mktemp("hops")
+    out = {}
+    for loop in ("loop", "unroll"):
+        out[loop] = root / loop
+        export_onnx(demo_checkpoint, out[loop], OnnxExportOptions(loop=loop, validate=False), stepped=stepped)
     return out

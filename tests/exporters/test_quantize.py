@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from exporters.quantize import QuantizeOptions, quantize_artifact
-from mythos_deploy import InputError, ParityError
+from mythos_deploy import ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
 from runtimes import generate, load
@@ -95,20 +95,9 @@ def test_bad_input(artifacts, tmp_path, tiny_ckpt):
     assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
 
 
-@pytest.fixture(scope="module")
-def demo_export(tmp_path_factory):
-    """The trained demo checkpoint exported unrolled (its source manifest says task "hops")."""
-    from pathlib import Path
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
-    demo = Path(__file__).resolve().parents[2] / "checkpoints" / "hops"
-    out = tmp_path_factory.mktemp("demo") / "ox"
-    export_onnx(demo, out, OnnxExportOptions(loop="unroll", validate=False))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_task_accuracy_gate_on_the_demo_checkpoint(demo_export, tmp_path, mode, monkeypatch):
-    res = quantize_artifact(demo_export, tmp_path / mode, QuantizeOptions(mode=mode, block_size=32))
+def test_task_accuracy_gate_on_the_demo_checkpoint(demo_exports, tmp_path, mode, monkeypatch):
+    res = quantize_artifact(demo_exports["unroll"], tmp_path / mode, QuantizeOptions(mode=mode, block_size=32))
     task = res["gate"]["task"]
     assert task is not None and task["problems"] == 400 and task["accuracy_fp32"] >= 0.95
     assert task["passed"] == (task["drop_points"] <= task["max_drop_points"]) and res["gate"]["passed"]
@@ -116,7 +105,7 @@ def test_task_accuracy_gate_on_the_demo_checkpoint(demo_export, tmp_path, mode, 
     # the same gate fails loudly, and writes nothing, when the allowed drop is negative
     monkeypatch.setattr("exporters.quantize.MAX_TASK_DROP", {"int8": -1.0, "int4": -1.0, "fp16": -1.0})
     with pytest.raises(ParityError, match="task accuracy"):
-        quantize_artifact(demo_export, tmp_path / "fail", QuantizeOptions(mode=mode, block_size=32))
+        quantize_artifact(demo_exports["unroll"], tmp_path / "fail", QuantizeOptions(mode=mode, block_size=32))
     assert not (tmp_path / "fail").exists()
 
 

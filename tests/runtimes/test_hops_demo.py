@@ -1,26 +1,21 @@
 """The shipped demo checkpoint (checkpoints/hops): the task table is the same through every
 runtime, prediction by prediction; the model really learned the task; halting varies."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
 from mythos_deploy import hops
 from runtimes import hops_eval
 
-DEMO = Path(__file__).resolve().parents[2] / "checkpoints" / "hops"
 HOPS = (1, 2, 3, 4, 5, 6, 7, 8)
 LOOPS = (1, 2, 4, 6, 8, 12)
 COUNT = 40
 
 
 @pytest.fixture(scope="module")
-def eager():
+def eager(demo_checkpoint):
     from runtimes import load
-    assert (DEMO / "model.safetensors").is_file(), f"the demo checkpoint is missing from {DEMO}"
-    return load(DEMO)
+    return load(demo_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -28,34 +23,17 @@ def eager_table(eager):
     return hops_eval.evaluate(eager, HOPS, LOOPS, COUNT)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The demo checkpoint exported as an ONNX Loop and unrolled (one torch export for both)."""
-    pytest.importorskip("onnxruntime")
-    from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
-    from exporters.torch_to_onnx import export_stepped
-    from mythos_deploy import load_checkpoint
-    opts = OnnxExportOptions()
-    stepped = export_stepped(export_form(load_checkpoint(DEMO), opts), "fp32", 18)
-    root = tmp_path_factory.mktemp("hops")
-    out = {}
-    for loop in ("loop", "unroll"):
-        out[loop] = root / loop
-        export_onnx(DEMO, out[loop], OnnxExportOptions(loop=loop, validate=False), stepped=stepped)
-    return out
-
-
-def test_accuracy_table_identical_through_onnxruntime_loop(eager_table, exported):
+def test_accuracy_table_identical_through_onnxruntime_loop(eager_table, demo_exports):
     from runtimes import load
-    ort = hops_eval.evaluate(load(exported["loop"]), HOPS, LOOPS, COUNT)
+    ort = hops_eval.evaluate(load(demo_exports["loop"]), HOPS, LOOPS, COUNT)
     assert hops_eval.differences(eager_table, ort) == []
     assert hops_eval.table(ort) == hops_eval.table(eager_table)
     assert hops_eval.table(ort, "mean_loops_used") == hops_eval.table(eager_table, "mean_loops_used")
 
 
-def test_accuracy_identical_through_the_unrolled_export(eager_table, exported):
+def test_accuracy_identical_through_the_unrolled_export(eager_table, demo_exports):
     from runtimes import load
-    backend = load(exported["unroll"])  # fixed depth: the trained loop count only
+    backend = load(demo_exports["unroll"])  # fixed depth: the trained loop count only
     ort = hops_eval.evaluate(backend, HOPS, (backend.default_loops,), COUNT)
     cells = [c for c in eager_table["cells"] if c["n_loops"] == backend.default_loops]
     assert [c["predictions"] for c in ort["cells"]] == [c["predictions"] for c in cells]
@@ -88,20 +66,20 @@ def test_halting_depth_grows_with_problem_difficulty(eager_table):
     assert depth[1] < 1.5 and depth[4] > 3.5, depth
 
 
-def test_text_prompt_answers_through_the_cli(capsys):
+def test_text_prompt_answers_through_the_cli(demo_checkpoint):
     from typer.testing import CliRunner
     from mythos_deploy.cli import app
-    r = CliRunner().invoke(app, ["generate", str(DEMO), "--prompt", "a3;ba;?b", "--max-new-tokens", "1", "--json"])
+    r = CliRunner().invoke(app, ["generate", str(demo_checkpoint), "--prompt", "a3;ba;?b", "--max-new-tokens", "1", "--json"])
     assert r.exit_code == 0, r.output
     import json
     data = json.loads(r.output)
     assert data["tokens"][0] == [ord("3")]
 
 
-def test_non_ascii_prompt_is_refused_cleanly():
+def test_non_ascii_prompt_is_refused_cleanly(demo_checkpoint):
     from typer.testing import CliRunner
     from mythos_deploy.cli import app
-    r = CliRunner().invoke(app, ["generate", str(DEMO), "--prompt", "a3;bä;?b"])
+    r = CliRunner().invoke(app, ["generate", str(demo_checkpoint), "--prompt", "a3;bä;?b"])
     assert r.exit_code == 2 and "ASCII" in r.output
 
 
