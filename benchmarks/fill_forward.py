@@ -18,8 +18,6 @@ halts after two loops). Neither is trained; see the README for what that implies
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch

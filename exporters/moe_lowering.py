@@ -136,7 +136,7 @@ class _Lowerer:
         return name
 
     def standard(self, node):
-        from onnx import TensorProto, helper
+        from onnx import helper
         x, idx, gates, wg, wu, wd = node.input
         y = node.output[0]
         E, F, D = self.weight(wg).shape

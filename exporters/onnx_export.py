@@ -145,8 +145,6 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    import torch
-
     from exporters.moe_lowering import lower_moe
     from exporters.onnx_compose import IR_VERSION, compose, name_nodes, prune_initializers, share_tied_embedding, strip_metadata
     from exporters.torch_to_onnx import export_stepped

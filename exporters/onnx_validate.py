@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from mythos_deploy.cache import slot_names
 from mythos_deploy.model import MythosModel
 
 # Documented tolerances (max abs error on each output, against the fp32 eager model).

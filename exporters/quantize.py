@@ -22,7 +22,6 @@ trained-task accuracy gates of the issue need the demo checkpoint, which does no
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile

@@ -1,11 +1,9 @@
 """Hostile ONNX external-data locations are refused before onnx/onnxruntime read them."""
 
-import json
 import os
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
