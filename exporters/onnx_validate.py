@@ -17,10 +17,16 @@ import torch
 from mythos_deploy.model import MythosModel
 
 # Documented tolerances (max abs error on each output, against the fp32 eager model).
-# fp16 graphs keep ACT accumulators in fp32 but run matmuls in half precision.
+# fp16 graphs keep ACT accumulators in fp32 but run matmuls in half precision. Their error
+# grows with the size of the values (fp16 rounds relative to magnitude: unit roundoff 4.9e-4),
+# so an fp16 output's limit is the larger of the absolute figure and `<kind>_rel` times the
+# largest |value| of the eager output in that scenario: a trained model's logits reach ~60,
+# where 5e-2 absolute is 1.7 roundoffs. Measured on the demo checkpoint: logits 1.6e-3 and
+# cache rows 7.5e-3 of their scale at worst.
 TOLERANCES = {
     "fp32": {"logits": 1e-4, "cache": 1e-4, "halt_prob": 1e-4, "greedy_agreement": 1.0, "loops_used": 0},
-    "fp16": {"logits": 5e-2, "cache": 2e-2, "halt_prob": 1e-2, "greedy_agreement": 0.98, "loops_used": 0.02},
+    "fp16": {"logits": 5e-2, "logits_rel": 3e-3, "cache": 2e-2, "cache_rel": 1.5e-2, "halt_prob": 1e-2,
+             "greedy_agreement": 0.98, "loops_used": 0.02},
 }
 
 
@@ -39,15 +45,20 @@ class OutputStat:
     output: str
     max_abs: float = 0.0
     ref_max: float = 0.0
-    tolerance: float = 0.0
+    tolerance: float = 0.0  # absolute
+    rel_tolerance: float = 0.0  # times ref_max; the limit is the larger of the two
 
     @property
     def max_rel(self) -> float:
         return self.max_abs / self.ref_max if self.ref_max else 0.0
 
     @property
+    def limit(self) -> float:
+        return max(self.tolerance, self.rel_tolerance * self.ref_max)
+
+    @property
     def ok(self) -> bool:
-        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.tolerance
+        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.limit
 
 
 @dataclass
@@ -77,7 +88,7 @@ class ValidationReport:
 
     def failures(self) -> list[str]:
         tol = TOLERANCES[self.dtype]
-        out = [f"{s.scenario}: {s.output} max abs error {s.max_abs:.3g} > {s.tolerance:g}" for s in self.stats if not s.ok]
+        out = [f"{s.scenario}: {s.output} max abs error {s.max_abs:.3g} > {s.limit:.3g}" for s in self.stats if not s.ok]
         if self.greedy_agreement < tol["greedy_agreement"]:
             out.append(f"greedy agreement {self.greedy_agreement:.4f} < {tol['greedy_agreement']}")
         if self.loops_mismatch_rate > tol["loops_used"]:
@@ -89,7 +100,7 @@ class ValidationReport:
                 "tolerances": TOLERANCES[self.dtype], "greedy_agreement": self.greedy_agreement,
                 "greedy_positions": self.greedy_total, "loops_used_mismatches": self.loops_mismatch,
                 "loops_used_positions": self.loops_total, "failures": self.failures(),
-                "outputs": [{**asdict(s), "max_rel": s.max_rel, "ok": s.ok} for s in self.stats]}
+                "outputs": [{**asdict(s), "max_rel": s.max_rel, "limit": s.limit, "ok": s.ok} for s in self.stats]}
 
 
 def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq_len: int) -> list[Scenario]:
@@ -135,7 +146,8 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
         stats: dict[str, OutputStat] = {}
 
         def record(name, got, ref, kind):
-            st = stats.setdefault(name, OutputStat(sc.name, name, tolerance=tol[kind]))
+            st = stats.setdefault(name, OutputStat(sc.name, name, tolerance=tol[kind],
+                                                   rel_tolerance=tol.get(f"{kind}_rel", 0.0)))
             got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
             err = float(np.max(np.abs(got - ref))) if got.size else 0.0
             st.max_abs = max(st.max_abs, err if np.isfinite(err) else float("inf"))

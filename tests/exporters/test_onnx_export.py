@@ -199,3 +199,19 @@ def test_weights_are_stored_once(om_pair, stepped_fp32, moe):
     stored = sum(onnx.numpy_helper.to_array(t).size for t in g.graph.initializer)
     params = sum(p.numel() for p in model.parameters())
     assert params <= stored < params * 1.08, (stored, params)
+
+
+def test_fp16_limits_scale_with_the_output_but_fp32_stays_absolute():
+    from exporters.onnx_validate import TOLERANCES, OutputStat
+    t16, t32 = TOLERANCES["fp16"], TOLERANCES["fp32"]
+
+    def stat(dtype, max_abs, ref_max):
+        t = TOLERANCES[dtype]
+        return OutputStat("s", "logits", max_abs, ref_max, t["logits"], t.get("logits_rel", 0.0))
+    # logits of a trained model reach ~60: 0.07 is ~1e-3 of that, within fp16's limit ...
+    assert stat("fp16", 0.07, 60.0).ok and stat("fp16", 0.07, 60.0).limit == pytest.approx(60 * t16["logits_rel"])
+    # ... but the same error on small logits is not, nor is a large relative error
+    assert not stat("fp16", 0.07, 2.0).ok and not stat("fp16", 0.5, 60.0).ok
+    assert not stat("fp16", float("nan"), 60.0).ok
+    # fp32 stays absolute whatever the scale
+    assert not stat("fp32", 2e-4, 1e4).ok and stat("fp32", 5e-5, 1e4).limit == t32["logits"]

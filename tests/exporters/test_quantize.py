@@ -95,7 +95,7 @@ def test_bad_input(artifacts, tmp_path, tiny_ckpt):
     assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
 def test_task_accuracy_gate_on_the_demo_checkpoint(demo_exports, tmp_path, mode, monkeypatch):
     res = quantize_artifact(demo_exports["unroll"], tmp_path / mode, QuantizeOptions(mode=mode, block_size=32))
     task = res["gate"]["task"]
