@@ -123,13 +123,21 @@ def _cache_rows(cache, cfg, n_loops, start, end) -> dict[str, np.ndarray]:
     return rows
 
 
-def _empty_pasts(cfg, batch: int, n_loops: int, dtype: str) -> dict[str, np.ndarray]:
+def empty_pasts(cfg, batch: int, n_loops: int, dtype: str) -> dict[str, np.ndarray]:
     dt = np.float16 if dtype == "fp16" else np.float32
     W = cfg.cache_width
     pasts = {f"past_prelude_{i}": np.zeros((batch, 0, W), dt) for i in range(cfg.prelude_layers)}
     pasts["past_recurrent"] = np.zeros((n_loops, batch, 0, W), dt)
     pasts.update({f"past_coda_{i}": np.zeros((batch, 0, W), dt) for i in range(cfg.coda_layers)})
     return pasts
+
+
+def append_new_rows(pasts: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+    """Grow each `past_*` input by the graph's `new_*` rows (test-harness caches; the runtime
+    writes into preallocated buffers instead)."""
+    for name, past in list(pasts.items()):
+        new = out[name.replace("past_", "new_", 1)]
+        pasts[name] = np.concatenate([past, new], axis=2 if name == "past_recurrent" else 1)
 
 
 @torch.no_grad()
@@ -155,7 +163,7 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
 
         total = sum(sc.chunks) + sc.decode_steps
         cache = model.new_cache(sc.batch, total, sc.n_loops)
-        pasts = _empty_pasts(cfg, sc.batch, sc.n_loops, dtype)
+        pasts = empty_pasts(cfg, sc.batch, sc.n_loops, dtype)
         ids = torch.randint(0, cfg.vocab_size, (sc.batch, sum(sc.chunks)), generator=g)
         feeds = [ids[:, a:b] for a, b in zip(np.cumsum([0] + sc.chunks[:-1]), np.cumsum(sc.chunks))]
         pos = 0
@@ -169,9 +177,7 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
             record("halt_prob", out["halt_prob"], ref.halt_prob.numpy(), "halt_prob")
             for name, rows in _cache_rows(cache, cfg, sc.n_loops, pos, pos + T).items():
                 record(name, out[name], rows, "cache")
-                axis = 2 if name == "new_recurrent" else 1
-                pasts[name.replace("new_", "past_")] = np.concatenate(
-                    [pasts[name.replace("new_", "past_")], out[name]], axis=axis)
+            append_new_rows(pasts, out)
             agree = out["logits"].argmax(-1) == ref.logits.numpy().argmax(-1)
             report.greedy_total += agree.size
             report.greedy_agree += int(agree.sum())

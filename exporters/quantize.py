@@ -1,6 +1,6 @@
 """`quantize`: ONNX artifact -> quantized ONNX artifact for onnxruntime, gated on agreement.
 
-Modes (onnxruntime CPU; the TensorRT Q/DQ modes are not implemented yet):
+Modes for onnxruntime CPU:
 - `int8`: 2-D weight MatMuls/Gemms -> per-channel symmetric int8 weights with dynamic
   activation quantization (onnxruntime `quantize_dynamic`, Loop/If bodies included); the
   tied embedding gathers rows of the int8 head; routed experts of the `standard` lowering
@@ -14,6 +14,11 @@ Modes (onnxruntime CPU; the TensorRT Q/DQ modes are not implemented yet):
   runs fp16 slowly.
 The `ort` lowering's com.microsoft::MoE keeps fp32 experts (QMoE is not wired); `plugin`
 artifacts are refused (their expert weights belong to the TensorRT plugin path).
+
+Modes for TensorRT (explicit quantization; exporters/qdq.py): `qdq-int8`, `qdq-int4`, `fp8` on
+`unroll` or `stepped` exports with the `plugin` or `standard` lowering. Their accuracy gate runs
+in onnxruntime on the graph with plugin nodes swapped for their standard form (and int4 weights
+dequantized), and every graph must pass the TensorRT lint with no error.
 
 Gate: against the source artifact on fixed prompts (teacher forcing, >= 256 positions):
 greedy agreement >= 98% (int8), >= 90% (int4), >= 99% (fp16), and finite logits. When the
@@ -34,14 +39,16 @@ from typing import Callable
 import numpy as np
 
 from exporters.onnx_compose import iter_graphs
+from exporters.qdq import QDQ_MODES
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
 from mythos_deploy.manifest import atomic_output_dir, check_writable, read_manifest, verify_files, write_manifest
 
-MODES = ("int8", "int4", "fp16")
-MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99}
+ORT_MODES = ("int8", "int4", "fp16")
+MODES = (*ORT_MODES, *QDQ_MODES)
+MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99, "qdq-int8": 0.98, "qdq-int4": 0.90, "fp8": 0.98}
 # on a model trained on the multi-hop task (the demo checkpoint): largest allowed drop in task
 # accuracy (hops 1-4 at the trained depth, 100 problems each), in percentage points
-MAX_TASK_DROP = {"int8": 1.0, "int4": 3.0, "fp16": 0.5}
+MAX_TASK_DROP = {"int8": 1.0, "int4": 3.0, "fp16": 0.5, "qdq-int8": 1.0, "qdq-int4": 3.0, "fp8": 1.0}
 TASK_HOPS, TASK_COUNT = (1, 2, 3, 4), 100
 
 
@@ -75,17 +82,20 @@ class QuantizeOptions:
     accuracy_level: int = 4  # int4: 4 = int8 compute (fast); 0 = fp32 compute
     exclude: tuple[str, ...] = ()  # node names (or substrings) left in float
     gate_tokens: int = 256
+    calib_prompts: int = 8  # qdq-int8 / fp8 activation calibration
     accept_accuracy_loss: bool = False  # record and skip the gate
 
     def check(self) -> None:
         if self.mode not in MODES:
-            raise InputError(f"--mode must be one of {', '.join(MODES)} (TensorRT Q/DQ modes are not implemented yet), got {self.mode!r}")
+            raise InputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"--accuracy-level must be in 0..4, got {self.accuracy_level}")
         if self.gate_tokens < 16:
-            raise InputError(f"--calib/gate tokens must be >= 16, got {self.gate_tokens}")
+            raise InputError(f"--gate-tokens must be >= 16, got {self.gate_tokens}")
+        if not 1 <= self.calib_prompts <= 1024:
+            raise InputError(f"--calib must be in 1..1024 prompts, got {self.calib_prompts}")
 
 
 def _excluded(model, exclude: tuple[str, ...]) -> list[str]:
@@ -225,8 +235,16 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     verify_files(src_dir, manifest)
     artifact_graphs(src_dir, manifest)
     options = manifest["options"]
-    if options["moe"] == "plugin":
-        raise InputError("this artifact uses the TensorRT MoE plugin; the onnxruntime modes need a --moe standard or ort export")
+    if opts.mode in QDQ_MODES:
+        if options["loop"] == "loop":
+            raise InputError(f"{opts.mode} takes a --loop unroll or --loop stepped export: activations inside an ONNX "
+                             "Loop body cannot be calibrated, and TensorRT builds the unrolled or stepped graphs")
+        if options["moe"] == "ort":
+            raise InputError(f"{opts.mode} is for TensorRT, which cannot parse the ort lowering's com.microsoft::MoE; "
+                             "export with --moe plugin (or standard)")
+    elif options["moe"] == "plugin":
+        raise InputError(f"this artifact uses the TensorRT MoE plugin; {opts.mode} is an onnxruntime mode and needs a "
+                         "--moe standard or ort export (the TensorRT modes are qdq-int8, qdq-int4, fp8)")
     if options["dtype"] != "fp32":
         raise InputError(f"quantize an fp32 export (this one is {options['dtype']})")
     check_writable(out_dir, overwrite)
@@ -236,19 +254,20 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     files = graph_files(options["loop"])
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        info = {}
-        for name, f in files.items():
-            stage(f"quantize {f} ({opts.mode})")
-            info[name] = quantize_graph(src_dir / f, work / f, opts, options["moe"])
+        from runtimes.onnxruntime_backend import OrtBackend
+        if opts.mode in QDQ_MODES:
+            info, base, quant = _qdq_graphs(src_dir, work, files, manifest, opts, stage)
+        else:
+            info = {}
+            for name, f in files.items():
+                stage(f"quantize {f} ({opts.mode})")
+                info[name] = quantize_graph(src_dir / f, work / f, opts, options["moe"])
+            base = load(src_dir, verify=False)
+            quant = OrtBackend(work, {**manifest, "quantization": {**asdict(opts), "graphs": info}})
         for f in files.values():
             if (work / f).stat().st_size == 0:
                 raise ParityError(f"quantized {f} is empty")
-        qmanifest = {**manifest, "quantization": {**asdict(opts), "graphs": info}}
-        (work / "manifest.json").write_text(json.dumps({k: v for k, v in qmanifest.items() if k != "files"}))
         stage("accuracy gate")
-        from runtimes.onnxruntime_backend import OrtBackend
-        base = load(src_dir, verify=False)
-        quant = OrtBackend(work, qmanifest)
         cfg = base.cfg
         per = min(64, cfg.max_seq_len - 8)
         n_prompts = max(1, -(-opts.gate_tokens // per))
@@ -284,6 +303,60 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     sizes = {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
              "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
     return {"manifest": out_manifest, "gate": gate, "sizes": sizes, "seconds": time.perf_counter() - t0}
+
+
+def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: QuantizeOptions, stage):
+    """TensorRT Q/DQ: quantize each graph into `work` (the artifact's files), lint it, and
+    return what was done plus two onnxruntime backends for the gate: the fp32 source and the
+    quantized graphs, both with plugin nodes in their standard form (int4 weights dequantized)."""
+    import copy
+
+    import onnx
+
+    from exporters import qdq
+    from exporters.moe_lowering import lower_moe
+    from exporters.onnx_compose import IR_VERSION
+    from exporters.onnx_ops import register_schemas
+    from exporters.trt_lint import _zero_points, lint_model
+    from mythos_deploy.errors import InternalError
+    from runtimes.onnxruntime_backend import OrtBackend
+    register_schemas()
+    plugin = manifest["options"]["moe"] == "plugin"
+    runnable = (lambda m: lower_moe(copy.deepcopy(m), "standard")) if plugin else (lambda m: m)
+    models = {name: onnx.load(str(src_dir / f)) for name, f in files.items()}
+    uses = {name: qdq.weight_matmuls(m, opts.exclude) for name, m in models.items()}
+    kind = {"qdq-int8": "int8", "fp8": "fp8"}.get(opts.mode)
+    amax = {}
+    if kind:
+        stage(f"calibrate activations ({opts.calib_prompts} generated prompts)")
+        amax = qdq.calibrate({n: runnable(m) for n, m in models.items()},
+                             {n: qdq.activations(u) for n, u in uses.items()}, manifest, n_prompts=opts.calib_prompts)
+    std_manifest = {**manifest, "options": {**manifest["options"], "moe": "standard"}}
+    (work / "ort").mkdir()
+    if plugin:
+        (work / "base").mkdir()
+    info = {}
+    for name, f in files.items():
+        stage(f"quantize {f} ({opts.mode})")
+        m = models[name]
+        if plugin:
+            onnx.save(runnable(m), str(work / "base" / f))
+        done = (qdq.insert_qdq(m, uses[name], amax.get(name, {}), kind) if kind
+                else qdq.insert_int4(m, uses[name], opts.block_size))
+        m.ir_version = IR_VERSION
+        onnx.checker.check_model(m, full_check=True)
+        findings = [x for x in lint_model(m, name) + _zero_points(m) if x.severity == "error"]
+        if findings:
+            raise InternalError(f"{opts.mode} graph {f} fails the TensorRT lint: " + "; ".join(x.message for x in findings[:3]))
+        onnx.save(m, str(work / f))
+        onnx.save(qdq.ort_copy(runnable(m)), str(work / "ort" / f))
+        info[name] = {"mode": opts.mode, **done, "target": "tensorrt (explicit quantization)",
+                      "experts": ("float inside the MythosMoE plugin (no int path)" if plugin
+                                  else "float (standard lowering's expert tables and If branches)"),
+                      **({"block_size": opts.block_size} if opts.mode == "qdq-int4" else
+                         {"calibration": f"max |x| over {opts.calib_prompts} generated prompts"})}
+    base = OrtBackend(work / "base" if plugin else src_dir, std_manifest if plugin else manifest)
+    return info, base, OrtBackend(work / "ort", {**std_manifest, "quantization": {"mode": opts.mode}})
 
 
 def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeOptions, overwrite: bool,

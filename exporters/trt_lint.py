@@ -4,7 +4,8 @@ Checks every graph of an artifact (subgraphs included) against TensorRT 10.1's O
 (exporters/trt_ops.py cites the table): default-domain opset range, IR version, every op and
 its element types, the parser's restrictions that these graphs can hit (Loop scan outputs
 with a dynamic trip count, If branch outputs, TopK `sorted`/K, constant `axes` inputs,
-Q/DQ zero points), custom-domain nodes (the MythosMoE plugin's attributes; onnxruntime
+Q/DQ zero points and positive scales), custom-domain nodes (the MythosMoE plugin's attributes,
+trt::TRT_INT4DequantizeLinear's int4 data and block attributes; onnxruntime
 contrib ops, which TensorRT cannot parse), and INT64 tensors (supported in 10.x, but Jetson
 builds and older TensorRT cast them down: reported as info).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters.onnx_compose import iter_graphs
+from exporters.qdq import TRT_DOMAIN, TRT_INT4_DQ
 from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
 from exporters.trt_ops import OPSET_RANGE, SUPPORTED, TRT_VERSION, UNSUPPORTED
 
@@ -92,6 +94,14 @@ def lint_model(model, graph_name: str) -> list[Finding]:
                     if not isinstance(_attr(node, a), int) or _attr(node, a) < 1:
                         add("error", node, f"plugin attribute {a} missing or not a positive int")
                 add("info", node, "needs the MythosMoE plugin registered with TensorRT (mythos-export build)")
+            elif dom == TRT_DOMAIN and node.op_type == TRT_INT4_DQ:
+                bs, axis = _attr(node, "block_size"), _attr(node, "axis")
+                if types.get(node.input[0]) != 22:
+                    add("error", node, f"{TRT_INT4_DQ} needs int4 data, has {ELEM.get(types.get(node.input[0]), '?')}")
+                if not isinstance(bs, int) or bs < 2 or not isinstance(axis, int):
+                    add("error", node, f"{TRT_INT4_DQ} needs int attributes axis and block_size >= 2")
+                if len(node.input) > 2 and node.input[2]:
+                    add("error", node, f"{TRT_INT4_DQ} takes no zero point (TensorRT int4 is symmetric)")
             elif dom == PLACEHOLDER_DOMAIN:
                 add("error", node, "unlowered MoE placeholder (an exporter bug)")
             elif dom == "com.microsoft":
@@ -140,8 +150,8 @@ def _restrictions(node, consts: set[str], add) -> None:
         if len(node.input) > idx and node.input[idx] and node.input[idx] not in consts:
             add("error", node, f"{op} axes must be an initializer or constant")
     elif op in ("DequantizeLinear", "QuantizeLinear"):
-        if len(node.input) > 2 and node.input[2]:
-            add("warning", node, "zero point given: TensorRT needs it to be exactly 0 (checked by value below)")
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in consts:
+            add("warning", node, "zero point is computed, not a constant: TensorRT needs it to be exactly 0")
 
 
 def _zero_points(model) -> list[Finding]:
@@ -151,8 +161,11 @@ def _zero_points(model) -> list[Finding]:
     for g in iter_graphs(model.graph):
         for n in g.node:
             if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-                if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+                if np.any(numpy_helper.to_array(inits[n.input[2]]).astype(np.float32) != 0):
                     out.append(Finding("error", "", n.name, n.op_type, "nonzero zero point: TensorRT requires symmetric (zero_point = 0)"))
+            if (n.op_type in ("DequantizeLinear", "QuantizeLinear") or n.op_type == TRT_INT4_DQ) and len(n.input) > 1 \
+                    and n.input[1] in inits and not np.all(numpy_helper.to_array(inits[n.input[1]]) > 0):
+                out.append(Finding("error", "", n.name, n.op_type, "scale not strictly positive: TensorRT's parser rejects it"))
     return out
 
 

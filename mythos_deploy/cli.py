@@ -446,30 +446,37 @@ def bench(
 
 
 @app.command(epilog="Examples: mythos-export quantize out/tiny-onnx -o out/tiny-int8 --mode int8\n\n"
-                    "mythos-export quantize out/tiny-onnx -o out/tiny-int4 --mode int4 --block-size 32")
+                    "mythos-export quantize out/tiny-onnx -o out/tiny-int4 --mode int4 --block-size 32\n\n"
+                    "mythos-export quantize out/tiny-trt -o out/tiny-qdq8 --mode qdq-int8 --calib 16")
 def quantize(
-    path: Path = typer.Argument(..., help="An fp32 ONNX artifact directory (--moe standard or ort)."),
+    path: Path = typer.Argument(..., help="An fp32 ONNX artifact directory (onnxruntime modes: --moe standard or ort; "
+                                          "TensorRT modes: --loop unroll or stepped, --moe plugin or standard)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized artifact directory to create."),
-    mode: str = typer.Option("int8", help="int8: per-channel int8 weights, dynamic activations (onnxruntime CPU; experts and "
-                                          "embedding int8 too with --moe standard). int4: MatMulNBits weight-only (onnxruntime "
-                                          "CPU, Jetson-class memory savings). fp16: native fp16 re-export (GPUs). TensorRT Q/DQ "
-                                          "modes (qdq-int8, qdq-int4, fp8) are not implemented yet."),
-    calib: int = typer.Option(256, "--calib", help="Positions the accuracy gate compares (teacher-forced greedy tokens)."),
+    mode: str = typer.Option("int8", help="onnxruntime CPU: int8 (per-channel int8 weights, dynamic activations; experts and "
+                                          "embedding int8 too with --moe standard), int4 (MatMulNBits weight-only; Jetson-class "
+                                          "memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
+                                          "(int8 weights + calibrated int8 activations; any NVIDIA GPU incl. Jetson Orin), "
+                                          "qdq-int4 (int4 weight-only blocks; Ampere+ incl. Jetson Orin), fp8 (E4M3 weights + "
+                                          "activations; Hopper/Ada only: H100/H200/L4/L40, not Jetson Orin)."),
+    calib: int = typer.Option(8, "--calib", help="qdq-int8/fp8: generated calibration prompts (16 random tokens + 16 greedy)."),
+    gate_tokens: int = typer.Option(256, "--gate-tokens", help="Positions the accuracy gate compares (teacher-forced greedy tokens)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Keep nodes whose name contains this in float (repeatable)."),
-    block_size: int = typer.Option(32, help="int4 block size."),
+    block_size: int = typer.Option(32, help="int4 / qdq-int4 block size."),
     accuracy_level: int = typer.Option(4, help="int4 MatMulNBits accuracy level (4 = int8 compute, fastest on CPU)."),
     accept_accuracy_loss: bool = typer.Option(False, "--accept-accuracy-loss", help="Write the artifact even if the gate fails (recorded in the manifest)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Quantize an ONNX export for onnxruntime, gated on greedy agreement with the fp32 export
-    (int8 >= 98%, int4 >= 90%; fp16 uses the export's fp16 parity gate)."""
+    """Quantize an ONNX export for onnxruntime or TensorRT, gated on greedy agreement with the
+    fp32 export (int8/qdq-int8/fp8 >= 98%, int4/qdq-int4 >= 90%; fp16 uses the export's fp16
+    parity gate) and, for train-demo checkpoints, on task accuracy. TensorRT modes are also
+    linted for TensorRT's parser; their gate runs in onnxruntime on the same numbers."""
     with _errors():
         from exporters.quantize import QuantizeOptions, quantize_artifact
         from mythos_deploy.errors import ParityError
 
         opts = QuantizeOptions(mode=mode, block_size=block_size, accuracy_level=accuracy_level, exclude=tuple(exclude),
-                               gate_tokens=calib, accept_accuracy_loss=accept_accuracy_loss)
+                               gate_tokens=gate_tokens, calib_prompts=calib, accept_accuracy_loss=accept_accuracy_loss)
         with err.status(f"quantizing ({mode})") as status:
             try:
                 result = quantize_artifact(path, output, opts, overwrite=force, stage=lambda s: status.update(s))

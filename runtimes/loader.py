@@ -54,6 +54,9 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
         if manifest["options"]["moe"] == "plugin":
             raise InputError(f"{path} uses the TensorRT MythosMoE plugin, which onnxruntime cannot run; "
                              "build a TensorRT engine from it or re-export with --moe standard or --moe ort")
+        if (manifest.get("quantization") or {}).get("mode") == "qdq-int4":
+            raise InputError(f"{path} holds TensorRT int4 weights (trt::TRT_INT4DequantizeLinear), which onnxruntime "
+                             "cannot run; build a TensorRT engine from it, or quantize with --mode int4 for onnxruntime")
         from runtimes.onnxruntime_backend import OrtBackend
         return OrtBackend(path, manifest, PROVIDERS[provider], threads)
     raise CheckpointError(f"{path}: unsupported artifact kind {kind!r}")

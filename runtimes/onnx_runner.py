@@ -25,11 +25,14 @@ def _ort():
     return onnxruntime
 
 
-def make_session(model: Any, providers: list[str] | None = None, threads: int = 0):
-    """An InferenceSession from a ModelProto or a file path."""
+def make_session(model: Any, providers: list[str] | None = None, threads: int = 0, basic_only: bool = False):
+    """An InferenceSession from a ModelProto or a file path. `basic_only` limits graph
+    optimizations to ORT_ENABLE_BASIC (fp8 Q/DQ graphs: see exporters/qdq.py ort_copy)."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if basic_only:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         opts.intra_op_num_threads = threads
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
@@ -44,10 +47,10 @@ class OnnxModelRunner:
     """Sessions for one artifact's graphs. `graphs` maps graph name -> ModelProto or path."""
 
     def __init__(self, graphs: dict[str, Any], loop_mode: str, n_loops: int, prelude_layers: int,
-                 coda_layers: int, providers: list[str] | None = None, threads: int = 0):
+                 coda_layers: int, providers: list[str] | None = None, threads: int = 0, basic_only: bool = False):
         self.loop_mode, self.n_loops = loop_mode, n_loops
         self.prelude_layers, self.coda_layers = prelude_layers, coda_layers
-        self.sessions = {name: make_session(g, providers, threads) for name, g in graphs.items()}
+        self.sessions = {name: make_session(g, providers, threads, basic_only) for name, g in graphs.items()}
         self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,5 +127,6 @@ def runner_from_dir(path: str | Path, manifest: dict, providers: list[str] | Non
     opts = manifest["options"]
     cfg = manifest["config"]
     graphs = artifact_graphs(path, manifest)
+    fp8 = (manifest.get("quantization") or {}).get("mode") == "fp8"
     return OnnxModelRunner(graphs, opts["loop"], opts["loops"], cfg["prelude_layers"], cfg["coda_layers"],
-                           providers, threads)
+                           providers, threads, basic_only=fp8)

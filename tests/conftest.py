@@ -79,7 +79,7 @@ def demo_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def demo_exports(demo_checkpoint, tmp_path_factory):
     """The shipped demo checkpoint exported as an ONNX Loop and unrolled, from one torch
-    export: {"loop": dir, "unroll": dir}."""
+    export: {"loop": dir, "unroll": dir, "unroll-plugin": dir (the TensorRT plugin lowering)}."""
     pytest.importorskip("onnxruntime")
     from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
     from exporters.torch_to_onnx import export_stepped
@@ -90,4 +90,7 @@ def demo_exports(demo_checkpoint, tmp_path_factory):
     for loop in ("loop", "unroll"):
         out[loop] = root / loop
         export_onnx(demo_checkpoint, out[loop], OnnxExportOptions(loop=loop, validate=False), stepped=stepped)
+    out["unroll-plugin"] = root / "unroll-plugin"
+    export_onnx(demo_checkpoint, out["unroll-plugin"], OnnxExportOptions(loop="unroll", moe="plugin", validate=False),
+                stepped=stepped)
     return out
