@@ -23,7 +23,7 @@ def kernel_parity() -> list[dict]:
     from exporters.moe_kernel import moe_experts_triton
     from mythos_deploy.moe import moe_experts_reference
     rows = []
-    for N in (1, 4, 64, 512):
+    for N, grouped in ((1, False), (4, False), (64, False), (64, True), (512, True), (4096, True)):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             g = torch.Generator(device="cuda").manual_seed(N)
             E, K, D, F = 16, 2, 512, 256
@@ -35,8 +35,9 @@ def kernel_parity() -> list[dict]:
                   (torch.randn(E, F, D, device="cuda", generator=g) * 0.05).to(dtype),
                   (torch.randn(E, D, F, device="cuda", generator=g) * 0.05).to(dtype)]
             ref = moe_experts_reference(*(t.float() if t.is_floating_point() else t for t in (x, idx, gates, *ws)))
-            out = moe_experts_triton(x, idx, gates, *ws).float()
-            rows.append({"N": N, "dtype": str(dtype).split(".")[-1], "max_abs_error": float((out - ref).abs().max()),
+            out = moe_experts_triton(x, idx, gates, *ws, grouped=grouped).float()
+            rows.append({"N": N, "path": "grouped" if grouped else "per-token", "dtype": str(dtype).split(".")[-1],
+                         "max_abs_error": float((out - ref).abs().max()),
                          "ref_max": float(ref.abs().max())})
     return rows
 

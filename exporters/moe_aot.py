@@ -42,20 +42,27 @@ def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), target
     from exporters import moe_kernel as mk
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    consts = {"BLOCK_F": mk.BLOCK_F, "BLOCK_D": mk.BLOCK_D}
     entries = []
     for dt in dtypes:
         t = f"*{DTYPES[dt]}"
+        tiles = {"order_ptr": "*i32", "tile_e_ptr": "*i32", "tile_lo_ptr": "*i32", "tile_hi_ptr": "*i32"}
+        per_token = {"BLOCK_F": mk.BLOCK_F, "BLOCK_D": mk.BLOCK_D}
+        grouped = {"BLOCK_M": mk.BLOCK_M, **per_token, "IEEE": dt == "fp32"}
         sigs = {
             "up": (mk._up_kernel, {"x_ptr": t, "idx_ptr": "*i32", "gate_ptr": t, "wg_ptr": t, "wu_ptr": t,
                                    "hg_ptr": "*fp32", "D": "i32", "F": "i32", "K": "i32"},
-                   "grid = (N*K, ceil(F/BLOCK_F))"),
+                   "grid = (N*K, ceil(F/BLOCK_F))", per_token),
             "down": (mk._down_kernel, {"hg_ptr": "*fp32", "idx_ptr": "*i32", "wd_ptr": t, "y_ptr": t,
-                                       "D": "i32", "F": "i32", "K": "i32"}, "grid = (N, ceil(D/BLOCK_D))"),
+                                       "D": "i32", "F": "i32", "K": "i32"}, "grid = (N, ceil(D/BLOCK_D))", per_token),
+            "up_grouped": (mk._up_grouped, {"x_ptr": t, **tiles, "gate_ptr": t, "wg_ptr": t, "wu_ptr": t,
+                                            "hg_ptr": "*fp32", "D": "i32", "F": "i32", "K": "i32"},
+                           "grid = (tiles, ceil(F/BLOCK_F)); tiles from expert_tiles()", grouped),
+            "down_grouped": (mk._down_grouped, {"hg_ptr": "*fp32", **tiles, "wd_ptr": t, "yp_ptr": "*fp32",
+                                                "D": "i32", "F": "i32"},
+                             "grid = (tiles, ceil(D/BLOCK_D)); y = yp.view(N, K, D).sum(1)", grouped),
         }
-        for name, (kernel, sig, grid) in sigs.items():
-            src = ASTSource(fn=_jit(kernel), signature={**sig, "BLOCK_F": "constexpr", "BLOCK_D": "constexpr"},
-                            constexprs=consts)
+        for name, (kernel, sig, grid, consts) in sigs.items():
+            src = ASTSource(fn=_jit(kernel), signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts)
             for cc in targets:
                 compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
                 stem = f"moe_{name}_{dt}_sm{cc}"

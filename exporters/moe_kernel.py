@@ -3,9 +3,16 @@
 Two launches, both over (token, chosen expert) pairs, so work scales with N*K, not with E:
 1. `_up_kernel`:   hg[n,k,f] = gate[n,k] * silu(x[n] . Wg[e,f]) * (x[n] . Wu[e,f]),  e = idx[n,k]
 2. `_down_kernel`: y[n,d]    = sum_k sum_f hg[n,k,f] * Wd[e,d,f]
-Accumulation is fp32 whatever the storage type (fp32, fp16, bf16). This is the per-token
-path (decode and short prompts). The expert-grouped path for long prefills (tokens sorted by
-expert, tensor-core tiles) is not written yet.
+Accumulation is fp32 whatever the storage type (fp32, fp16, bf16). That is the per-token
+path (decode and short prompts): each program reads its expert's weights alone.
+
+The grouped path (long prefills, N*K >= GROUPED_MIN_PAIRS): the (token, expert) pairs are
+sorted by expert on the host (torch ops), cut into tiles of BLOCK_M pairs that share one
+expert, and each program multiplies a tile with `tl.dot` (tensor cores on GPU), so one read
+of an expert's weight tile serves up to BLOCK_M tokens:
+3. `_up_grouped`:   hg[tile rows, f-block] as above, via [BLOCK_M, D] x [D, BLOCK_F] dots
+4. `_down_grouped`: yp[pair, d-block] = hg[pair] . Wd[e, d-block]; y = sum over k (torch)
+fp32 inputs use IEEE fp32 dots (no TF32), so both paths give the same numbers to ~1e-6.
 
 Runs on CPU under TRITON_INTERPRET=1 (tests) and compiles ahead of time to PTX for sm_87 and
 sm_90 without a GPU (exporters/moe_aot.py). Triton is imported when this module is.
@@ -64,13 +71,110 @@ def _down_kernel(hg_ptr, idx_ptr, wd_ptr, y_ptr, D, F, K,
     tl.store(y_ptr + n * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
+@triton.jit
+def _up_grouped(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
+                BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    fblk = tl.program_id(1)
+    e = tl.load(tile_e_ptr + tile).to(tl.int64)
+    lo = tl.load(tile_lo_ptr + tile)
+    hi = tl.load(tile_hi_ptr + tile)
+    rows = lo + tl.arange(0, BLOCK_M)
+    mask_m = rows < hi
+    pair = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    n = pair // K
+    g = tl.load(gate_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
+    offs_f = fblk * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    acc_g = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xt = tl.load(x_ptr + n[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        w_off = e * F * D + offs_f[None, :] * D + offs_d[:, None]  # [BLOCK_D, BLOCK_F]: W[e]^T tile
+        m2 = mask_d[:, None] & mask_f[None, :]
+        wg = tl.load(wg_ptr + w_off, mask=m2, other=0.0)
+        wu = tl.load(wu_ptr + w_off, mask=m2, other=0.0)
+        if IEEE:
+            acc_g += tl.dot(xt, wg, input_precision="ieee")
+            acc_u += tl.dot(xt, wu, input_precision="ieee")
+        else:
+            acc_g += tl.dot(xt, wg)
+            acc_u += tl.dot(xt, wu)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u * g[:, None]
+    tl.store(hg_ptr + pair[:, None] * F + offs_f[None, :], h, mask=mask_m[:, None] & mask_f[None, :])
+
+
+@triton.jit
+def _down_grouped(hg_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, wd_ptr, yp_ptr, D, F,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    dblk = tl.program_id(1)
+    e = tl.load(tile_e_ptr + tile).to(tl.int64)
+    lo = tl.load(tile_lo_ptr + tile)
+    hi = tl.load(tile_hi_ptr + tile)
+    rows = lo + tl.arange(0, BLOCK_M)
+    mask_m = rows < hi
+    pair = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    offs_d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        h = tl.load(hg_ptr + pair[:, None] * F + offs_f[None, :], mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+        w = tl.load(wd_ptr + e * D * F + offs_d[None, :] * F + offs_f[:, None],  # [BLOCK_F, BLOCK_D]: Wd[e]^T tile
+                    mask=mask_f[:, None] & mask_d[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(h, w, input_precision="ieee")
+        else:
+            acc += tl.dot(h.to(w.dtype), w)
+    tl.store(yp_ptr + pair[:, None] * D + offs_d[None, :], acc, mask=mask_m[:, None] & mask_d[None, :])
+
+
 BLOCK_F, BLOCK_D = 32, 32
+BLOCK_M = 32  # pairs per grouped tile
+GROUPED_MIN_PAIRS = 128  # N*K from which the grouped path is used by default
+
+
+def expert_tiles(topk_idx: torch.Tensor, n_experts: int, block_m: int = BLOCK_M):
+    """Pairs (n*K + k) sorted by expert, and tiles of <= block_m sorted pairs sharing one
+    expert: (order [P], tile_expert [T], tile_lo [T], tile_hi [T]) as int32 on idx's device."""
+    flat = topk_idx.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    per = (counts + block_m - 1) // block_m
+    tile_e = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), per)
+    first_tile = torch.cumsum(per, 0) - per
+    tile_lo = starts[tile_e] + block_m * (torch.arange(tile_e.numel(), device=flat.device) - first_tile[tile_e])
+    tile_hi = torch.minimum(tile_lo + block_m, starts[tile_e] + counts[tile_e])
+    return tuple(t.to(torch.int32).contiguous() for t in (order, tile_e, tile_lo, tile_hi))
+
+
+def _grouped(x, idx, g, w_gate, w_up, w_down):
+    N, D = x.shape
+    K, E, F = idx.shape[1], w_gate.shape[0], w_gate.shape[1]
+    order, tile_e, lo, hi = expert_tiles(idx, E)
+    T = tile_e.numel()
+    ieee = x.dtype == torch.float32
+    hg = torch.empty(N * K, F, dtype=torch.float32, device=x.device)
+    yp = torch.empty(N * K, D, dtype=torch.float32, device=x.device)
+    _up_grouped[(T, triton.cdiv(F, BLOCK_F))](x, order, tile_e, lo, hi, g, w_gate, w_up, hg, D, F, K,
+                                               BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D, IEEE=ieee)
+    _down_grouped[(T, triton.cdiv(D, BLOCK_D))](hg, order, tile_e, lo, hi, w_down, yp, D, F,
+                                                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F, IEEE=ieee)
+    return yp.view(N, K, D).sum(1).to(x.dtype)
 
 
 def moe_experts_triton(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
-                       w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                       w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                       grouped: bool | None = None) -> torch.Tensor:
     """Same contract as mythos_deploy::moe_experts: x [N,D]; topk_idx, gates [N,K];
-    w_gate, w_up [E,F,D]; w_down [E,D,F] -> [N,D] in x's dtype."""
+    w_gate, w_up [E,F,D]; w_down [E,D,F] -> [N,D] in x's dtype. `grouped` picks the
+    expert-grouped path (default: when N*K >= GROUPED_MIN_PAIRS). The grouped path sizes its
+    launch from the routing (a host sync), so CUDA-graph capture uses the per-token path."""
     N, D = x.shape
     K = topk_idx.shape[1]
     F = w_gate.shape[1]
@@ -80,6 +184,8 @@ def moe_experts_triton(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Ten
     x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
     idx = topk_idx.to(torch.int32).contiguous()
     g = gates.contiguous()
+    if grouped if grouped is not None else N * K >= GROUPED_MIN_PAIRS:
+        return _grouped(x, idx, g, w_gate, w_up, w_down)
     hg = torch.empty(N * K, F, dtype=torch.float32, device=x.device)
     _up_kernel[(N * K, triton.cdiv(F, BLOCK_F))](x, idx, g, w_gate, w_up, hg, D, F, K,
                                                  BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D)
