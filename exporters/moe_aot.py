@@ -36,6 +36,28 @@ def _jit(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
+def fused_signature(ptr: str) -> dict:
+    """The single-launch kernel's arguments, in TensorRT AOT order: inputs (as the ONNX node
+    passes them: int64 routing indices), scalar extra arguments, then the output."""
+    return {"x_ptr": ptr, "idx_ptr": "*i64", "gate_ptr": ptr, "wg_ptr": ptr, "wu_ptr": ptr, "wd_ptr": ptr,
+            "D": "i32", "F": "i32", "K": "i32", "y_ptr": ptr}
+
+
+def fused_constexprs() -> dict:
+    from exporters import moe_kernel as mk
+    return {"BLOCK_F": mk.BLOCK_F, "BLOCK_D": mk.BLOCK_D, "BLOCK_DY": mk.BLOCK_DY}
+
+
+def compile_fused(dtype: str, cc: int):
+    """Compile the single-launch kernel for one dtype (fp32/fp16/bf16) and compute capability."""
+    triton, ASTSource, GPUTarget = _triton()
+    from exporters import moe_kernel as mk
+    consts = fused_constexprs()
+    src = ASTSource(fn=_jit(mk._fused_kernel), signature={**fused_signature(f"*{DTYPES[dtype]}"),
+                                                          **{c: "constexpr" for c in consts}}, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32))
+
+
 def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), targets=TARGETS) -> dict:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     triton, ASTSource, GPUTarget = _triton()
@@ -60,6 +82,8 @@ def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), target
             "down_grouped": (mk._down_grouped, {"hg_ptr": "*fp32", **tiles, "wd_ptr": t, "yp_ptr": "*fp32",
                                                 "D": "i32", "F": "i32"},
                              "grid = (tiles, ceil(D/BLOCK_D)); y = yp.view(N, K, D).sum(1)", grouped),
+            "fused": (mk._fused_kernel, fused_signature(t), "grid = (N, ceil(D/BLOCK_DY)); the TensorRT AOT plugin's kernel",
+                      fused_constexprs()),
         }
         for name, (kernel, sig, grid, consts) in sigs.items():
             src = ASTSource(fn=_jit(kernel), signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts)

@@ -14,6 +14,12 @@ of an expert's weight tile serves up to BLOCK_M tokens:
 4. `_down_grouped`: yp[pair, d-block] = hg[pair] . Wd[e, d-block]; y = sum over k (torch)
 fp32 inputs use IEEE fp32 dots (no TF32), so both paths give the same numbers to ~1e-6.
 
+The single-launch path (`_fused_kernel`): a TensorRT AOT plugin runs exactly one kernel, so
+this one does both projections: program (token, block of output channels) recomputes its
+token's SwiGLU hidden block by block and accumulates the down projection (the up projection
+is recomputed once per output block: ceil(D / BLOCK_DY) times). It takes int64 routing
+indices as the ONNX graph passes them.
+
 Runs on CPU under TRITON_INTERPRET=1 (tests) and compiles ahead of time to PTX for sm_87 and
 sm_90 without a GPU (exporters/moe_aot.py). Triton is imported when this module is.
 """
@@ -133,7 +139,39 @@ def _down_grouped(hg_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, wd_pt
     tl.store(yp_ptr + pair[:, None] * D + offs_d[None, :], acc, mask=mask_m[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _fused_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, wd_ptr, D, F, K, y_ptr,
+                  BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DY: tl.constexpr):
+    n = tl.program_id(0)
+    yblk = tl.program_id(1)
+    offs_y = yblk * BLOCK_DY + tl.arange(0, BLOCK_DY)
+    mask_y = offs_y < D
+    acc = tl.zeros([BLOCK_DY], dtype=tl.float32)
+    for k in range(0, K):
+        e = tl.load(idx_ptr + n * K + k).to(tl.int64)
+        g = tl.load(gate_ptr + n * K + k).to(tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            mask_f = offs_f < F
+            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                xv = tl.load(x_ptr + n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                w_off = e * F * D + offs_f[:, None] * D + offs_d[None, :]
+                m2 = mask_f[:, None] & mask_d[None, :]
+                acc_g += tl.sum(tl.load(wg_ptr + w_off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+                acc_u += tl.sum(tl.load(wu_ptr + w_off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+            h = acc_g * tl.sigmoid(acc_g) * acc_u * g
+            w = tl.load(wd_ptr + e * D * F + offs_y[:, None] * F + offs_f[None, :],
+                        mask=mask_y[:, None] & mask_f[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * h[None, :], axis=1)
+    tl.store(y_ptr + n * D + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
 BLOCK_F, BLOCK_D = 32, 32
+BLOCK_DY = 64  # output channels per program of the fused kernel
 BLOCK_M = 32  # pairs per grouped tile
 GROUPED_MIN_PAIRS = 128  # N*K from which the grouped path is used by default
 
@@ -166,6 +204,19 @@ def _grouped(x, idx, g, w_gate, w_up, w_down):
     _down_grouped[(T, triton.cdiv(D, BLOCK_D))](hg, order, tile_e, lo, hi, w_down, yp, D, F,
                                                  BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F, IEEE=ieee)
     return yp.view(N, K, D).sum(1).to(x.dtype)
+
+
+def moe_experts_fused(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
+                      w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The single-launch kernel (what the TensorRT AOT plugin runs), same contract."""
+    N, D = x.shape
+    y = torch.empty_like(x)
+    if N == 0:
+        return y
+    args = [t.contiguous() for t in (x, topk_idx.to(torch.int64), gates, w_gate, w_up, w_down)]
+    _fused_kernel[(N, triton.cdiv(D, BLOCK_DY))](*args, D, w_gate.shape[1], topk_idx.shape[1], y,
+                                                 BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D, BLOCK_DY=BLOCK_DY)
+    return y
 
 
 def moe_experts_triton(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor,
