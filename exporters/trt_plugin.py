@@ -63,9 +63,14 @@ def launch(trtp: ModuleType, x_desc, w_gate_desc, topk_desc, compiled) -> tuple:
     return params, extra
 
 
-def register(trtp: ModuleType | None = None, trt: ModuleType | None = None, device_cc: int | None = None) -> str:
-    """Register the plugin (idempotent per `trtp` module); returns its id. `device_cc` is the
-    compute capability AOT kernels are compiled for (default: the current CUDA device)."""
+def register(trtp: ModuleType | None = None, trt: ModuleType | None = None, device_cc: int | None = None,
+             mode: str = "both") -> str:
+    """Register the plugin (idempotent per `trtp` module); returns its id. `mode`: "aot" (the
+    engine embeds the kernel and runs without Python), "jit" (Python impl at run time), or
+    "both". `device_cc` is the compute capability AOT kernels are compiled for (default: the
+    current CUDA device)."""
+    if mode not in ("aot", "jit", "both"):
+        raise InputError(f"plugin mode must be aot, jit or both, got {mode!r}")
     if trtp is None or trt is None:
         trt, trtp = import_tensorrt()
     if id(trtp) in _registered:
@@ -80,6 +85,15 @@ def register(trtp: ModuleType | None = None, trt: ModuleType | None = None, devi
         # positions: x, topk_idx, gates, w_gate, w_up, w_down, y; the float ones share one type
         return [trtp.AutoTuneCombination(f"{FLOATS}, INT64, {FLOATS}, {FLOATS}, {FLOATS}, {FLOATS}, {FLOATS}")]
 
+    if mode in ("aot", "both"):
+        _register_aot(trtp, trt, device_cc)
+    if mode in ("jit", "both"):
+        _register_jit(trtp)
+    _registered.add(id(trtp))
+    return PLUGIN_ID
+
+
+def _register_aot(trtp, trt, device_cc):
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(x, topk_idx, gates, w_gate, w_up, w_down, num_experts: int, top_k: int, expert_dim: int, outputs, tactic: int):
         from exporters.moe_aot import compile_fused
@@ -92,15 +106,14 @@ def register(trtp: ModuleType | None = None, trt: ModuleType | None = None, devi
         params, extra = launch(trtp, x, w_gate, topk_idx, compiled)
         return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), params, extra
 
+
+def _register_jit(trtp):
     @trtp.impl(PLUGIN_ID)
     def _jit(x, topk_idx, gates, w_gate, w_up, w_down, num_experts: int, top_k: int, expert_dim: int, outputs, stream: int):
         import torch
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             ts = [torch.as_tensor(t, device="cuda") for t in (x, topk_idx, gates, w_gate, w_up, w_down)]
             run_jit(*ts, torch.as_tensor(outputs[0], device="cuda"))
-
-    _registered.add(id(trtp))
-    return PLUGIN_ID
 
 
 def run_jit(x, topk_idx, gates, w_gate, w_up, w_down, y) -> None:

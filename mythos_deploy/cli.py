@@ -49,14 +49,14 @@ def _errors() -> Iterator[None]:
     except MythosError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except OSError as exc:
         # disk full, file too large, quota, read-only file system, permission: the user's to fix
         if _state["debug"] or exc.errno not in _STORAGE_ERRNOS:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        err.print(f"[bold red]error:[/bold red] cannot write{where}: {exc.strerror or exc}; "
+        err.print(f"[bold red]error:[/bold red] cannot write{escape(where)}: {escape(str(exc.strerror or exc))}; "
                   "nothing was left half-written", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -66,7 +66,7 @@ def _errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {first} "
+        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(first)} "
                   "(this is a bug in mythos-deploy; rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(3) from None
@@ -527,6 +527,67 @@ def lint(
             out.print(f"{verdict}: {report['errors']} error(s), {report['warnings']} warning(s)")
         if not report["passed"]:
             raise typer.Exit(1)
+
+
+@app.command(epilog="Examples: mythos-export build out/tiny-trt -o out/tiny-engines --precision fp16\n\n"
+                    "mythos-export build out/tiny-qdq8 -o out/tiny-int8 --precision int8 --profile batch=1:1:8 "
+                    "--timing-cache out/trt.cache\n\n"
+                    "mythos-export build out/tiny-trt -o x --dry-run   (profiles and checks, no TensorRT needed)")
+def build(
+    path: Path = typer.Argument(..., help="An ONNX artifact: --loop unroll or stepped, --moe plugin (or standard); "
+                                          "Q/DQ-quantized ones too."),
+    output: Path = typer.Option(..., "-o", "--output", help="Engine directory to create (engines + manifest.json)."),
+    precision: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8 (needs a qdq-int8 artifact) | fp8 (needs an fp8 "
+                                               "artifact; Hopper/Ada). Jetson Orin: fp16, int8."),
+    profile: List[str] = typer.Option([], "--profile", help="AXIS=MIN:OPT:MAX for batch, seq, past or loops (repeatable). "
+                                                            "Defaults: batch=1:1:4, seq=1:32:max_seq_len, past=0:64:max_seq_len-1."),
+    decode_profile: bool = typer.Option(True, "--decode-profile/--no-decode-profile",
+                                        help="Add a second optimization profile with seq=1 (decode)."),
+    workspace: int = typer.Option(4096, "--workspace", help="Builder workspace limit, MiB."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Read and update this timing cache file "
+                                                                              "(faster rebuilds)."),
+    plugin: str = typer.Option("aot", help="aot: the MoE kernel is compiled into the engine (runs without Python); "
+                                           "jit: the plugin's Python implementation runs at inference time."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the artifact, lint it and print the optimization "
+                                                          "profiles; build nothing (works without TensorRT)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Build TensorRT engines from an ONNX export: parse, register the MythosMoE plugin, set
+    optimization profiles from the I/O contract, build each graph, write atomically. Needs
+    TensorRT (pip install 'mythos-deploy[tensorrt]'); everything before it runs anywhere."""
+    with _errors():
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from exporters.trt_build import BuildOptions, build_engines, parse_profile, plan
+
+        opts = BuildOptions(precision=precision, profile=parse_profile(profile), decode_profile=decode_profile,
+                            workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, plugin=plugin)
+        if dry_run:
+            p = plan(path, opts)
+            summary = {"artifact": p["artifact"], "precision": precision, "quantization": p["quantization"],
+                       "graphs": list(p["graphs"]), "ranges": p["ranges"], "profiles": p["profiles"]}
+            if as_json:
+                print(json.dumps(summary, indent=2))
+                return
+            t = Table(title=f"TensorRT build plan: {escape(str(path))} ({precision})")
+            for col in ("graph", "profile", "input", "min", "opt", "max"):
+                t.add_column(col, no_wrap=col == "input")
+            for g, profs in p["profiles"].items():
+                for pname, shapes in profs.items():
+                    for name, (lo, opt, hi) in shapes.items():
+                        t.add_row(g, pname, name, str(lo), str(opt), str(hi))
+            out.print(t)
+            out.print("dry run: checks and lint pass; nothing built")
+            return
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=err, transient=True, disable=as_json) as progress:
+            task = progress.add_task("checking", total=None)
+            result = build_engines(path, output, opts, overwrite=force, stage=lambda s: progress.update(task, description=s))
+        if as_json:
+            print(json.dumps({"manifest": result["manifest"], "seconds": result["seconds"]}, indent=2))
+            return
+        out.print(f"wrote {output}: {', '.join(result['manifest']['engines'].values())} in {result['seconds']:.1f} s")
 
 
 @app.command("plugin-kernels", epilog="Example: mythos-export plugin-kernels -o out/moe-kernels --sm 87 --sm 90 --dtype fp16")

@@ -92,3 +92,13 @@ def test_without_tensorrt_registration_says_so():
 def test_registers_with_real_tensorrt():
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
     assert trt_plugin.register() == trt_plugin.PLUGIN_ID
+
+
+@pytest.mark.parametrize("mode, kinds", [("aot", {"register", "autotune", "aot_impl"}),
+                                         ("jit", {"register", "autotune", "impl"})])
+def test_plugin_mode_picks_the_implementation(mode, kinds):
+    trt, trtp, reg = trt_standins.make()
+    trt_plugin.register(trtp, trt, mode=mode)
+    assert {k for k, _ in reg} == kinds
+    with pytest.raises(Exception, match="aot, jit or both"):
+        trt_plugin.register(trtp, trt, mode="python")

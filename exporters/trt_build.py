@@ -1,0 +1,196 @@
+"""`build`: ONNX artifact -> TensorRT engines, one per graph (the unrolled model or the
+stepped trio), written atomically with a manifest.
+
+Everything before TensorRT is plain Python and runs anywhere (`--dry-run` stops there): the
+artifact's checks, the TensorRT lint (errors refuse the build), the precision against the
+artifact's quantization, and the optimization profiles, computed from the I/O contract's
+dynamic axes (batch, seq, past, loops). By default two profiles per graph: `decode` (seq 1)
+and `prefill` (seq from 1 to max_seq_len); the TensorRT backend picks by the call's length.
+
+The TensorRT part follows TensorRT 10's documented Python API (Builder, OnnxParser,
+IBuilderConfig, optimization profiles, timing cache) and has never run in this project's CI:
+TensorRT cannot be installed here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mythos_deploy.contract import GraphContract
+from mythos_deploy.errors import CheckpointError, InputError, InternalError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+SYMBOLS = ("batch", "seq", "past", "loops")
+PLUGIN_MODES = ("aot", "jit")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str = "fp16"
+    profile: dict = field(default_factory=dict)  # symbol -> (min, opt, max) overrides
+    decode_profile: bool = True  # a second profile with seq = 1
+    workspace_mib: int = 4096
+    timing_cache: str | None = None
+    plugin: str = "aot"  # aot: kernel embedded in the engine; jit: Python at run time
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.plugin not in PLUGIN_MODES:
+            raise InputError(f"--plugin must be aot or jit, got {self.plugin!r}")
+        if not 16 <= self.workspace_mib <= 1 << 20:
+            raise InputError(f"--workspace must be in 16..1048576 MiB, got {self.workspace_mib}")
+        for sym, r in self.profile.items():
+            if sym not in SYMBOLS:
+                raise InputError(f"--profile: unknown axis {sym!r} (one of {', '.join(SYMBOLS)})")
+            if len(r) != 3 or any(not isinstance(v, int) or v < 0 for v in r) or not r[0] <= r[1] <= r[2]:
+                raise InputError(f"--profile {sym}: need integers 0 <= min <= opt <= max, got {r}")
+
+
+def parse_profile(specs: list[str]) -> dict[str, tuple[int, int, int]]:
+    """`["batch=1:1:4", "seq=1:32:2048"]` -> {"batch": (1, 1, 4), ...}; one-line errors."""
+    out = {}
+    for spec in specs:
+        name, _, rng = spec.partition("=")
+        parts = rng.split(":")
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            values = ()
+        if not name or len(values) != 3:
+            raise InputError(f"--profile takes AXIS=MIN:OPT:MAX (e.g. seq=1:32:2048), got {spec!r}")
+        out[name.strip()] = values
+    return out
+
+
+def default_ranges(cfg: dict, loops: int) -> dict[str, tuple[int, int, int]]:
+    L = cfg["max_seq_len"]
+    return {"batch": (1, 1, 4), "seq": (1, min(32, L), L), "past": (0, min(64, L - 1), L - 1),
+            "loops": (1, loops, max(loops, 2 * cfg["max_loop_iters"]))}
+
+
+def profiles_for(contract: GraphContract, ranges: dict, decode: bool) -> dict[str, dict[str, list[list[int]]]]:
+    """{profile name: {input: [min_shape, opt_shape, max_shape]}} for every input with a
+    dynamic axis (scalars and fixed shapes need none)."""
+    names = {"prefill": ranges}
+    if decode:
+        names = {"decode": {**ranges, "seq": (1, 1, 1)}, **names}
+    out = {}
+    for pname, rng in names.items():
+        shapes = {}
+        for spec in contract.inputs:
+            if not any(isinstance(d, str) for d in spec.shape):
+                continue
+            unknown = [d for d in spec.shape if isinstance(d, str) and d not in rng]
+            if unknown:
+                raise InternalError(f"{contract.name}.{spec.name}: no profile range for axis {unknown[0]!r}")
+            shapes[spec.name] = [[rng[d][i] if isinstance(d, str) else d for d in spec.shape] for i in range(3)]
+        out[pname] = shapes
+    return out
+
+
+def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
+    """Everything about a build that needs no TensorRT: checks, lint, profiles."""
+    from exporters.trt_lint import lint_artifact
+    from mythos_deploy.manifest import read_manifest, verify_files
+    from runtimes.loader import check_manifest_version
+    from runtimes.onnx_runner import artifact_graphs
+    opts.check()
+    onnx_dir = Path(onnx_dir)
+    if not onnx_dir.is_dir():
+        raise CheckpointError(f"ONNX artifact directory not found: {onnx_dir}")
+    manifest = read_manifest(onnx_dir)
+    if manifest["kind"] != "onnx":
+        raise InputError(f"{onnx_dir} is a {manifest['kind']!r} artifact; build takes an ONNX export")
+    check_manifest_version(manifest, onnx_dir)
+    verify_files(onnx_dir, manifest)
+    graphs = artifact_graphs(onnx_dir, manifest)
+    o = manifest["options"]
+    quant = (manifest.get("quantization") or {}).get("mode")
+    if o["moe"] == "ort":
+        raise InputError("TensorRT cannot parse the ort lowering's com.microsoft::MoE; export with --moe plugin")
+    if quant in ("int8", "int4"):
+        raise InputError(f"this artifact is quantized for onnxruntime ({quant}); for TensorRT quantize with "
+                         "--mode qdq-int8, qdq-int4 or fp8")
+    if opts.precision == "int8" and quant != "qdq-int8":
+        raise InputError("--precision int8 needs explicit quantization: mythos-export quantize --mode qdq-int8 first "
+                         "(TensorRT's implicit int8 calibration is deprecated)")
+    if opts.precision == "fp8" and quant != "fp8":
+        raise InputError("--precision fp8 needs an fp8 Q/DQ artifact: mythos-export quantize --mode fp8 first")
+    if opts.precision in ("fp32", "bf16") and o["dtype"] == "fp16":
+        raise InputError(f"this artifact was exported in fp16; --precision {opts.precision} needs an fp32 export")
+    lint = lint_artifact(onnx_dir)
+    if not lint["passed"]:
+        first = [f"{f['graph']}: {f['message']}" for f in lint["findings"] if f["severity"] == "error"][:3]
+        raise InputError(f"{onnx_dir} fails the TensorRT lint ({lint['errors']} errors): " + "; ".join(first)
+                         + " (mythos-export lint for all)")
+    ranges = {**default_ranges(manifest["config"], o["loops"]), **opts.profile}
+    contracts = {c["name"]: GraphContract.from_dict(c) for c in manifest["contract"]}
+    profiles = {name: profiles_for(contracts[name], ranges, opts.decode_profile) for name in graphs}
+    return {"artifact": str(onnx_dir), "manifest": manifest, "graphs": {k: str(v) for k, v in graphs.items()},
+            "ranges": ranges, "profiles": profiles, "options": asdict(opts), "quantization": quant}
+
+
+def build_engines(onnx_dir: str | Path, out_dir: str | Path, opts: BuildOptions = BuildOptions(),
+                  overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
+    from exporters.trt_plugin import import_tensorrt, register
+    from mythos_deploy.manifest import atomic_output_dir, check_writable, sha256_file, write_manifest
+    stage = stage or (lambda s: None)
+    t0 = time.perf_counter()
+    p = plan(onnx_dir, opts)
+    check_writable(Path(out_dir), overwrite)
+    trt, trtp = import_tensorrt()
+    if p["manifest"]["options"]["moe"] == "plugin":
+        register(trtp, trt, mode=opts.plugin)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    cache_bytes = Path(opts.timing_cache).read_bytes() if opts.timing_cache and Path(opts.timing_cache).is_file() else b""
+    engines, cache = {}, None
+    for name, path in p["graphs"].items():
+        stage(f"parse {Path(path).name}")
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(path):
+            errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+            raise CheckpointError(f"TensorRT cannot parse {Path(path).name}: {errors[0] if errors else 'unknown error'}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
+        for flag in {"fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16"), "fp8": ("FP8", "FP16")}.get(opts.precision, ()):
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+        if cache is None:
+            cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        for shapes in p["profiles"][name].values():
+            profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                inp = network.get_input(i)
+                if inp.name in shapes:
+                    profile.set_shape(inp.name, *shapes[inp.name])
+            config.add_optimization_profile(profile)
+        stage(f"build {name} engine ({opts.precision}; minutes for large graphs)")
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise InternalError(f"TensorRT failed to build the {name} engine (its log above says why)")
+        engines[name] = bytes(blob)
+    stage("write engines")
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        for name, blob in engines.items():
+            (tmp / f"{name}.engine").write_bytes(blob)
+        src = p["manifest"]
+        manifest = write_manifest(
+            tmp, "tensorrt", options=src["options"], config=src["config"], contract=src["contract"],
+            source={"artifact": p["artifact"], "manifest_sha256": sha256_file(Path(p["artifact"]) / "manifest.json"),
+                    "checkpoint": src.get("source", {}).get("checkpoint")},
+            engines={name: f"{name}.engine" for name in engines}, profiles=p["profiles"],
+            build={**p["options"], "tensorrt": trt.__version__, "quantization": p["quantization"]})
+    if opts.timing_cache and cache is not None:
+        Path(opts.timing_cache).write_bytes(bytes(cache.serialize()))
+    return {"manifest": manifest, "seconds": time.perf_counter() - t0, "plan": {k: v for k, v in p.items() if k != "manifest"}}
+
+
+def describe_plan(p: dict) -> str:
+    return json.dumps({k: v for k, v in p.items() if k != "manifest"}, indent=2)

@@ -1,0 +1,89 @@
+"""`build`: everything before TensorRT (checks, lint gate, optimization profiles from the I/O
+contract, --dry-run) runs here; the engine build itself needs TensorRT and skips."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from exporters.trt_build import BuildOptions, build_engines, default_ranges, parse_profile, plan, profiles_for
+from mythos_deploy import InputError
+from mythos_deploy.cli import app
+from mythos_deploy.contract import contracts_for
+from mythos_deploy.config import MythosConfig
+
+
+def test_parse_profile():
+    assert parse_profile(["batch=1:2:8", "seq=1:16:64"]) == {"batch": (1, 2, 8), "seq": (1, 16, 64)}
+    for bad in ("batch", "batch=1:2", "batch=a:b:c", "=1:1:1"):
+        with pytest.raises(InputError, match="AXIS=MIN:OPT:MAX"):
+            parse_profile([bad])
+    for bad in ({"batch": (2, 1, 3)}, {"seq": (-1, 1, 2)}, {"heads": (1, 1, 1)}):
+        with pytest.raises(InputError, match="--profile"):
+            BuildOptions(profile=bad).check()
+
+
+def test_profiles_follow_the_contract(tiny_cfg):
+    cfg = tiny_cfg.to_dict()
+    ranges = default_ranges(cfg, 4)
+    assert ranges["past"][2] == cfg["max_seq_len"] - 1 and ranges["loops"][2] == 2 * cfg["max_loop_iters"]
+    (model,) = contracts_for(tiny_cfg, "unroll", 4)
+    profs = profiles_for(model, ranges, decode=True)
+    assert list(profs) == ["decode", "prefill"]
+    W = tiny_cfg.cache_width
+    assert profs["decode"]["input_ids"] == [[1, 1], [1, 1], [4, 1]]
+    assert profs["prefill"]["input_ids"] == [[1, 1], [1, ranges["seq"][1]], [4, cfg["max_seq_len"]]]
+    assert profs["prefill"]["past_recurrent"] == [[4, 1, 0, W], [4, 1, ranges["past"][1], W], [4, 4, ranges["past"][2], W]]
+    assert "past_len" not in profs["prefill"] and "act_threshold" not in profs["prefill"]  # scalars: no profile
+    (loop,) = contracts_for(tiny_cfg, "loop", 4)
+    assert profiles_for(loop, ranges, decode=False)["prefill"]["past_recurrent"][2][0] == ranges["loops"][2]
+    step = contracts_for(tiny_cfg, "stepped", 4)[1]
+    assert profiles_for(step, ranges, decode=False)["prefill"]["h"][2] == [4, cfg["max_seq_len"], tiny_cfg.dim]
+
+
+def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_exports, tmp_path):
+    from exporters.quantize import QuantizeOptions, quantize_artifact
+    _, loop_src = artifacts[("mla", "loop")]
+    p = plan(loop_src, BuildOptions())
+    assert set(p["profiles"]["model"]) == {"decode", "prefill"}
+    with pytest.raises(InputError, match="qdq-int8"):
+        plan(loop_src, BuildOptions(precision="int8"))
+    with pytest.raises(InputError, match="fp8"):
+        plan(loop_src, BuildOptions(precision="fp8"))
+    with pytest.raises(InputError, match="--precision"):
+        plan(loop_src, BuildOptions(precision="int4"))
+    q8 = tmp_path / "q8"
+    quantize_artifact(artifacts[("gqa", "unroll")][1], q8, QuantizeOptions(mode="int8"))
+    with pytest.raises(InputError, match="quantized for onnxruntime"):
+        plan(q8, BuildOptions())
+    qdq = tmp_path / "qdq8"
+    quantize_artifact(demo_exports["unroll-plugin"], qdq, QuantizeOptions(mode="qdq-int8", calib_prompts=1))
+    assert plan(qdq, BuildOptions(precision="int8"))["quantization"] == "qdq-int8"
+
+
+def test_dry_run_and_missing_tensorrt(artifacts, tmp_path):
+    _, src = artifacts[("gqa", "stepped")]
+    runner = CliRunner()
+    r = runner.invoke(app, ["build", str(src), "-o", str(tmp_path / "e"), "--dry-run", "--json", "--profile", "batch=1:2:3"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["graphs"] == ["prelude", "step", "coda"] and summary["ranges"]["batch"] == [1, 2, 3]
+    assert summary["profiles"]["coda"]["prefill"]["h_out"][2][0] == 3
+    r = runner.invoke(app, ["build", str(src), "-o", str(tmp_path / "e"), "--dry-run"])
+    assert r.exit_code == 0 and "past_prelude_0" in r.output and "nothing built" in r.output
+    assert not (tmp_path / "e").exists()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        r = runner.invoke(app, ["build", str(src), "-o", str(tmp_path / "e")])
+        assert r.exit_code == 2 and "tensorrt not installed" in r.output and "[tensorrt]" in r.output, r.output
+        assert not (tmp_path / "e").exists() and "Traceback" not in r.output
+    r = runner.invoke(app, ["build", str(tmp_path / "none"), "-o", str(tmp_path / "e"), "--dry-run"])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_builds_engines_with_tensorrt(artifacts, tmp_path):
+    pytest.importorskip("tensorrt", reason="tensorrt not installed")
+    _, src = artifacts[("mla", "stepped")]
+    res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
+    assert set(res["manifest"]["engines"]) == {"prelude", "step", "coda"}
