@@ -10,7 +10,6 @@ from exporters.trt_build import BuildOptions, build_engines, default_ranges, par
 from mythos_deploy import InputError
 from mythos_deploy.cli import app
 from mythos_deploy.contract import contracts_for
-from mythos_deploy.config import MythosConfig
 
 
 def test_parse_profile():
