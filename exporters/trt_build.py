@@ -6,6 +6,7 @@ artifact's checks, the TensorRT lint (errors refuse the build), the precision ag
 artifact's quantization, and the optimization profiles, computed from the I/O contract's
 dynamic axes (batch, seq, past, loops). By default two profiles per graph: `decode` (seq 1)
 and `prefill` (seq from 1 to max_seq_len); the TensorRT backend picks by the call's length.
+`past` runs to max_seq_len: the backend passes its whole preallocated cache buffer.
 
 The TensorRT part follows TensorRT 10's documented Python API (Builder, OnnxParser,
 IBuilderConfig, optimization profiles, timing cache) and has never run in this project's CI:
@@ -69,7 +70,7 @@ def parse_profile(specs: list[str]) -> dict[str, tuple[int, int, int]]:
 
 def default_ranges(cfg: dict, loops: int) -> dict[str, tuple[int, int, int]]:
     L = cfg["max_seq_len"]
-    return {"batch": (1, 1, 4), "seq": (1, min(32, L), L), "past": (0, min(64, L - 1), L - 1),
+    return {"batch": (1, 1, 4), "seq": (1, min(32, L), L), "past": (0, min(64, L), L),
             "loops": (1, loops, max(loops, 2 * cfg["max_loop_iters"]))}
 
 

@@ -223,8 +223,10 @@ def generate(
                                                           "token's loop once halted (loop/stepped exports, and eager)."),
     stop_ids: Optional[str] = typer.Option(None, help="Comma-separated ids that end generation."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
-    backend: str = typer.Option("auto", help="auto (from the manifest), eager or onnxruntime."),
-    provider: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu / a CUDA torch for eager)."),
+    backend: str = typer.Option("auto", help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
+                                             "from mythos-export build)."),
+    provider: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu; for checkpoints the torch-on-CUDA path, with the "
+                                             "Triton MoE kernel when triton is installed)."),
     dtype: str = typer.Option("fp32", help="Checkpoints only: fp32, fp16 or bf16."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the manifest version and sha256 checks."),
     as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
@@ -540,7 +542,7 @@ def build(
     precision: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8 (needs a qdq-int8 artifact) | fp8 (needs an fp8 "
                                                "artifact; Hopper/Ada). Jetson Orin: fp16, int8."),
     profile: List[str] = typer.Option([], "--profile", help="AXIS=MIN:OPT:MAX for batch, seq, past or loops (repeatable). "
-                                                            "Defaults: batch=1:1:4, seq=1:32:max_seq_len, past=0:64:max_seq_len-1."),
+                                                            "Defaults: batch=1:1:4, seq=1:32:max_seq_len, past=0:64:max_seq_len."),
     decode_profile: bool = typer.Option(True, "--decode-profile/--no-decode-profile",
                                         help="Add a second optimization profile with seq=1 (decode)."),
     workspace: int = typer.Option(4096, "--workspace", help="Builder workspace limit, MiB."),

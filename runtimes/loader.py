@@ -8,7 +8,7 @@ from mythos_deploy.errors import CheckpointError, InputError
 from mythos_deploy.manifest import FORMAT_VERSION, read_manifest, tool_version, verify_files
 from runtimes.base import Backend
 
-BACKENDS = ("auto", "eager", "onnxruntime")
+BACKENDS = ("auto", "eager", "onnxruntime", "tensorrt")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -38,6 +38,8 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
         check_manifest_version(manifest, path)
         verify_files(path, manifest)
     kind = manifest["kind"]
+    if backend == "tensorrt" and kind != "tensorrt":
+        raise InputError(f"{path} is a {kind!r} artifact; build TensorRT engines first: mythos-export build {path} -o OUT")
     if dtype != "fp32" and kind != "checkpoint":
         raise InputError(f"--dtype applies to checkpoints; {path} was exported as {manifest['options']['dtype']}")
     if kind == "checkpoint":
@@ -46,6 +48,9 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
         from mythos_deploy.checkpoint import load_checkpoint
         from runtimes.eager import EagerBackend
         device = "cuda" if provider == "cuda" else "cpu"
+        if device == "cuda":  # the torch-on-CUDA path: MoE through the Triton kernel when installed
+            from mythos_deploy.moe import use_triton_kernel
+            use_triton_kernel()
         return EagerBackend(load_checkpoint(path, dtype=dtype, device=device, verify=False))
     if kind == "onnx":
         if backend == "eager":
@@ -59,4 +64,9 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
                              "cannot run; build a TensorRT engine from it, or quantize with --mode int4 for onnxruntime")
         from runtimes.onnxruntime_backend import OrtBackend
         return OrtBackend(path, manifest, PROVIDERS[provider], threads)
+    if kind == "tensorrt":
+        if backend not in ("auto", "tensorrt"):
+            raise InputError(f"{path} holds TensorRT engines; only the tensorrt backend runs them")
+        from runtimes.tensorrt_backend import TensorRTBackend
+        return TensorRTBackend(path, manifest)
     raise CheckpointError(f"{path}: unsupported artifact kind {kind!r}")

@@ -25,7 +25,7 @@ def test_parse_profile():
 def test_profiles_follow_the_contract(tiny_cfg):
     cfg = tiny_cfg.to_dict()
     ranges = default_ranges(cfg, 4)
-    assert ranges["past"][2] == cfg["max_seq_len"] - 1 and ranges["loops"][2] == 2 * cfg["max_loop_iters"]
+    assert ranges["past"][2] == cfg["max_seq_len"] and ranges["loops"][2] == 2 * cfg["max_loop_iters"]
     (model,) = contracts_for(tiny_cfg, "unroll", 4)
     profs = profiles_for(model, ranges, decode=True)
     assert list(profs) == ["decode", "prefill"]

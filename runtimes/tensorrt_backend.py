@@ -1,0 +1,203 @@
+"""The TensorRT backend: engines from `mythos-export build`, driven like the other backends.
+
+- Engines are deserialized with the MythosMoE plugin registered (exporters/trt_plugin.py).
+- Every I/O tensor is a torch CUDA tensor; the cache slots are preallocated per session
+  ([batch, budget, W], recurrent [n_loops, batch, budget, W]) and passed whole with
+  `past_len` (the graphs ignore rows at or past it), so nothing is concatenated per token;
+  the graphs' new rows are copied into place at [past_len, past_len + T).
+- One CUDA stream per backend. The optimization profile is picked per call: `decode` for
+  one-token calls, `prefill` otherwise (the profiles the build wrote into the manifest).
+- `cuda_graph=True` captures the single-graph engine's decode call (T = 1) once per session
+  and replays it: the token id and past_len are written into the captured input tensors.
+
+Written against TensorRT 10's documented Python API (IRuntime, ICudaEngine,
+IExecutionContext.set_input_shape / set_tensor_address / execute_async_v3). TensorRT cannot
+be installed where this project's CI runs, so this file has not run; the tests that need it
+skip with "tensorrt not installed", and `make gpu-check` exercises it where TensorRT exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mythos_deploy.config import MythosConfig
+from mythos_deploy.errors import CheckpointError, InputError, InternalError
+from runtimes.base import Backend, Session, StepOutput
+
+
+def _torch_dtype(trt, torch, dt):
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+    if dt not in table:
+        raise InternalError(f"engine I/O type {dt} has no torch equivalent")
+    return table[dt]
+
+
+class TrtEngine:
+    """One engine and its execution context; `run` binds torch CUDA tensors and launches."""
+
+    def __init__(self, trt, runtime, path: Path, profile_names: list[str]):
+        import torch
+        self.trt, self.torch = trt, torch
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise CheckpointError(f"TensorRT cannot deserialize {path} (built by another TensorRT version or GPU?)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.host_inputs = {n for n in self.inputs if engine.is_shape_inference_io(n)}
+        self.profile_names = profile_names
+        self.profile = -1
+
+    def pick_profile(self, seq: int) -> int:
+        name = "decode" if seq == 1 and "decode" in self.profile_names else "prefill"
+        return self.profile_names.index(name) if name in self.profile_names else 0
+
+    def run(self, feeds: dict, stream, seq: int, out: dict | None = None) -> dict:
+        torch, ctx = self.torch, self.context
+        profile = self.pick_profile(seq)
+        if profile != self.profile:
+            ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+            self.profile = profile
+        for name in self.inputs:
+            t = feeds[name]
+            t = t.cpu() if name in self.host_inputs else t
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+            feeds[name] = t  # keep alive until the launch completes
+        result = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            dt = _torch_dtype(self.trt, torch, self.engine.get_tensor_dtype(name))
+            t = out[name] if out is not None and name in out else torch.empty(shape, dtype=dt, device="cuda")
+            ctx.set_tensor_address(name, t.data_ptr())
+            result[name] = t
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise InternalError("TensorRT execute_async_v3 failed (its log says why)")
+        return result
+
+
+class TrtSession(Session):
+    backend_name = "tensorrt"
+
+    def __init__(self, backend: "TensorRTBackend", batch, budget, n_loops, act_threshold, exit):
+        super().__init__(backend.cfg, batch, budget, n_loops, act_threshold, exit)
+        torch = backend.torch
+        self.b = backend
+        cfg, W, dt = backend.cfg, backend.cfg.cache_width, backend.cache_dtype
+        mk = lambda *shape: torch.zeros(shape, dtype=dt, device="cuda")  # noqa: E731
+        self.buffers = {f"past_prelude_{i}": mk(batch, budget, W) for i in range(cfg.prelude_layers)}
+        self.buffers["past_recurrent"] = mk(n_loops, batch, budget, W)
+        self.buffers.update({f"past_coda_{i}": mk(batch, budget, W) for i in range(cfg.coda_layers)})
+        self.graph = None  # captured decode call
+
+    def _scalars(self, pos: int) -> dict:
+        torch = self.b.torch
+        return {"past_len": torch.tensor(pos, dtype=torch.int64, device="cuda"),
+                "act_threshold": torch.tensor(self.act_threshold, dtype=torch.float32, device="cuda"),
+                "n_loops": torch.tensor(self.n_loops, dtype=torch.int64, device="cuda"),
+                "early_exit": torch.tensor(self.exit == "fill-forward", device="cuda")}
+
+    def _forward(self, ids, pos: int) -> dict:
+        b, torch = self.b, self.b.torch
+        x = torch.from_numpy(ids).to("cuda")
+        T = ids.shape[1]
+        if b.loop_mode != "stepped":
+            if T == 1 and b.cuda_graph and b.loop_mode == "unroll":
+                return self._decode_graph(x, pos)
+            return b.engines["model"].run({"input_ids": x, **self._scalars(pos), **self.buffers}, b.stream, T)
+        s = self._scalars(pos)
+        pre = b.engines["prelude"].run({"input_ids": x, "past_len": s["past_len"], **self.buffers}, b.stream, T)
+        e = pre["e"]
+        B = e.shape[0]
+        state = {"h": e, "e": e, "h_out": torch.zeros(e.shape, dtype=torch.float32, device="cuda"),
+                 "cum": torch.zeros((B, T), dtype=torch.float32, device="cuda"),
+                 "halted": torch.zeros((B, T), dtype=torch.bool, device="cuda"),
+                 "loops_used": torch.zeros((B, T), dtype=torch.int32, device="cuda")}
+        news = []
+        for t in range(self.n_loops):
+            out = b.engines["step"].run({**state, "loop_index": torch.tensor(t, dtype=torch.int64, device="cuda"),
+                                         "act_threshold": s["act_threshold"], "past_len": s["past_len"],
+                                         "past_recurrent": self.buffers["past_recurrent"][t]}, b.stream, T)
+            state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"], halted=out["halted_next"],
+                         loops_used=out["loops_used_next"])
+            news.append(out["new_recurrent"])
+            if self.exit == "fill-forward" and bool(state["halted"].all()):
+                break
+        coda = b.engines["coda"].run({"h_out": state["h_out"], "past_len": s["past_len"], **self.buffers}, b.stream, T)
+        ran = len(news)
+        news += [news[-1]] * (self.n_loops - ran)  # fill-forward
+        result = {"logits": coda["logits"], "new_recurrent": torch.stack(news), "loops_run": ran,
+                  "loops_used": state["loops_used"], "halt_prob": state["cum"]}
+        result.update({k: v for k, v in {**pre, **coda}.items() if k.startswith("new_")})
+        return result
+
+    def _decode_graph(self, x, pos: int) -> dict:
+        """Capture the engine's one-token call once, then replay it with new inputs."""
+        b, torch = self.b, self.b.torch
+        if self.graph is None:
+            self.static = {"input_ids": x.clone(), **self._scalars(pos), **self.buffers}
+            eng = b.engines["model"]
+            self.static_out = eng.run(dict(self.static), b.stream, 1)  # warm-up; allocates outputs
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=b.stream):
+                eng.run(dict(self.static), b.stream, 1, out=self.static_out)
+            self.graph = graph
+        self.static["input_ids"].copy_(x)
+        self.static["past_len"].fill_(pos)
+        self.graph.replay()
+        return self.static_out
+
+    def _step(self, ids: np.ndarray) -> StepOutput:
+        b, torch = self.b, self.b.torch
+        pos, T = self.length, ids.shape[1]
+        with torch.cuda.stream(b.stream):
+            out = self._forward(ids, pos)
+            ran = int(out.get("loops_run", self.n_loops))
+            for name, buf in self.buffers.items():
+                new = out[name.replace("past_", "new_")]
+                if name == "past_recurrent":
+                    buf[:ran, :, pos:pos + T] = new[:ran]
+                    buf[ran:, :, pos:pos + T] = new[ran - 1]
+                else:
+                    buf[:, pos:pos + T] = new
+        b.stream.synchronize()
+        return StepOutput(out["logits"].float().cpu().numpy(), out["loops_used"].cpu().numpy(),
+                          out["halt_prob"].float().cpu().numpy(), ran)
+
+    def cache_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, manifest: dict, cuda_graph: bool = False):
+        from exporters.trt_plugin import import_tensorrt, register
+        trt, trtp = import_tensorrt()
+        import torch
+        if not torch.cuda.is_available():
+            raise InputError("the TensorRT backend needs a CUDA GPU; none is visible")
+        self.trt, self.torch = trt, torch
+        self.path, self.manifest = Path(path), manifest
+        self.cfg = MythosConfig.from_dict(manifest["config"])
+        opts = manifest["options"]
+        self.loop_mode, self.default_loops = opts["loop"], opts["loops"]
+        self.variable_depth = self.fill_forward = self.loop_mode != "unroll"
+        self.cache_dtype = torch.float16 if opts["dtype"] == "fp16" else torch.float32
+        self.cuda_graph = cuda_graph
+        if opts["moe"] == "plugin":
+            register(trtp, trt, mode=manifest.get("build", {}).get("plugin", "aot"))
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        self.stream = torch.cuda.Stream()
+        self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest["profiles"][name]))
+                        for name, f in manifest["engines"].items()}
+        self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
+
+    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
+        return TrtSession(self, batch, budget, n_loops, act_threshold, exit)
