@@ -6,14 +6,16 @@ Modes for onnxruntime CPU:
   tied embedding gathers rows of the int8 head; routed experts of the `standard` lowering
   become int8 weight-only (per output channel), dequantized after the top-k Gather.
 - `int4`: 2-D weight MatMuls -> MatMulNBits (symmetric, `--block-size`, accuracy level 4 by
-  default: int8 compute, fast on CPU). Experts and the embedding gather stay fp32.
+  default: int8 compute, fast on CPU). The `standard` lowering's experts and the embedding
+  gather stay fp32.
 - `fp16`: a native fp16 re-export of the artifact's source checkpoint (recorded in its
   manifest and checked by sha256) with the same options, gated by the export's own fp16
   parity gate against eager fp32. onnxruntime's float16 converter is not used: on these
   graphs it leaves dangling names inside nested Loop/If bodies. For GPUs; onnxruntime CPU
   runs fp16 slowly.
-The `ort` lowering's com.microsoft::MoE keeps fp32 experts (QMoE is not wired); `plugin`
-artifacts are refused (their expert weights belong to the TensorRT plugin path).
+With the `ort` lowering, int8/int4 turn com.microsoft::MoE into com.microsoft::QMoE (int8 per
+output row; int4 blocked). `plugin` artifacts are refused (their expert weights belong to the
+TensorRT plugin path; see the Q/DQ modes).
 
 Modes for TensorRT (explicit quantization; exporters/qdq.py): `qdq-int8`, `qdq-int4`, `fp8` on
 `unroll` or `stepped` exports with the `plugin` or `standard` lowering. Their accuracy gate runs
@@ -28,7 +30,9 @@ source checkpoint was made by `train-demo`, also task accuracy on 400 multi-hop 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -151,6 +155,61 @@ def _int8_experts(model) -> int:
     return len(targets)
 
 
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """[..., K] values in 0..15 -> [..., K/2] bytes, element 2i in the low nibble."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _qmoe_weight(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[E, N, K] fp32 -> (uint8 weights [E, N, K*bits/8] with zero point 2^(bits-1), scales
+    [E, N] or [E, N, K/block]): symmetric, per output row or per block along K."""
+    E, N, K = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    blocks = w.reshape(E, N, K // block, block) if block else w[..., None, :]
+    scale = np.abs(blocks).max(-1) / qmax
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(blocks / scale[..., None]), -qmax - 1, qmax).reshape(E, N, K) + 2 ** (bits - 1)
+    q = q.astype(np.uint8) if bits == 8 else _pack_nibbles(q)
+    return np.ascontiguousarray(q), np.ascontiguousarray((scale if block else scale[..., 0]).astype(np.float32))
+
+
+def _qmoe(model, bits: int, block_size: int) -> str:
+    """The `ort` lowering's com.microsoft::MoE nodes -> com.microsoft::QMoE with int8 (per
+    output row) or int4 expert weights (blocks of `block_size` along K when both the hidden
+    and expert sizes divide by it, as QMoE requires; else per output row), same fused
+    interleaved SwiGLU layout. Returns what was done ("" when there is no MoE node)."""
+    from onnx import helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    done: dict[tuple[str, int], tuple[str, str]] = {}
+    kinds = set()
+    for g in iter_graphs(model.graph):
+        out = []
+        for n in g.node:
+            if not (n.domain == "com.microsoft" and n.op_type == "MoE"):
+                out.append(n)
+                continue
+            x, router, fc1, _, fc2 = list(n.input)[:5]
+            w1, w2 = (numpy_helper.to_array(inits[name]).astype(np.float32) for name in (fc1, fc2))
+            block = block_size if bits == 4 and w1.shape[2] % block_size == 0 and w2.shape[2] % block_size == 0 else 0
+            kinds.add(f"blocks of {block}" if block else "per output row")
+            ins = []
+            for name, w in ((fc1, w1), (fc2, w2)):
+                if (name, block) not in done:
+                    q, sc = _qmoe_weight(w, bits, block)
+                    done[(name, block)] = (f"{name}::q{bits}b{block}", f"{name}::s{bits}b{block}")
+                    model.graph.initializer.extend([numpy_helper.from_array(q, done[(name, block)][0]),
+                                                    numpy_helper.from_array(sc, done[(name, block)][1])])
+                ins += [*done[(name, block)], ""]
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            out.append(helper.make_node("QMoE", [x, router, *ins[:-1]], list(n.output), name=n.name or None,
+                                        domain="com.microsoft", expert_weight_bits=bits, **attrs,
+                                        **({"block_size": block} if block else {})))
+        del g.node[:]
+        g.node.extend(out)
+    return f"int{bits} QMoE ({', '.join(sorted(kinds))})" if kinds else ""
+
+
 def _int8_embedding(model) -> bool:
     """After quantize_dynamic, the tied head is int8 for the head MatMul but still fp32 for
     the embedding Gather. Gather rows of the int8 head instead and drop the fp32 copy."""
@@ -179,6 +238,22 @@ def _int8_embedding(model) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _quiet_quantizers():
+    """onnxruntime's quantizers log every node at INFO (and a pre-processing hint on the root
+    logger); keep the CLI's output to what this tool says."""
+    names = ["", "onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dict:
     """Quantize one graph file; returns what was done (recorded in the manifest)."""
     import onnx
@@ -186,11 +261,11 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
     from exporters.onnx_compose import IR_VERSION, prune_initializers, toposort
     model = onnx.load(str(src))
     info: dict = {"mode": opts.mode}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _quiet_quantizers():
         tmp_in = Path(scratch) / "in.onnx"
         if opts.mode == "int8":
             info["experts"] = (f"int8 weight-only ({_int8_experts(model)} tables)" if moe == "standard"
-                               else "fp32 (com.microsoft::MoE; QMoE not wired)")
+                               else _qmoe(model, 8, 0))
             onnx.save(model, str(tmp_in))
             from onnxruntime.quantization import QuantType, quantize_dynamic
             quantize_dynamic(str(tmp_in), str(dst), weight_type=QuantType.QInt8, per_channel=True,
@@ -204,7 +279,8 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
                                      accuracy_level=opts.accuracy_level, nodes_to_exclude=_excluded(model, opts.exclude))
             q.process()
             model = q.model.model
-            info.update(experts="fp32", embedding="fp32", block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+            experts = _qmoe(model, 4, opts.block_size) if moe == "ort" else "fp32"
+            info.update(experts=experts, embedding="fp32", block_size=opts.block_size, accuracy_level=opts.accuracy_level)
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
     prune_initializers(model)

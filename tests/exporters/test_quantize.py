@@ -113,3 +113,35 @@ def test_no_task_gate_for_an_untrained_model(artifacts, tmp_path):
     _, src = artifacts[("gqa", "unroll")]
     res = quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8"))
     assert res["gate"]["task"] is None
+
+
+def test_qmoe_weight_layout_roundtrips():
+    import numpy as np
+
+    from exporters.quantize import _qmoe_weight
+    w = np.random.default_rng(0).standard_normal((3, 8, 64)).astype(np.float32)
+    q8, s8 = _qmoe_weight(w, 8, 0)
+    assert q8.dtype == np.uint8 and q8.shape == w.shape and s8.shape == (3, 8)
+    deq = (q8.astype(np.float32) - 128) * s8[..., None]
+    assert np.abs(deq - w).max() <= s8.max() / 2 + 1e-6
+    q4, s4 = _qmoe_weight(w, 4, 32)
+    assert q4.shape == (3, 8, 32) and s4.shape == (3, 8, 2)
+    nib = np.stack([q4 & 15, q4 >> 4], axis=-1).reshape(3, 8, 64).astype(np.float32)  # low nibble first
+    deq = (nib - 8) * np.repeat(s4, 32, axis=-1)
+    assert np.abs(deq - w).max() <= np.repeat(s4, 32, axis=-1).max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_ort_lowering_experts_become_qmoe(om_pair, stepped_fp32, tmp_path, mode):
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy import save_checkpoint
+    _, model = om_pair["mla"]
+    ck, src = tmp_path / "ck", tmp_path / "ort"
+    save_checkpoint(model, ck)
+    export_onnx(ck, src, OnnxExportOptions(loop="unroll", moe="ort", validate=False), stepped=stepped_fp32["mla"])
+    res = quantize_artifact(src, tmp_path / mode, QuantizeOptions(mode=mode, block_size=16))
+    ops = _ops(tmp_path / mode / "model.onnx")
+    assert "QMoE" in ops and "MoE" not in ops
+    info = read_manifest(tmp_path / mode)["quantization"]["graphs"]["model"]
+    assert info["experts"].startswith(f"{mode} QMoE")
+    assert res["gate"]["passed"] and res["gate"]["greedy_agreement"] >= (0.98 if mode == "int8" else 0.9)
