@@ -455,8 +455,8 @@ def quantize(
                                           "TensorRT modes: --loop unroll or stepped, --moe plugin or standard)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized artifact directory to create."),
     mode: str = typer.Option("int8", help="onnxruntime CPU: int8 (per-channel int8 weights, dynamic activations; experts and "
-                                          "embedding int8 too with --moe standard), int4 (MatMulNBits weight-only; Jetson-class "
-                                          "memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
+                                          "embedding int8 too with --moe standard; QMoE experts with --moe ort), int4 (MatMulNBits "
+                                          "weight-only, QMoE int4 experts with --moe ort; Jetson-class memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
                                           "(int8 weights + calibrated int8 activations; any NVIDIA GPU incl. Jetson Orin), "
                                           "qdq-int4 (int4 weight-only blocks; Ampere+ incl. Jetson Orin), fp8 (E4M3 weights + "
                                           "activations; Hopper/Ada only: H100/H200/L4/L40, not Jetson Orin)."),
