@@ -1,6 +1,9 @@
 """Quantization benchmark: per mode on the `bench` preset, file size, decode ms/token and
 prefill tokens/s against fp32 and OpenMythos's own cached decoding in the same run, and the
-fraction of the memory-bandwidth floor (weights at their stored width).
+fraction of the memory-bandwidth floor (weights at their stored width). onnxruntime modes on
+the `loop` export with the `standard` lowering and (QMoE experts) the `ort` lowering; the
+TensorRT Q/DQ modes on the `unroll`/`plugin` export, file size and gate only (no TensorRT here
+to time them).
 
     .venv/bin/python -m benchmarks.quant_bench [--out benchmarks/results/quant.json]
 """
@@ -30,13 +33,27 @@ def main(argv=None) -> dict:
     loops = cfg.max_loop_iters
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        paths = prepare(args.preset, 0, Path(d), loops, lambda m: print(f"[quant] {m}", file=sys.stderr), {"loop/standard"})
+        paths = prepare(args.preset, 0, Path(d), loops, lambda m: print(f"[quant] {m}", file=sys.stderr),
+                        {"loop/standard", "loop/ort", "unroll/plugin"})
         fp32 = paths["loop/standard"]
         arts = {"fp32": (fp32, None)}
         for mode in ("int8", "int4"):
             out = Path(d) / f"q-{mode}"
             res = quantize_artifact(fp32, out, QuantizeOptions(mode=mode))
             arts[mode] = (out, res)
+            out = Path(d) / f"q-{mode}-ort"
+            arts[f"{mode}-qmoe"] = (out, quantize_artifact(paths["loop/ort"], out, QuantizeOptions(mode=mode)))
+        trt_src = paths["unroll/plugin"]
+        trt_rows = [{"mode": "fp32 (unroll/plugin)", "file_bytes": sum(p.stat().st_size for p in trt_src.glob("*.onnx"))}]
+        for mode in ("qdq-int8", "qdq-int4", "fp8"):
+            out = Path(d) / f"q-{mode}"
+            res = quantize_artifact(trt_src, out, QuantizeOptions(mode=mode))
+            trt_rows.append({"mode": mode, "file_bytes": sum(p.stat().st_size for p in out.glob("*.onnx")),
+                             "gate": res["gate"]})
+        for r in trt_rows:
+            r["size_vs_fp32"] = r["file_bytes"] / trt_rows[0]["file_bytes"]
+            print(f"{r['mode']:22s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x)"
+                  + (f" gate agreement {r['gate']['greedy_agreement']:.4f}" if "gate" in r else ""), flush=True)
         base = {"preset": args.preset, "seed": 0, "vocab": cfg.vocab_size, "prompt": args.prompt,
                 "new_tokens": args.new_tokens, "threads": args.threads, "loops": loops}
         om = run_config({**base, "name": "openmythos", "kind": "openmythos"})
@@ -55,13 +72,13 @@ def main(argv=None) -> dict:
         # floor: the fp32 floor (runtime_bench.floor_bytes_per_token) scaled by stored size
         r["bandwidth_floor_ms"] = fp32_floor_bytes * r["size_vs_fp32"] / (bw * 1e9) * 1e3
         r["x_floor"] = r["decode"]["p50_ms"] / r["bandwidth_floor_ms"]
-        print(f"{r['mode']:5s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x) decode p50 "
+        print(f"{r['mode']:9s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x) decode p50 "
               f"{r['decode']['p50_ms']:.2f} ms ({r['decode_speedup_vs_openmythos']:.2f}x OpenMythos) "
               f"prefill {r['prefill_tokens_per_s']:.0f} tok/s", flush=True)
     targets = {"int8_decode_5x_openmythos": next(r["decode_speedup_vs_openmythos"] >= 5 for r in rows if r["mode"] == "int8"),
                "int4_file_at_most_1_6_of_fp32": next(r["size_vs_fp32"] <= 1 / 6 for r in rows if r["mode"] == "int4")}
     path = write_json(args.out, {"benchmark": "quantization", **base, "openmythos": om, "copy_bandwidth_gbs": bw,
-                                 "results": rows, "targets": targets})
+                                 "results": rows, "tensorrt_qdq": trt_rows, "targets": targets})
     print(f"targets {targets}; wrote {path}")
     return {"results": rows}
 

@@ -151,8 +151,8 @@ def prepare(preset: str, seed: int, workdir: Path, loops: int, log, needed=None)
     stepped = export_stepped(model, "fp32", 18)
     paths = {"ckpt": ck}
     for loop in ("unroll", "loop", "stepped"):
-        for moe in ("standard", "ort"):
-            if needed is not None and f"{loop}/{moe}" not in needed:
+        for moe in ("standard", "ort", "plugin"):
+            if (needed is None and moe == "plugin") or (needed is not None and f"{loop}/{moe}" not in needed):
                 continue
             log(f"compose {loop}/{moe}")
             od = workdir / f"onnx-{loop}-{moe}"

@@ -254,6 +254,41 @@ def _quiet_quantizers():
             lg.setLevel(lv)
 
 
+def _int4_embedding(model) -> bool:
+    """After MatMulNBits, the tied head is int4 for the head MatMul but the embedding Gather
+    still reads the fp32 table. Gather int4 rows of the head instead (com.microsoft::
+    GatherBlockQuantized over the same packed bytes and scales: MatMulNBits' [N, blocks, blob]
+    is [N, K/2] row-major, both use zero point 8) and drop the fp32 copy."""
+    from onnx import helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"
+               and f"{n.input[0]}_Q4" in inits and f"{n.input[0]}_scales" in inits]
+    if len(gathers) != 1:
+        return False
+    g = gathers[0]
+    head = g.input[0]
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{head}_Q4"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute} if nbits else {}
+    if next((a.i for a in g.attribute if a.name == "axis"), 0) != 1 or len(nbits) != 1 or len(nbits[0].input) > 3 \
+            or attrs.get("bits") != 4:
+        return False  # the layout this rewrite knows: table [D, V] gathered on axis 1, symmetric 4-bit
+    N, K, bs = attrs["N"], attrs["K"], attrs["block_size"]
+    y = g.output[0]
+    shape = f"{head}_Q4::rows_shape"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([N, K // 2], np.int64), shape))
+    new = [helper.make_node("Reshape", [f"{head}_Q4", shape], [f"{y}/rows"], name=f"{g.name}/rows"),
+           helper.make_node("GatherBlockQuantized", [f"{y}/rows", "input_ids", f"{head}_scales"], [f"{y}/btd"],
+                            name=f"{g.name}/q4", domain="com.microsoft", bits=4, block_size=bs, gather_axis=0,
+                            quantize_axis=1),
+           helper.make_node("Transpose", [f"{y}/btd"], [y], name=f"{g.name}/dbt", perm=[2, 0, 1])]
+    nodes = []
+    for n in model.graph.node:
+        nodes.extend(new if n is g else [n])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return True
+
+
 def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dict:
     """Quantize one graph file; returns what was done (recorded in the manifest)."""
     import onnx
@@ -280,7 +315,8 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
             q.process()
             model = q.model.model
             experts = _qmoe(model, 4, opts.block_size) if moe == "ort" else "fp32"
-            info.update(experts=experts, embedding="fp32", block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+            embedding = "int4 rows of the head (GatherBlockQuantized)" if _int4_embedding(model) else "fp32"
+            info.update(experts=experts, embedding=embedding, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
     prune_initializers(model)

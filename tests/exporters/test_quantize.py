@@ -54,7 +54,8 @@ def test_int4(artifacts, tmp_path):
     _, src = artifacts[("gqa", "loop")]
     res = quantize_artifact(src, tmp_path / "q4", QuantizeOptions(mode="int4", block_size=32))
     assert res["gate"]["passed"]
-    assert "MatMulNBits" in _ops(tmp_path / "q4" / "model.onnx")
+    assert "MatMulNBits" in _ops(tmp_path / "q4" / "model.onnx") and "GatherBlockQuantized" in _ops(tmp_path / "q4" / "model.onnx")
+    assert read_manifest(tmp_path / "q4")["quantization"]["graphs"]["model"]["embedding"].startswith("int4")
 
 
 def test_fp16_reexports_from_the_source_checkpoint(artifacts, tmp_path):
