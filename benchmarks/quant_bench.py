@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
             arts[mode] = (out, res)
             out = Path(d) / f"q-{mode}-ort"
             arts[f"{mode}-qmoe"] = (out, quantize_artifact(paths["loop/ort"], out, QuantizeOptions(mode=mode)))
+        out = Path(d) / "q-int4-ort-b128"  # fewer scales: 1/4 of block 32's
+        arts["int4-qmoe-b128"] = (out, quantize_artifact(paths["loop/ort"], out, QuantizeOptions(mode="int4", block_size=128)))
         trt_src = paths["unroll/plugin"]
         trt_rows = [{"mode": "fp32 (unroll/plugin)", "file_bytes": sum(p.stat().st_size for p in trt_src.glob("*.onnx"))}]
         for mode in ("qdq-int8", "qdq-int4", "fp8"):
@@ -72,11 +74,12 @@ def main(argv=None) -> dict:
         # floor: the fp32 floor (runtime_bench.floor_bytes_per_token) scaled by stored size
         r["bandwidth_floor_ms"] = fp32_floor_bytes * r["size_vs_fp32"] / (bw * 1e9) * 1e3
         r["x_floor"] = r["decode"]["p50_ms"] / r["bandwidth_floor_ms"]
-        print(f"{r['mode']:9s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x) decode p50 "
+        print(f"{r['mode']:14s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x) decode p50 "
               f"{r['decode']['p50_ms']:.2f} ms ({r['decode_speedup_vs_openmythos']:.2f}x OpenMythos) "
               f"prefill {r['prefill_tokens_per_s']:.0f} tok/s", flush=True)
     targets = {"int8_decode_5x_openmythos": next(r["decode_speedup_vs_openmythos"] >= 5 for r in rows if r["mode"] == "int8"),
-               "int4_file_at_most_1_6_of_fp32": next(r["size_vs_fp32"] <= 1 / 6 for r in rows if r["mode"] == "int4")}
+               "int4_file_at_most_1_6_of_fp32": {r["mode"]: r["size_vs_fp32"] <= 1 / 6 for r in rows
+                                                 if r["mode"].startswith("int4")}}
     path = write_json(args.out, {"benchmark": "quantization", **base, "openmythos": om, "copy_bandwidth_gbs": bw,
                                  "results": rows, "tensorrt_qdq": trt_rows, "targets": targets})
     print(f"targets {targets}; wrote {path}")
