@@ -78,16 +78,21 @@ def _down_kernel(hg_ptr, idx_ptr, wd_ptr, y_ptr, D, F, K,
 
 
 @triton.jit
+def _tile(order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its expert, the (token, k) pair ids of its rows, and the row mask."""
+    tile = tl.program_id(0)
+    e = tl.load(tile_e_ptr + tile).to(tl.int64)
+    rows = tl.load(tile_lo_ptr + tile) + tl.arange(0, BLOCK_M)
+    mask_m = rows < tl.load(tile_hi_ptr + tile)
+    pair = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    return e, pair, mask_m
+
+
+@triton.jit
 def _up_grouped(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
                 BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    tile = tl.program_id(0)
+    e, pair, mask_m = _tile(order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     fblk = tl.program_id(1)
-    e = tl.load(tile_e_ptr + tile).to(tl.int64)
-    lo = tl.load(tile_lo_ptr + tile)
-    hi = tl.load(tile_hi_ptr + tile)
-    rows = lo + tl.arange(0, BLOCK_M)
-    mask_m = rows < hi
-    pair = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     n = pair // K
     g = tl.load(gate_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
     offs_f = fblk * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -115,14 +120,8 @@ def _up_grouped(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gate_ptr
 @triton.jit
 def _down_grouped(hg_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, wd_ptr, yp_ptr, D, F,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, IEEE: tl.constexpr):
-    tile = tl.program_id(0)
+    e, pair, mask_m = _tile(order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     dblk = tl.program_id(1)
-    e = tl.load(tile_e_ptr + tile).to(tl.int64)
-    lo = tl.load(tile_lo_ptr + tile)
-    hi = tl.load(tile_hi_ptr + tile)
-    rows = lo + tl.arange(0, BLOCK_M)
-    mask_m = rows < hi
-    pair = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     offs_d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -210,6 +210,15 @@ def _qmoe(model, bits: int, block_size: int) -> str:
     return f"int{bits} QMoE ({', '.join(sorted(kinds))})" if kinds else ""
 
 
+def _replace_node(graph, old, new: list) -> None:
+    """Put `new` where `old` was in `graph`'s node list (order kept for readability)."""
+    nodes = []
+    for n in graph.node:
+        nodes.extend(new if n is old else [n])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _int8_embedding(model) -> bool:
     """After quantize_dynamic, the tied head is int8 for the head MatMul but still fp32 for
     the embedding Gather. Gather rows of the int8 head instead and drop the fp32 copy."""
@@ -230,11 +239,7 @@ def _int8_embedding(model) -> bool:
            helper.make_node("Gather", [f"{head}_scale", "input_ids"], [f"{y}/s"], name=f"{g.name}/s", axis=0),
            helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{g.name}/cast", to=TensorProto.FLOAT),
            helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{g.name}/dq")]
-    nodes = []
-    for n in model.graph.node:
-        nodes.extend(new if n is g else [n])
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    _replace_node(model.graph, g, new)
     return True
 
 
@@ -281,11 +286,7 @@ def _int4_embedding(model) -> bool:
                             name=f"{g.name}/q4", domain="com.microsoft", bits=4, block_size=bs, gather_axis=0,
                             quantize_axis=1),
            helper.make_node("Transpose", [f"{y}/btd"], [y], name=f"{g.name}/dbt", perm=[2, 0, 1])]
-    nodes = []
-    for n in model.graph.node:
-        nodes.extend(new if n is g else [n])
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    _replace_node(model.graph, g, new)
     return True
 
 
