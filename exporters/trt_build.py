@@ -139,7 +139,7 @@ def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
 def build_engines(onnx_dir: str | Path, out_dir: str | Path, opts: BuildOptions = BuildOptions(),
                   overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
     from exporters.trt_plugin import import_tensorrt, register
-    from mythos_deploy.manifest import atomic_output_dir, check_writable, sha256_file, write_manifest
+    from mythos_deploy.manifest import check_writable
     stage = stage or (lambda s: None)
     t0 = time.perf_counter()
     p = plan(onnx_dir, opts)
@@ -178,19 +178,27 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, opts: BuildOptions 
             raise InternalError(f"TensorRT failed to build the {name} engine (its log above says why)")
         engines[name] = bytes(blob)
     stage("write engines")
+    manifest = write_engine_dir(out_dir, p, engines, trt.__version__, overwrite)
+    if opts.timing_cache and cache is not None:
+        Path(opts.timing_cache).write_bytes(bytes(cache.serialize()))
+    return {"manifest": manifest, "seconds": time.perf_counter() - t0, "plan": {k: v for k, v in p.items() if k != "manifest"}}
+
+
+def write_engine_dir(out_dir: str | Path, p: dict, engines: dict[str, bytes], trt_version: str,
+                     overwrite: bool = False) -> dict:
+    """Engines + manifest (the source artifact's options, config and contract, the plan's
+    profiles, the build options), atomically."""
+    from mythos_deploy.manifest import atomic_output_dir, sha256_file, write_manifest
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         for name, blob in engines.items():
             (tmp / f"{name}.engine").write_bytes(blob)
         src = p["manifest"]
-        manifest = write_manifest(
+        return write_manifest(
             tmp, "tensorrt", options=src["options"], config=src["config"], contract=src["contract"],
             source={"artifact": p["artifact"], "manifest_sha256": sha256_file(Path(p["artifact"]) / "manifest.json"),
                     "checkpoint": src.get("source", {}).get("checkpoint")},
             engines={name: f"{name}.engine" for name in engines}, profiles=p["profiles"],
-            build={**p["options"], "tensorrt": trt.__version__, "quantization": p["quantization"]})
-    if opts.timing_cache and cache is not None:
-        Path(opts.timing_cache).write_bytes(bytes(cache.serialize()))
-    return {"manifest": manifest, "seconds": time.perf_counter() - t0, "plan": {k: v for k, v in p.items() if k != "manifest"}}
+            build={**p["options"], "tensorrt": trt_version, "quantization": p["quantization"]})
 
 
 def describe_plan(p: dict) -> str:

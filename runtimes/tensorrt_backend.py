@@ -12,12 +12,15 @@
 
 Written against TensorRT 10's documented Python API (IRuntime, ICudaEngine,
 IExecutionContext.set_input_shape / set_tensor_address / execute_async_v3). TensorRT cannot
-be installed where this project's CI runs, so this file has not run; the tests that need it
-skip with "tensorrt not installed", and `make gpu-check` exercises it where TensorRT exists.
+be installed where this project's CI runs: the tests drive this backend on CPU through a
+stand-in runtime (tests/runtimes/trt_runtime_standin.py) that implements that execution
+contract with onnxruntime on the same graphs (`device="cpu"`, `modules=`); `make gpu-check`
+runs the real thing where TensorRT exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +39,11 @@ def _torch_dtype(trt, torch, dt):
 
 
 class TrtEngine:
-    """One engine and its execution context; `run` binds torch CUDA tensors and launches."""
+    """One engine and its execution context; `run` binds torch tensors and launches."""
 
-    def __init__(self, trt, runtime, path: Path, profile_names: list[str]):
+    def __init__(self, trt, runtime, path: Path, profile_names: list[str], device: str = "cuda"):
         import torch
-        self.trt, self.torch = trt, torch
+        self.trt, self.torch, self.device = trt, torch, device
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise CheckpointError(f"TensorRT cannot deserialize {path} (built by another TensorRT version or GPU?)")
@@ -73,7 +76,7 @@ class TrtEngine:
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             dt = _torch_dtype(self.trt, torch, self.engine.get_tensor_dtype(name))
-            t = out[name] if out is not None and name in out else torch.empty(shape, dtype=dt, device="cuda")
+            t = out[name] if out is not None and name in out else torch.empty(shape, dtype=dt, device=self.device)
             ctx.set_tensor_address(name, t.data_ptr())
             result[name] = t
         if not ctx.execute_async_v3(stream.cuda_stream):
@@ -89,38 +92,38 @@ class TrtSession(Session):
         torch = backend.torch
         self.b = backend
         cfg, W, dt = backend.cfg, backend.cfg.cache_width, backend.cache_dtype
-        mk = lambda *shape: torch.zeros(shape, dtype=dt, device="cuda")  # noqa: E731
+        mk = lambda *shape: torch.zeros(shape, dtype=dt, device=backend.device)  # noqa: E731
         self.buffers = {f"past_prelude_{i}": mk(batch, budget, W) for i in range(cfg.prelude_layers)}
         self.buffers["past_recurrent"] = mk(n_loops, batch, budget, W)
         self.buffers.update({f"past_coda_{i}": mk(batch, budget, W) for i in range(cfg.coda_layers)})
         self.graph = None  # captured decode call
 
     def _scalars(self, pos: int) -> dict:
-        torch = self.b.torch
-        return {"past_len": torch.tensor(pos, dtype=torch.int64, device="cuda"),
-                "act_threshold": torch.tensor(self.act_threshold, dtype=torch.float32, device="cuda"),
-                "n_loops": torch.tensor(self.n_loops, dtype=torch.int64, device="cuda"),
-                "early_exit": torch.tensor(self.exit == "fill-forward", device="cuda")}
+        torch, dev = self.b.torch, self.b.device
+        return {"past_len": torch.tensor(pos, dtype=torch.int64, device=dev),
+                "act_threshold": torch.tensor(self.act_threshold, dtype=torch.float32, device=dev),
+                "n_loops": torch.tensor(self.n_loops, dtype=torch.int64, device=dev),
+                "early_exit": torch.tensor(self.exit == "fill-forward", device=dev)}
 
     def _forward(self, ids, pos: int) -> dict:
-        b, torch = self.b, self.b.torch
-        x = torch.from_numpy(ids).to("cuda")
+        b, torch, dev = self.b, self.b.torch, self.b.device
+        x = torch.from_numpy(ids).to(dev)
         T = ids.shape[1]
         if b.loop_mode != "stepped":
-            if T == 1 and b.cuda_graph and b.loop_mode == "unroll":
+            if T == 1 and b.cuda_graph and b.loop_mode == "unroll" and dev == "cuda":
                 return self._decode_graph(x, pos)
             return b.engines["model"].run({"input_ids": x, **self._scalars(pos), **self.buffers}, b.stream, T)
         s = self._scalars(pos)
         pre = b.engines["prelude"].run({"input_ids": x, "past_len": s["past_len"], **self.buffers}, b.stream, T)
         e = pre["e"]
         B = e.shape[0]
-        state = {"h": e, "e": e, "h_out": torch.zeros(e.shape, dtype=torch.float32, device="cuda"),
-                 "cum": torch.zeros((B, T), dtype=torch.float32, device="cuda"),
-                 "halted": torch.zeros((B, T), dtype=torch.bool, device="cuda"),
-                 "loops_used": torch.zeros((B, T), dtype=torch.int32, device="cuda")}
+        state = {"h": e, "e": e, "h_out": torch.zeros(e.shape, dtype=torch.float32, device=dev),
+                 "cum": torch.zeros((B, T), dtype=torch.float32, device=dev),
+                 "halted": torch.zeros((B, T), dtype=torch.bool, device=dev),
+                 "loops_used": torch.zeros((B, T), dtype=torch.int32, device=dev)}
         news = []
         for t in range(self.n_loops):
-            out = b.engines["step"].run({**state, "loop_index": torch.tensor(t, dtype=torch.int64, device="cuda"),
+            out = b.engines["step"].run({**state, "loop_index": torch.tensor(t, dtype=torch.int64, device=dev),
                                          "act_threshold": s["act_threshold"], "past_len": s["past_len"],
                                          "past_recurrent": self.buffers["past_recurrent"][t]}, b.stream, T)
             state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"], halted=out["halted_next"],
@@ -153,9 +156,9 @@ class TrtSession(Session):
         return self.static_out
 
     def _step(self, ids: np.ndarray) -> StepOutput:
-        b, torch = self.b, self.b.torch
+        b = self.b
         pos, T = self.length, ids.shape[1]
-        with torch.cuda.stream(b.stream):
+        with b.stream_context():
             out = self._forward(ids, pos)
             ran = int(out.get("loops_run", self.n_loops))
             for name, buf in self.buffers.items():
@@ -173,16 +176,26 @@ class TrtSession(Session):
         return sum(t.numel() * t.element_size() for t in self.buffers.values())
 
 
+class _HostStream:
+    """What the CPU stand-in runs on: no stream."""
+    cuda_stream = 0
+
+    def synchronize(self) -> None:
+        pass
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, manifest: dict, cuda_graph: bool = False):
+    def __init__(self, path: str | Path, manifest: dict, cuda_graph: bool = False, device: str = "cuda",
+                 modules: tuple | None = None):
+        """`modules` = (tensorrt, tensorrt.plugin) stand-ins, with device="cpu", for tests."""
         from exporters.trt_plugin import import_tensorrt, register
-        trt, trtp = import_tensorrt()
+        trt, trtp = modules or import_tensorrt()
         import torch
-        if not torch.cuda.is_available():
+        if device == "cuda" and not torch.cuda.is_available():
             raise InputError("the TensorRT backend needs a CUDA GPU; none is visible")
-        self.trt, self.torch = trt, torch
+        self.trt, self.torch, self.device = trt, torch, device
         self.path, self.manifest = Path(path), manifest
         self.cfg = MythosConfig.from_dict(manifest["config"])
         opts = manifest["options"]
@@ -194,10 +207,13 @@ class TensorRTBackend(Backend):
             register(trtp, trt, mode=manifest.get("build", {}).get("plugin", "aot"))
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
-        self.stream = torch.cuda.Stream()
-        self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest["profiles"][name]))
+        self.stream = torch.cuda.Stream() if device == "cuda" else _HostStream()
+        self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest["profiles"][name]), device)
                         for name, f in manifest["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
+
+    def stream_context(self):
+        return self.torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()
 
     def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
         return TrtSession(self, batch, budget, n_loops, act_threshold, exit)

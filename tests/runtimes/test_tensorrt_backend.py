@@ -44,6 +44,58 @@ def test_forcing_tensorrt_on_other_artifacts_says_build_first(artifacts):
             load(path, backend="tensorrt")
 
 
+def _standin_backend(src, out, engines):
+    """Engine directory whose "engines" are the export's ONNX graphs (written by the same
+    code as `build`), opened by the TensorRT backend on CPU through the stand-in runtime."""
+    from exporters.trt_build import BuildOptions, plan, write_engine_dir
+    from runtimes.tensorrt_backend import TensorRTBackend
+    from tests.runtimes import trt_runtime_standin
+    p = plan(src, BuildOptions())
+    write_engine_dir(out, p, {name: open(path, "rb").read() for name, path in p["graphs"].items()}, "stand-in")
+    return TensorRTBackend(out, read_manifest(out), device="cpu", modules=trt_runtime_standin.make(engines))
+
+
+@pytest.mark.parametrize("loop", ["unroll", "loop", "stepped"])
+def test_backend_logic_through_a_standin_runtime(artifacts, tmp_path, loop):
+    """The backend's own code (cache buffers written in place, past_len, profile choice, the
+    stepped loop, fill-forward) against the onnxruntime backend on the same graphs."""
+    ck, src = artifacts[("mla", loop)]
+    engines = []
+    trt_b = _standin_backend(src, tmp_path / "eng", engines)
+    assert trt_b.name.startswith("tensorrt[") and read_manifest(tmp_path / "eng")["kind"] == "tensorrt"
+    ort_b = load(src)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]
+    exits = ["none"] if loop == "unroll" else ["none", "fill-forward"]
+    for exit in exits:
+        ref = generate(ort_b, prompts, 12, exit=exit)
+        got = generate(trt_b, prompts, 12, exit=exit)
+        assert got.tokens == ref.tokens and got.loops_used == ref.loops_used, exit
+    # logits step by step, and the cache the backend keeps, against onnxruntime's
+    sa, sb = ort_b.start(2, 16, trt_b.default_loops), trt_b.start(2, 16, trt_b.default_loops)
+    ids = np.array(prompts)
+    for _ in range(4):
+        a, b = sa.step(ids), sb.step(ids)
+        np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        ids = a.logits[:, -1:].argmax(-1)
+    for name, buf in sa.buffers.items():
+        np.testing.assert_allclose(sb.buffers[name].numpy(), buf, rtol=1e-5, atol=1e-5)
+    # prefill calls use the prefill profile, one-token calls the decode profile
+    profiles = read_manifest(tmp_path / "eng")["profiles"]
+    first = next(iter(profiles))
+    used = engines[0].contexts[0].profiles_set
+    assert used[0] == list(profiles[first]).index("prefill") and list(profiles[first]).index("decode") in used
+    assert sb.cache_nbytes() == sum(b.nbytes for b in sa.buffers.values()) and all(e.launches > 0 for e in engines)
+
+
+def test_standin_rejects_a_corrupt_engine(artifacts, tmp_path):
+    from runtimes.tensorrt_backend import TensorRTBackend
+    from tests.runtimes import trt_runtime_standin
+    _, src = artifacts[("mla", "unroll")]
+    eng = _fake_engine_dir(src, tmp_path / "eng")
+    with pytest.raises(Exception, match="cannot deserialize"):
+        TensorRTBackend(eng, read_manifest(eng), device="cpu", modules=trt_runtime_standin.make([]))
+
+
 def test_tensorrt_greedy_parity_with_eager(artifacts, tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
     torch = pytest.importorskip("torch")
