@@ -137,14 +137,16 @@ def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
 
 
 def build_engines(onnx_dir: str | Path, out_dir: str | Path, opts: BuildOptions = BuildOptions(),
-                  overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
+                  overwrite: bool = False, stage: Callable[[str], None] | None = None,
+                  modules: tuple | None = None) -> dict:
+    """`modules` = (tensorrt, tensorrt.plugin) stand-ins for tests; by default the real ones."""
     from exporters.trt_plugin import import_tensorrt, register
     from mythos_deploy.manifest import check_writable
     stage = stage or (lambda s: None)
     t0 = time.perf_counter()
     p = plan(onnx_dir, opts)
     check_writable(Path(out_dir), overwrite)
-    trt, trtp = import_tensorrt()
+    trt, trtp = modules or import_tensorrt()
     if p["manifest"]["options"]["moe"] == "plugin":
         register(trtp, trt, mode=opts.plugin)
     logger = trt.Logger(trt.Logger.WARNING)

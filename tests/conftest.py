@@ -94,3 +94,12 @@ def demo_exports(demo_checkpoint, tmp_path_factory):
     export_onnx(demo_checkpoint, out["unroll-plugin"], OnnxExportOptions(loop="unroll", moe="plugin", validate=False),
                 stepped=stepped)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_qdq8(demo_exports, tmp_path_factory):
+    """The demo checkpoint's unrolled plugin export quantized with qdq-int8 (1 calibration prompt)."""
+    from exporters.quantize import QuantizeOptions, quantize_artifact
+    out = tmp_path_factory.mktemp("qdq8") / "q8"
+    quantize_artifact(demo_exports["unroll-plugin"], out, QuantizeOptions(mode="qdq-int8", calib_prompts=1))
+    return out

@@ -40,7 +40,7 @@ def test_profiles_follow_the_contract(tiny_cfg):
     assert profiles_for(step, ranges, decode=False)["prefill"]["h"][2] == [4, cfg["max_seq_len"], tiny_cfg.dim]
 
 
-def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_exports, tmp_path):
+def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_qdq8, tmp_path):
     from exporters.quantize import QuantizeOptions, quantize_artifact
     _, loop_src = artifacts[("mla", "loop")]
     p = plan(loop_src, BuildOptions())
@@ -55,9 +55,7 @@ def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_exports, tmp_pa
     quantize_artifact(artifacts[("gqa", "unroll")][1], q8, QuantizeOptions(mode="int8"))
     with pytest.raises(InputError, match="quantized for onnxruntime"):
         plan(q8, BuildOptions())
-    qdq = tmp_path / "qdq8"
-    quantize_artifact(demo_exports["unroll-plugin"], qdq, QuantizeOptions(mode="qdq-int8", calib_prompts=1))
-    assert plan(qdq, BuildOptions(precision="int8"))["quantization"] == "qdq-int8"
+    assert plan(demo_qdq8, BuildOptions(precision="int8"))["quantization"] == "qdq-int8"
 
 
 def test_dry_run_and_missing_tensorrt(artifacts, tmp_path):
@@ -86,3 +84,42 @@ def test_builds_engines_with_tensorrt(artifacts, tmp_path):
     _, src = artifacts[("mla", "stepped")]
     res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
     assert set(res["manifest"]["engines"]) == {"prelude", "step", "coda"}
+
+
+def test_build_drives_the_builder_api_as_documented(artifacts, demo_qdq8, tmp_path):
+    """build_engines against a recording stand-in for TensorRT's builder API."""
+    from exporters.trt_build import build_engines
+    from mythos_deploy import CheckpointError, InternalError
+    from mythos_deploy.manifest import read_manifest, verify_files
+    from tests.exporters import trt_builder_standin, trt_standins
+    rec = trt_builder_standin.Recorder()
+    modules = trt_builder_standin.make(rec, trt_standins.make()[1])
+    _, src = artifacts[("gqa", "stepped")]
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"old")
+    res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp16", workspace_mib=64, timing_cache=str(cache)),
+                        modules=modules)
+    m = read_manifest(tmp_path / "e")
+    verify_files(tmp_path / "e", m)
+    assert m["kind"] == "tensorrt" and m["engines"] == {g: f"{g}.engine" for g in ("prelude", "step", "coda")}
+    assert (tmp_path / "e" / "step.engine").read_bytes() == b"engine:step.onnx"
+    assert rec.parsed == ["prelude.onnx", "step.onnx", "coda.onnx"] and len(rec.configs) == 3
+    for cfg, graph in zip(rec.configs, ("prelude", "step", "coda")):
+        assert cfg.flags == {"FP16"} and cfg.pool == ("WORKSPACE", 64 << 20) and len(cfg.profiles) == 2
+        assert [p.shapes for p in cfg.profiles] == list(m["profiles"][graph].values())  # decode, prefill
+    assert rec.configs[0].profiles[0].shapes["input_ids"] == [[1, 1], [1, 1], [4, 1]]
+    assert cache.read_bytes() == b"old+" and res["manifest"]["build"]["precision"] == "fp16"
+    # int8 on a qdq-int8 plugin artifact: INT8 with FP16 fallback, and the plugin registered
+    rec2 = trt_builder_standin.Recorder()
+    trt, trtp, registry = trt_standins.make()
+    build_engines(demo_qdq8, tmp_path / "e8", BuildOptions(precision="int8"),
+                  modules=trt_builder_standin.make(rec2, trtp))
+    assert rec2.configs[0].flags == {"INT8", "FP16"} and {k for k, _ in registry} == {"register", "autotune", "aot_impl"}
+    # a parse error or a failed build: one clear error, nothing written
+    rec.fail_parse = True
+    with pytest.raises(CheckpointError, match="cannot parse prelude.onnx: In node 3"):
+        build_engines(src, tmp_path / "x", BuildOptions(), modules=modules)
+    rec.fail_parse, rec.fail_build = False, True
+    with pytest.raises(InternalError, match="failed to build"):
+        build_engines(src, tmp_path / "x", BuildOptions(), modules=modules)
+    assert not (tmp_path / "x").exists()
