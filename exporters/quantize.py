@@ -6,8 +6,8 @@ Modes for onnxruntime CPU:
   tied embedding gathers rows of the int8 head; routed experts of the `standard` lowering
   become int8 weight-only (per output channel), dequantized after the top-k Gather.
 - `int4`: 2-D weight MatMuls -> MatMulNBits (symmetric, `--block-size`, accuracy level 4 by
-  default: int8 compute, fast on CPU). The `standard` lowering's experts and the embedding
-  gather stay fp32.
+  default: int8 compute, fast on CPU); the tied embedding gathers int4 rows of the head and
+  the `standard` lowering's expert tables become int4 blocks (both GatherBlockQuantized).
 - `fp16`: a native fp16 re-export of the artifact's source checkpoint (recorded in its
   manifest and checked by sha256) with the same options, gated by the export's own fp16
   parity gate against eager fp32. onnxruntime's float16 converter is not used: on these
@@ -159,6 +159,53 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """[..., K] values in 0..15 -> [..., K/2] bytes, element 2i in the low nibble."""
     q = q.astype(np.uint8)
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _int4_experts(model, block: int) -> int:
+    """Standard-lowering experts -> int4 blocks along the last axis (GatherBlockQuantized's
+    packed axis; onnxruntime 1.32 refuses scales blocked along another axis of packed data:
+    for both the [E, D, F] gate/up and [E, F, D] down tables that is the output axis, not the
+    reduction axis), read with
+    com.microsoft::GatherBlockQuantized: the top-k Gather becomes a quantized gather, and each
+    dense use dequantizes the whole table (a gather of every expert). Tables whose sizes do
+    not fit the block or the packing stay fp32. Returns how many tables were quantized."""
+    from onnx import helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = {}
+    for name in (n for n in inits if "::EDF" in n or "::EFD" in n):
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        E, A, B = w.shape
+        if B % block:
+            continue
+        scale = np.abs(w.reshape(E, A, B // block, block)).max(axis=3) / 7.0  # [E, A, B/bs]
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(w / np.repeat(scale, block, axis=2)), -8, 7) + 8
+        model.graph.initializer.extend([numpy_helper.from_array(_pack_nibbles(q), f"{name}::q4"),
+                                        numpy_helper.from_array(scale.astype(np.float32), f"{name}::s4")])
+        targets[name] = E
+    if not targets:
+        return 0
+    attrs = dict(domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=2)
+    for g in iter_graphs(model.graph):
+        out = []
+        for n in g.node:
+            if n.op_type == "Gather" and n.input and n.input[0] in targets:
+                w = n.input[0]
+                out.append(helper.make_node("GatherBlockQuantized", [f"{w}::q4", n.input[1], f"{w}::s4"], list(n.output),
+                                            name=f"{n.name}/q4", **attrs))
+                continue
+            for w in {i for i in n.input if i in targets}:  # dense branch: every expert, dequantized
+                d, all_e = f"{n.name}/{w}::dq4", f"{w}::all_experts"
+                if all_e not in inits:
+                    model.graph.initializer.append(numpy_helper.from_array(np.arange(targets[w], dtype=np.int64), all_e))
+                    inits[all_e] = None
+                out.append(helper.make_node("GatherBlockQuantized", [f"{w}::q4", all_e, f"{w}::s4"], [d],
+                                            name=f"{d}/gather", **attrs))
+                n.input[:] = [d if i == w else i for i in n.input]
+            out.append(n)
+        del g.node[:]
+        g.node.extend(out)
+    return len(targets)
 
 
 def _qmoe_weight(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +362,11 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
                                      accuracy_level=opts.accuracy_level, nodes_to_exclude=_excluded(model, opts.exclude))
             q.process()
             model = q.model.model
-            experts = _qmoe(model, 4, opts.block_size) if moe == "ort" else "fp32"
+            if moe == "ort":
+                experts = _qmoe(model, 4, opts.block_size)
+            else:
+                n = _int4_experts(model, opts.block_size)
+                experts = f"int4 weight-only ({n} tables, GatherBlockQuantized)" if n else "fp32"
             embedding = "int4 rows of the head (GatherBlockQuantized)" if _int4_embedding(model) else "fp32"
             info.update(experts=experts, embedding=embedding, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
         else:

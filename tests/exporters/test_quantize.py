@@ -55,7 +55,8 @@ def test_int4(artifacts, tmp_path):
     res = quantize_artifact(src, tmp_path / "q4", QuantizeOptions(mode="int4", block_size=32))
     assert res["gate"]["passed"]
     assert "MatMulNBits" in _ops(tmp_path / "q4" / "model.onnx") and "GatherBlockQuantized" in _ops(tmp_path / "q4" / "model.onnx")
-    assert read_manifest(tmp_path / "q4")["quantization"]["graphs"]["model"]["embedding"].startswith("int4")
+    info = read_manifest(tmp_path / "q4")["quantization"]["graphs"]["model"]
+    assert info["embedding"].startswith("int4") and info["experts"].startswith("int4 weight-only (3 tables")
 
 
 def test_fp16_reexports_from_the_source_checkpoint(artifacts, tmp_path):
