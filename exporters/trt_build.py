@@ -122,6 +122,9 @@ def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
                          "(TensorRT's implicit int8 calibration is deprecated)")
     if opts.precision == "fp8" and quant != "fp8":
         raise InputError("--precision fp8 needs an fp8 Q/DQ artifact: mythos-export quantize --mode fp8 first")
+    for mode, precision in (("qdq-int8", "int8"), ("fp8", "fp8")):
+        if quant == mode and opts.precision != precision:
+            raise InputError(f"this artifact holds {mode} Q/DQ nodes: build it with --precision {precision}")
     if opts.precision in ("fp32", "bf16") and o["dtype"] == "fp16":
         raise InputError(f"this artifact was exported in fp16; --precision {opts.precision} needs an fp32 export")
     lint = lint_artifact(onnx_dir)
@@ -162,7 +165,10 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, opts: BuildOptions 
             raise CheckpointError(f"TensorRT cannot parse {Path(path).name}: {errors[0] if errors else 'unknown error'}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
-        for flag in {"fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16"), "fp8": ("FP8", "FP16")}.get(opts.precision, ()):
+        flags = {"fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"], "fp8": ["FP8", "FP16"]}.get(opts.precision, [])
+        if p["quantization"] == "qdq-int4":
+            flags.append("INT4")  # weight-only int4 DequantizeLinear layers
+        for flag in flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
         if cache is None:
             cache = config.create_timing_cache(cache_bytes)

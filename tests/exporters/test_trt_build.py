@@ -56,6 +56,8 @@ def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_qdq8, tmp_path)
     with pytest.raises(InputError, match="quantized for onnxruntime"):
         plan(q8, BuildOptions())
     assert plan(demo_qdq8, BuildOptions(precision="int8"))["quantization"] == "qdq-int8"
+    with pytest.raises(InputError, match="--precision int8"):
+        plan(demo_qdq8, BuildOptions(precision="fp16"))
 
 
 def test_dry_run_and_missing_tensorrt(artifacts, tmp_path):

@@ -97,7 +97,7 @@ def make(rec: Recorder, trtp):
         def build_serialized_network(self, network, config):
             return None if rec.fail_build else b"engine:" + network.name.encode()
 
-    flags = types.SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8", FP8="FP8")
+    flags = types.SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8", FP8="FP8", INT4="INT4")
     trt = types.SimpleNamespace(
         __version__="stand-in", Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=2: None}),
         Builder=Builder, OnnxParser=OnnxParser, BuilderFlag=flags,
