@@ -16,9 +16,11 @@ QuantizeLinear -> DequantizeLinear pair in front of each weight MatMul/Gemm.
   (opsets 9-20), so the node is `trt::TRT_INT4DequantizeLinear`, the custom op TensorRT's
   parser imports as an INT4 IDequantizeLayer (same inputs and attributes as the opset-21 op).
 
-Scope: MatMul/Gemm nodes of the top-level graph whose weight is a 2-D fp32 initializer. Nodes
-inside If/Loop bodies (the `standard` lowering's expert branches) and the routed experts
-(3-D tables, or the MythosMoE plugin's inputs) stay float: the plugin has no int8/int4 path yet.
+Scope: MatMul/Gemm nodes whose weight is a 2-D fp32 initializer of the top-level graph: in
+the top-level graph for qdq-int8/fp8 (their activations are calibrated through graph
+outputs), and also inside Loop/If bodies for weight-only qdq-int4 (so `loop` exports work
+there). The routed experts (3-D tables, or the MythosMoE plugin's inputs) stay float: the
+plugin has no int8/int4 path yet.
 Activations are calibrated by running the graphs with onnxruntime on generated data: seeded
 random prompts followed by the model's own greedy continuation.
 
@@ -51,19 +53,26 @@ def _attr(node, name, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def weight_matmuls(model, exclude: tuple[str, ...] = ()) -> list[WeightUse]:
+def weight_matmuls(model, exclude: tuple[str, ...] = (), subgraphs: bool = False) -> list[WeightUse]:
+    """MatMul/Gemm nodes whose weight is a 2-D fp32 initializer of the top-level graph; with
+    `subgraphs`, also those inside Loop/If bodies that read such an outer-scope weight (the
+    weight-only int4 mode: no activation to calibrate there)."""
     from onnx import TensorProto
+
+    from exporters.onnx_compose import iter_graphs
     inits = {t.name: t for t in model.graph.initializer}
     uses = []
-    for n in model.graph.node:
-        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or any(e in n.name for e in exclude):
-            continue
-        w = inits.get(n.input[1])
-        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
-            continue
-        if n.op_type == "Gemm" and _attr(n, "transA", 0):
-            continue
-        uses.append(WeightUse(n, n.input[1], 1 if n.op_type == "Gemm" and _attr(n, "transB", 0) else 0))
+    for g in iter_graphs(model.graph) if subgraphs else [model.graph]:
+        local = {t.name for t in g.initializer} if g is not model.graph else set()
+        for n in g.node:
+            if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or any(e in n.name for e in exclude):
+                continue
+            w = inits.get(n.input[1])
+            if w is None or n.input[1] in local or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
+                continue
+            if n.op_type == "Gemm" and _attr(n, "transA", 0):
+                continue
+            uses.append(WeightUse(n, n.input[1], 1 if n.op_type == "Gemm" and _attr(n, "transB", 0) else 0))
     return uses
 
 

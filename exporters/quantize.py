@@ -400,9 +400,9 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     artifact_graphs(src_dir, manifest)
     options = manifest["options"]
     if opts.mode in QDQ_MODES:
-        if options["loop"] == "loop":
+        if options["loop"] == "loop" and opts.mode != "qdq-int4":
             raise InputError(f"{opts.mode} takes a --loop unroll or --loop stepped export: activations inside an ONNX "
-                             "Loop body cannot be calibrated, and TensorRT builds the unrolled or stepped graphs")
+                             "Loop body cannot be calibrated (qdq-int4, weight-only, takes loop exports too)")
         if options["moe"] == "ort":
             raise InputError(f"{opts.mode} is for TensorRT, which cannot parse the ort lowering's com.microsoft::MoE; "
                              "export with --moe plugin (or standard)")
@@ -488,7 +488,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
     plugin = manifest["options"]["moe"] == "plugin"
     runnable = (lambda m: lower_moe(copy.deepcopy(m), "standard")) if plugin else (lambda m: m)
     models = {name: onnx.load(str(src_dir / f)) for name, f in files.items()}
-    uses = {name: qdq.weight_matmuls(m, opts.exclude) for name, m in models.items()}
+    uses = {name: qdq.weight_matmuls(m, opts.exclude, subgraphs=opts.mode == "qdq-int4") for name, m in models.items()}
     kind = {"qdq-int8": "int8", "fp8": "fp8"}.get(opts.mode)
     amax = {}
     if kind:

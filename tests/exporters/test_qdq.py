@@ -199,3 +199,17 @@ def test_tensorrt_mode_bad_input_and_gate_failure(artifacts, demo_exports, tmp_p
     with pytest.raises(ParityError, match="accuracy gate"):
         quantize_artifact(demo_exports["unroll-plugin"], tmp_path / "x", QuantizeOptions(mode="qdq-int8", calib_prompts=1))
     assert not (tmp_path / "x").exists()
+
+
+def test_qdq_int4_reaches_into_loop_bodies(artifacts, tmp_path):
+    """Weight-only int4 needs no calibration, so a `loop` export works: the recurrent block's
+    MatMuls inside the Loop body read outer-scope int4 DequantizeLinear outputs."""
+    from exporters.onnx_compose import iter_graphs
+    _, src = artifacts[("mla", "loop")]
+    res = quantize_artifact(src, tmp_path / "q4", QuantizeOptions(mode="qdq-int4", block_size=16))
+    assert res["gate"]["passed"] and lint_artifact(tmp_path / "q4")["passed"]
+    m = onnx.load(str(tmp_path / "q4" / "model.onnx"))
+    dq_out = {n.output[0] for n in m.graph.node if n.op_type == qdq.TRT_INT4_DQ}
+    body_uses = [n for g in iter_graphs(m.graph) if g is not m.graph for n in g.node
+                 if n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_out]
+    assert body_uses and res["sizes"]["quantized_bytes"] < 0.8 * res["sizes"]["source_bytes"]  # experts stay float
