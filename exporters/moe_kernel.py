@@ -32,6 +32,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _gated_swiglu(x_ptr, wg_ptr, wu_ptr, n, e, g, offs_f, mask_f, D, F,
+                  BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """g * silu(x[n] . Wg[e, f]) * (x[n] . Wu[e, f]) for the hidden units offs_f, fp32."""
+    acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xv = tl.load(x_ptr + n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        w_off = e * F * D + offs_f[:, None] * D + offs_d[None, :]
+        m2 = mask_f[:, None] & mask_d[None, :]
+        acc_g += tl.sum(tl.load(wg_ptr + w_off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+        acc_u += tl.sum(tl.load(wu_ptr + w_off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+    return acc_g * tl.sigmoid(acc_g) * acc_u * g
+
+
+@triton.jit
 def _up_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
                BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
     pair = tl.program_id(0)  # n * K + k
@@ -41,19 +58,7 @@ def _up_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
     g = tl.load(gate_ptr + pair).to(tl.float32)
     offs_f = fblk * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
-    acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xv = tl.load(x_ptr + n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        w_off = e * F * D + offs_f[:, None] * D + offs_d[None, :]
-        m2 = mask_f[:, None] & mask_d[None, :]
-        wg = tl.load(wg_ptr + w_off, mask=m2, other=0.0).to(tl.float32)
-        wu = tl.load(wu_ptr + w_off, mask=m2, other=0.0).to(tl.float32)
-        acc_g += tl.sum(wg * xv[None, :], axis=1)
-        acc_u += tl.sum(wu * xv[None, :], axis=1)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u * g
+    h = _gated_swiglu(x_ptr, wg_ptr, wu_ptr, n, e, g, offs_f, mask_f, D, F, BLOCK_F, BLOCK_D)
     tl.store(hg_ptr + pair * F + offs_f, h, mask=mask_f)
 
 
@@ -152,17 +157,7 @@ def _fused_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, wd_ptr, D, F, K, y_p
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             mask_f = offs_f < F
-            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                xv = tl.load(x_ptr + n * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                w_off = e * F * D + offs_f[:, None] * D + offs_d[None, :]
-                m2 = mask_f[:, None] & mask_d[None, :]
-                acc_g += tl.sum(tl.load(wg_ptr + w_off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], axis=1)
-                acc_u += tl.sum(tl.load(wu_ptr + w_off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], axis=1)
-            h = acc_g * tl.sigmoid(acc_g) * acc_u * g
+            h = _gated_swiglu(x_ptr, wg_ptr, wu_ptr, n, e, g, offs_f, mask_f, D, F, BLOCK_F, BLOCK_D)
             w = tl.load(wd_ptr + e * D * F + offs_y[:, None] * F + offs_f[None, :],
                         mask=mask_y[:, None] & mask_f[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * h[None, :], axis=1)
