@@ -45,7 +45,8 @@ import numpy as np
 from exporters.onnx_compose import iter_graphs
 from exporters.qdq import QDQ_MODES
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
-from mythos_deploy.manifest import atomic_output_dir, check_writable, read_manifest, verify_files, write_manifest
+from mythos_deploy.manifest import (atomic_output_dir, carried_fields, check_writable, read_manifest, verify_files,
+                                    write_manifest)
 
 ORT_MODES = ("int8", "int4", "fp16")
 MODES = (*ORT_MODES, *QDQ_MODES)
@@ -174,15 +175,12 @@ def _int4_experts(model, block: int) -> int:
     targets = {}
     for name in (n for n in inits if "::EDF" in n or "::EFD" in n):
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        E, A, B = w.shape
-        if B % block:
+        if w.shape[2] % block:
             continue
-        scale = np.abs(w.reshape(E, A, B // block, block)).max(axis=3) / 7.0  # [E, A, B/bs]
-        scale[scale == 0] = 1.0
-        q = np.clip(np.round(w / np.repeat(scale, block, axis=2)), -8, 7) + 8
-        model.graph.initializer.extend([numpy_helper.from_array(_pack_nibbles(q), f"{name}::q4"),
-                                        numpy_helper.from_array(scale.astype(np.float32), f"{name}::s4")])
-        targets[name] = E
+        q, scale = _quantize_last_axis(w, 4, block)  # [E, A, B/2] packed, [E, A, B/bs]
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}::q4"),
+                                        numpy_helper.from_array(scale, f"{name}::s4")])
+        targets[name] = w.shape[0]
     if not targets:
         return 0
     attrs = dict(domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=2)
@@ -208,9 +206,10 @@ def _int4_experts(model, block: int) -> int:
     return len(targets)
 
 
-def _qmoe_weight(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """[E, N, K] fp32 -> (uint8 weights [E, N, K*bits/8] with zero point 2^(bits-1), scales
-    [E, N] or [E, N, K/block]): symmetric, per output row or per block along K."""
+def _quantize_last_axis(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[E, N, K] fp32 -> (uint8 weights [E, N, K*bits/8] with zero point 2^(bits-1), int4
+    packed low nibble first; scales [E, N] or [E, N, K/block]): symmetric, per row or per
+    block along the last axis. The layout of QMoE weights and of GatherBlockQuantized data."""
     E, N, K = w.shape
     qmax = 2 ** (bits - 1) - 1
     blocks = w.reshape(E, N, K // block, block) if block else w[..., None, :]
@@ -243,7 +242,7 @@ def _qmoe(model, bits: int, block_size: int) -> str:
             ins = []
             for name, w in ((fc1, w1), (fc2, w2)):
                 if (name, block) not in done:
-                    q, sc = _qmoe_weight(w, bits, block)
+                    q, sc = _quantize_last_axis(w, bits, block)
                     done[(name, block)] = (f"{name}::q{bits}b{block}", f"{name}::s{bits}b{block}")
                     model.graph.initializer.extend([numpy_helper.from_array(q, done[(name, block)][0]),
                                                     numpy_helper.from_array(sc, done[(name, block)][1])])
@@ -460,7 +459,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
             for f in files.values():
                 shutil.copyfile(work / f, tmp / f)
             (tmp / "validation.json").write_text(json.dumps({"quantization_gate": gate, "report": report}, indent=2) + "\n")
-            fields = {k: v for k, v in manifest.items() if k not in ("files", "format", "kind", "tool", "tool_version")}
+            fields = carried_fields(manifest)
             fields["quantization"] = {**asdict(opts), "graphs": info, "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
             out_manifest = write_manifest(tmp, "onnx", **fields)
@@ -490,11 +489,12 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
     models = {name: onnx.load(str(src_dir / f)) for name, f in files.items()}
     uses = {name: qdq.weight_matmuls(m, opts.exclude, subgraphs=opts.mode == "qdq-int4") for name, m in models.items()}
     kind = {"qdq-int8": "int8", "fp8": "fp8"}.get(opts.mode)
+    fp32 = {n: runnable(m) for n, m in models.items()}  # the source as onnxruntime runs it
     amax = {}
     if kind:
         stage(f"calibrate activations ({opts.calib_prompts} generated prompts)")
-        amax = qdq.calibrate({n: runnable(m) for n, m in models.items()},
-                             {n: qdq.activations(u) for n, u in uses.items()}, manifest, n_prompts=opts.calib_prompts)
+        amax = qdq.calibrate(fp32, {n: qdq.activations(u) for n, u in uses.items()}, manifest,
+                             n_prompts=opts.calib_prompts)
     std_manifest = {**manifest, "options": {**manifest["options"], "moe": "standard"}}
     (work / "ort").mkdir()
     if plugin:
@@ -504,7 +504,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
         stage(f"quantize {f} ({opts.mode})")
         m = models[name]
         if plugin:
-            onnx.save(runnable(m), str(work / "base" / f))
+            onnx.save(fp32[name], str(work / "base" / f))
         done = (qdq.insert_qdq(m, uses[name], amax.get(name, {}), kind) if kind
                 else qdq.insert_int4(m, uses[name], opts.block_size))
         m.ir_version = IR_VERSION
@@ -565,7 +565,7 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeO
         with atomic_output_dir(out_dir, overwrite) as tmp:
             for f in exported["files"]:  # graphs, external weights, validation.json
                 shutil.copyfile(work / f, tmp / f)
-            fields = {k: v for k, v in exported.items() if k not in ("files", "format", "kind", "tool", "tool_version")}
+            fields = carried_fields(exported)
             fields["quantization"] = {**asdict(opts), "method": "native fp16 re-export", "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
             out_manifest = write_manifest(tmp, "onnx", **fields)

@@ -44,6 +44,12 @@ def write_manifest(directory: Path, kind: str, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
+def carried_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's own fields, without the ones write_manifest sets itself: what a derived
+    artifact passes on to write_manifest."""
+    return {k: v for k, v in manifest.items() if k not in ("files", "format", "kind", "tool", "tool_version")}
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     try:

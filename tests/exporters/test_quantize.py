@@ -120,13 +120,13 @@ def test_no_task_gate_for_an_untrained_model(artifacts, tmp_path):
 def test_qmoe_weight_layout_roundtrips():
     import numpy as np
 
-    from exporters.quantize import _qmoe_weight
+    from exporters.quantize import _quantize_last_axis
     w = np.random.default_rng(0).standard_normal((3, 8, 64)).astype(np.float32)
-    q8, s8 = _qmoe_weight(w, 8, 0)
+    q8, s8 = _quantize_last_axis(w, 8, 0)
     assert q8.dtype == np.uint8 and q8.shape == w.shape and s8.shape == (3, 8)
     deq = (q8.astype(np.float32) - 128) * s8[..., None]
     assert np.abs(deq - w).max() <= s8.max() / 2 + 1e-6
-    q4, s4 = _qmoe_weight(w, 4, 32)
+    q4, s4 = _quantize_last_axis(w, 4, 32)
     assert q4.shape == (3, 8, 32) and s4.shape == (3, 8, 2)
     nib = np.stack([q4 & 15, q4 >> 4], axis=-1).reshape(3, 8, 64).astype(np.float32)  # low nibble first
     deq = (nib - 8) * np.repeat(s4, 32, axis=-1)
