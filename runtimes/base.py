@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -100,6 +101,16 @@ class Backend(ABC):
     default_loops: int
     variable_depth: bool = True  # n_loops may differ from default_loops
     fill_forward: bool = True  # exit="fill-forward" supported
+
+    def _read_manifest(self, path, manifest: dict) -> dict:
+        """The fields every exported-artifact backend takes from its manifest; returns its
+        export options."""
+        self.path, self.manifest = Path(path), manifest
+        self.cfg = MythosConfig.from_dict(manifest["config"])
+        opts = manifest["options"]
+        self.loop_mode, self.default_loops = opts["loop"], opts["loops"]
+        self.variable_depth = self.fill_forward = self.loop_mode != "unroll"
+        return opts
 
     def start(self, batch: int, budget: int, n_loops: int | None = None,
               act_threshold: float | None = None, exit: str = "none") -> Session:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mythos_deploy.config import MythosConfig
 from runtimes.base import Backend, Session, StepOutput
 from runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 
@@ -50,11 +49,7 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, manifest: dict, providers: list[str] | None = None, threads: int = 0):
-        self.path, self.manifest = Path(path), manifest
-        self.cfg = MythosConfig.from_dict(manifest["config"])
-        opts = manifest["options"]
-        self.loop_mode, self.default_loops = opts["loop"], opts["loops"]
-        self.variable_depth = self.fill_forward = self.loop_mode != "unroll"
+        opts = self._read_manifest(path, manifest)
         self.np_dtype = np.float16 if opts["dtype"] == "fp16" else np.float32
         self.runner = runner_from_dir(path, manifest, providers, threads)
         self.name = f"onnxruntime[{self.loop_mode},{opts['moe']},{opts['dtype']}]"

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mythos_deploy.config import MythosConfig
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
 from runtimes.base import Backend, Session, StepOutput
 
@@ -196,11 +195,7 @@ class TensorRTBackend(Backend):
         if device == "cuda" and not torch.cuda.is_available():
             raise InputError("the TensorRT backend needs a CUDA GPU; none is visible")
         self.trt, self.torch, self.device = trt, torch, device
-        self.path, self.manifest = Path(path), manifest
-        self.cfg = MythosConfig.from_dict(manifest["config"])
-        opts = manifest["options"]
-        self.loop_mode, self.default_loops = opts["loop"], opts["loops"]
-        self.variable_depth = self.fill_forward = self.loop_mode != "unroll"
+        opts = self._read_manifest(path, manifest)
         self.cache_dtype = torch.float16 if opts["dtype"] == "fp16" else torch.float32
         self.cuda_graph = cuda_graph
         if opts["moe"] == "plugin":
