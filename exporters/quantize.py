@@ -45,8 +45,7 @@ import numpy as np
 from exporters.onnx_compose import iter_graphs
 from exporters.qdq import QDQ_MODES
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
-from mythos_deploy.manifest import (atomic_output_dir, carried_fields, check_writable, read_manifest, verify_files,
-                                    write_manifest)
+from mythos_deploy.manifest import atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
 
 ORT_MODES = ("int8", "int4", "fp16")
 MODES = (*ORT_MODES, *QDQ_MODES)
@@ -380,23 +379,15 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
 
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
                       overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
-    from runtimes.loader import check_manifest_version, load
-    from runtimes.onnx_runner import artifact_graphs, graph_files
+    from runtimes.loader import load
+    from runtimes.onnx_runner import graph_files, open_onnx_artifact
     from runtimes.parity import compare
     stage = stage or (lambda s: None)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     opts.check()
-    if not src_dir.is_dir():
-        raise CheckpointError(f"ONNX artifact directory not found: {src_dir}")
-    manifest = read_manifest(src_dir)
-    if manifest["kind"] != "onnx":
-        raise InputError(f"{src_dir} is a {manifest['kind']!r} artifact; quantize takes an ONNX export "
-                         f"(mythos-export onnx CKPT -o DIR)")
+    manifest, _ = open_onnx_artifact(src_dir, "quantize")
     if manifest.get("quantization"):
         raise InputError(f"{src_dir} is already quantized ({manifest['quantization']['mode']}); quantize the fp32 export")
-    check_manifest_version(manifest, src_dir)
-    verify_files(src_dir, manifest)
-    artifact_graphs(src_dir, manifest)
     options = manifest["options"]
     if opts.mode in QDQ_MODES:
         if options["loop"] == "loop" and opts.mode != "qdq-int4":

@@ -97,19 +97,10 @@ def profiles_for(contract: GraphContract, ranges: dict, decode: bool) -> dict[st
 def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
     """Everything about a build that needs no TensorRT: checks, lint, profiles."""
     from exporters.trt_lint import lint_artifact
-    from mythos_deploy.manifest import read_manifest, verify_files
-    from runtimes.loader import check_manifest_version
-    from runtimes.onnx_runner import artifact_graphs
+    from runtimes.onnx_runner import open_onnx_artifact
     opts.check()
     onnx_dir = Path(onnx_dir)
-    if not onnx_dir.is_dir():
-        raise CheckpointError(f"ONNX artifact directory not found: {onnx_dir}")
-    manifest = read_manifest(onnx_dir)
-    if manifest["kind"] != "onnx":
-        raise InputError(f"{onnx_dir} is a {manifest['kind']!r} artifact; build takes an ONNX export")
-    check_manifest_version(manifest, onnx_dir)
-    verify_files(onnx_dir, manifest)
-    graphs = artifact_graphs(onnx_dir, manifest)
+    manifest, graphs = open_onnx_artifact(onnx_dir, "build")
     o = manifest["options"]
     quant = (manifest.get("quantization") or {}).get("mode")
     if o["moe"] == "ort":

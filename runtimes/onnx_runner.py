@@ -122,6 +122,23 @@ def artifact_graphs(path: str | Path, manifest: dict) -> dict[str, Path]:
     return paths
 
 
+def open_onnx_artifact(path: str | Path, command: str) -> tuple[dict, dict[str, Path]]:
+    """The manifest and graph files of the ONNX artifact a command (`quantize`, `build`) reads:
+    the directory exists, is an ONNX export of this version, and every file matches its sha256."""
+    from mythos_deploy.manifest import read_manifest, verify_files
+    from runtimes.loader import check_manifest_version
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"ONNX artifact directory not found: {path}")
+    manifest = read_manifest(path)
+    if manifest["kind"] != "onnx":
+        raise InputError(f"{path} is a {manifest['kind']!r} artifact; {command} takes an ONNX export "
+                         "(mythos-export onnx CKPT -o DIR)")
+    check_manifest_version(manifest, path)
+    verify_files(path, manifest)
+    return manifest, artifact_graphs(path, manifest)
+
+
 def runner_from_dir(path: str | Path, manifest: dict, providers: list[str] | None = None,
                     threads: int = 0) -> OnnxModelRunner:
     opts = manifest["options"]
