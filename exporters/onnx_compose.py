@@ -37,6 +37,12 @@ def iter_graphs(graph):
             yield from iter_graphs(g)
 
 
+def node_attr(node, name: str, default=None):
+    """The value of a node's attribute, or `default` when the node does not set it."""
+    from onnx import helper
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def rename_graph(graph, f: Callable[[str], str]) -> None:
     """Apply `f` to every value name in `graph` and its subgraphs ("" stays "")."""
     def r(name: str) -> str:

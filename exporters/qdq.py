@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exporters.onnx_compose import iter_graphs, node_attr, prune_initializers, toposort
+
 QDQ_MODES = ("qdq-int8", "qdq-int4", "fp8")
 TRT_DOMAIN, TRT_INT4_DQ = "trt", "TRT_INT4DequantizeLinear"
 INT8_MAX, INT4_MAX, FP8_MAX = 127.0, 7.0, 448.0
@@ -48,18 +50,12 @@ class WeightUse:
     k_axis: int  # the weight's reduction axis: 0 for MatMul B [K, N], 1 for Gemm with transB
 
 
-def _attr(node, name, default=None):
-    from onnx import helper
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def weight_matmuls(model, exclude: tuple[str, ...] = (), subgraphs: bool = False) -> list[WeightUse]:
     """MatMul/Gemm nodes whose weight is a 2-D fp32 initializer of the top-level graph; with
     `subgraphs`, also those inside Loop/If bodies that read such an outer-scope weight (the
     weight-only int4 mode: no activation to calibrate there)."""
     from onnx import TensorProto
 
-    from exporters.onnx_compose import iter_graphs
     inits = {t.name: t for t in model.graph.initializer}
     uses = []
     for g in iter_graphs(model.graph) if subgraphs else [model.graph]:
@@ -70,9 +66,9 @@ def weight_matmuls(model, exclude: tuple[str, ...] = (), subgraphs: bool = False
             w = inits.get(n.input[1])
             if w is None or n.input[1] in local or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
                 continue
-            if n.op_type == "Gemm" and _attr(n, "transA", 0):
+            if n.op_type == "Gemm" and node_attr(n, "transA", 0):
                 continue
-            uses.append(WeightUse(n, n.input[1], 1 if n.op_type == "Gemm" and _attr(n, "transB", 0) else 0))
+            uses.append(WeightUse(n, n.input[1], 1 if n.op_type == "Gemm" and node_attr(n, "transB", 0) else 0))
     return uses
 
 
@@ -108,7 +104,6 @@ def insert_qdq(model, uses: list[WeightUse], amax: dict[str, float], kind: str) 
     import ml_dtypes
     from onnx import helper, numpy_helper
 
-    from exporters.onnx_compose import prune_initializers, toposort
     inits = {t.name: t for t in model.graph.initializer}
     qmax = INT8_MAX if kind == "int8" else FP8_MAX
     zero = np.int8(0) if kind == "int8" else np.array(0, ml_dtypes.float8_e4m3fn)
@@ -163,7 +158,6 @@ def insert_int4(model, uses: list[WeightUse], block_size: int) -> dict:
     import ml_dtypes
     from onnx import helper, numpy_helper
 
-    from exporters.onnx_compose import prune_initializers, toposort
     inits = {t.name: t for t in model.graph.initializer}
     new_inits, new_nodes, done, skipped = [], [], {}, []
     for u in uses:
@@ -203,7 +197,7 @@ def _dequantize(node, inits) -> np.ndarray:
     s = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2]
           else np.zeros_like(s))
-    axis, block = _attr(node, "axis", 1), _attr(node, "block_size", 0)
+    axis, block = node_attr(node, "axis", 1), node_attr(node, "block_size", 0)
     if block:  # blocked: scale has the data's rank, `block` elements per scale along axis
         return (q - np.repeat(zp, block, axis=axis)) * np.repeat(s, block, axis=axis)
     if s.ndim == 1:  # per channel along axis
@@ -222,7 +216,6 @@ def ort_copy(model):
     integer type's minimum), which changes the numbers."""
     from onnx import numpy_helper
 
-    from exporters.onnx_compose import prune_initializers
     m = copy.deepcopy(model)
     inits = {t.name: t for t in m.graph.initializer}
     keep, new = [], []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx_compose import iter_graphs
+from exporters.onnx_compose import iter_graphs, node_attr
 from exporters.qdq import TRT_DOMAIN, TRT_INT4_DQ
 from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
 from exporters.trt_ops import OPSET_RANGE, SUPPORTED, TRT_VERSION, UNSUPPORTED
@@ -34,14 +34,6 @@ class Finding:
     node: str
     op: str
     message: str
-
-
-def _attr(node, name, default=None):
-    from onnx import helper
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def lint_model(model, graph_name: str) -> list[Finding]:
@@ -85,17 +77,17 @@ def lint_model(model, graph_name: str) -> list[Finding]:
                 int64_seen |= any(types.get(o) == 7 for o in node.output)
                 _restrictions(node, consts, add)
             elif dom == PLUGIN_DOMAIN and node.op_type == PLUGIN_OP:
-                ns, ver = _attr(node, "plugin_namespace"), _attr(node, "plugin_version")
+                ns, ver = node_attr(node, "plugin_namespace"), node_attr(node, "plugin_version")
                 ns = ns.decode() if isinstance(ns, bytes) else ns
                 ver = ver.decode() if isinstance(ver, bytes) else ver
                 if ns != PLUGIN_NAMESPACE or ver != PLUGIN_VERSION:
                     add("error", node, f"plugin node needs plugin_namespace={PLUGIN_NAMESPACE!r}, plugin_version={PLUGIN_VERSION!r}; has {ns!r}, {ver!r}")
                 for a in ("num_experts", "top_k", "expert_dim"):
-                    if not isinstance(_attr(node, a), int) or _attr(node, a) < 1:
+                    if not isinstance(node_attr(node, a), int) or node_attr(node, a) < 1:
                         add("error", node, f"plugin attribute {a} missing or not a positive int")
                 add("info", node, "needs the MythosMoE plugin registered with TensorRT (mythos-export build)")
             elif dom == TRT_DOMAIN and node.op_type == TRT_INT4_DQ:
-                bs, axis = _attr(node, "block_size"), _attr(node, "axis")
+                bs, axis = node_attr(node, "block_size"), node_attr(node, "axis")
                 if types.get(node.input[0]) != 22:
                     add("error", node, f"{TRT_INT4_DQ} needs int4 data, has {ELEM.get(types.get(node.input[0]), '?')}")
                 if not isinstance(bs, int) or bs < 2 or not isinstance(axis, int):
@@ -125,7 +117,7 @@ def _constant_names(graph) -> set[str]:
 def _restrictions(node, consts: set[str], add) -> None:
     op = node.op_type
     if op == "Loop":
-        body = _attr(node, "body")
+        body = node_attr(node, "body")
         n_carried = len(node.input) - 2
         n_scan = len(body.output) - 1 - n_carried
         trip = node.input[0]
@@ -133,7 +125,7 @@ def _restrictions(node, consts: set[str], add) -> None:
             add("error", node, f"{n_scan} scan output(s) with a trip count from graph input {trip!r}: TensorRT requires "
                                "scan output length to be static (export with --loop unroll or --loop stepped for TensorRT)")
     elif op == "If":
-        then_g, else_g = _attr(node, "then_branch"), _attr(node, "else_branch")
+        then_g, else_g = node_attr(node, "then_branch"), node_attr(node, "else_branch")
         names_t = [o.name for o in then_g.output]
         names_e = [o.name for o in else_g.output]
         if set(names_t) & set(names_e):
@@ -141,7 +133,7 @@ def _restrictions(node, consts: set[str], add) -> None:
         if len(names_t) != len(names_e):
             add("error", node, "If branches must have the same number of outputs")
     elif op == "TopK":
-        if _attr(node, "sorted", 1) != 1:
+        if node_attr(node, "sorted", 1) != 1:
             add("error", node, "TopK needs sorted=1")
         if len(node.input) > 1 and node.input[1] not in consts:
             add("warning", node, "TopK K is not a constant")
