@@ -36,6 +36,13 @@ def _jit(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
+def _source(kernel, signature: dict, constexprs: dict):
+    """What triton.compile takes for `kernel` with this signature and these constexprs."""
+    _, ASTSource, _ = _triton()
+    return ASTSource(fn=_jit(kernel), signature={**signature, **{c: "constexpr" for c in constexprs}},
+                     constexprs=constexprs)
+
+
 def fused_signature(ptr: str) -> dict:
     """The single-launch kernel's arguments, in TensorRT AOT order: inputs (as the ONNX node
     passes them: int64 routing indices), scalar extra arguments, then the output."""
@@ -50,17 +57,15 @@ def fused_constexprs() -> dict:
 
 def compile_fused(dtype: str, cc: int):
     """Compile the single-launch kernel for one dtype (fp32/fp16/bf16) and compute capability."""
-    triton, ASTSource, GPUTarget = _triton()
+    triton, _, GPUTarget = _triton()
     from exporters import moe_kernel as mk
-    consts = fused_constexprs()
-    src = ASTSource(fn=_jit(mk._fused_kernel), signature={**fused_signature(f"*{DTYPES[dtype]}"),
-                                                          **{c: "constexpr" for c in consts}}, constexprs=consts)
+    src = _source(mk._fused_kernel, fused_signature(f"*{DTYPES[dtype]}"), fused_constexprs())
     return triton.compile(src, target=GPUTarget("cuda", cc, 32))
 
 
 def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), targets=TARGETS) -> dict:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    triton, ASTSource, GPUTarget = _triton()
+    triton, _, GPUTarget = _triton()
     from exporters import moe_kernel as mk
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,7 @@ def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), target
                       fused_constexprs()),
         }
         for name, (kernel, sig, grid, consts) in sigs.items():
-            src = ASTSource(fn=_jit(kernel), signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts)
+            src = _source(kernel, sig, consts)
             for cc in targets:
                 compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
                 stem = f"moe_{name}_{dt}_sm{cc}"
