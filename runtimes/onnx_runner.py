@@ -9,6 +9,7 @@ This is the low-level engine call; cache buffers and generation live above it.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -79,30 +80,42 @@ class OnnxModelRunner:
         return self._forward_stepped(base, n_loops, early_exit)
 
     def _forward_stepped(self, base: dict[str, np.ndarray], n_loops: int, early_exit: bool) -> dict[str, np.ndarray]:
-        pre = self._run("prelude", base)
-        e = pre["e"]
-        B, T = e.shape[:2]
-        state = {"h": e, "e": e, "h_out": np.zeros(e.shape, np.float32), "cum": np.zeros((B, T), np.float32),
-                 "halted": np.zeros((B, T), bool), "loops_used": np.zeros((B, T), np.int32)}
-        past_rec = base["past_recurrent"]
-        news = []
-        for t in range(n_loops):
-            out = self._run("step", {**state, "loop_index": np.array(t, np.int64),
-                                     "act_threshold": base["act_threshold"], "past_len": base["past_len"],
-                                     "past_recurrent": past_rec[t]})
-            state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"],
-                         halted=out["halted_next"], loops_used=out["loops_used_next"])
-            news.append(out["new_recurrent"])
-            if early_exit and state["halted"].all():
-                break
-        coda = self._run("coda", {**base, "h_out": state["h_out"]})
-        ran = len(news)
-        news += [np.zeros_like(news[0])] * (n_loops - ran)  # same shape as the loop graph's output
-        result = {"logits": coda["logits"], "new_recurrent": np.stack(news), "loops_run": np.array(ran),
-                  "loops_used": state["loops_used"], "halt_prob": state["cum"]}
-        result.update({k: v for k, v in pre.items() if k.startswith("new_")})
-        result.update({k: v for k, v in coda.items() if k.startswith("new_")})
-        return result
+        return drive_stepped(self._run, base, n_loops, early_exit, NUMPY_OPS)
+
+
+NUMPY_OPS = SimpleNamespace(zeros=lambda shape, dtype: np.zeros(shape, dtype), index=lambda t: np.array(t, np.int64),
+                            stack=np.stack, float32=np.float32, bool=np.bool_, int32=np.int32)
+
+
+def drive_stepped(run, base: dict, n_loops: int, early_exit: bool, ops) -> dict:
+    """The `stepped` trio driven loop by loop: prelude, one step call per loop carrying the ACT
+    state (stopping early once every position halted, with `early_exit`), coda. `run(name,
+    feeds)` runs one graph (extra feeds ignored); `ops` makes arrays of the caller's kind
+    (NUMPY_OPS here; torch tensors for the TensorRT backend). Returns the model-contract
+    outputs; recurrent rows past `loops_run` are zeros, like the loop graph's."""
+    pre = run("prelude", base)
+    e = pre["e"]
+    B, T = e.shape[:2]
+    state = {"h": e, "e": e, "h_out": ops.zeros(tuple(e.shape), ops.float32), "cum": ops.zeros((B, T), ops.float32),
+             "halted": ops.zeros((B, T), ops.bool), "loops_used": ops.zeros((B, T), ops.int32)}
+    past_rec = base["past_recurrent"]
+    news = []
+    for t in range(n_loops):
+        out = run("step", {**state, "loop_index": ops.index(t), "act_threshold": base["act_threshold"],
+                           "past_len": base["past_len"], "past_recurrent": past_rec[t]})
+        state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"],
+                     halted=out["halted_next"], loops_used=out["loops_used_next"])
+        news.append(out["new_recurrent"])
+        if early_exit and bool(state["halted"].all()):
+            break
+    coda = run("coda", {**base, "h_out": state["h_out"]})
+    ran = len(news)
+    news += [ops.zeros(tuple(news[0].shape), news[0].dtype)] * (n_loops - ran)
+    result = {"logits": coda["logits"], "new_recurrent": ops.stack(news), "loops_run": np.array(ran),
+              "loops_used": state["loops_used"], "halt_prob": state["cum"]}
+    result.update({k: v for k, v in pre.items() if k.startswith("new_")})
+    result.update({k: v for k, v in coda.items() if k.startswith("new_")})
+    return result
 
 
 def graph_files(loop_mode: str) -> dict[str, str]:

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
 from runtimes.base import Backend, Session, StepOutput
+from runtimes.onnx_runner import drive_stepped
 
 
 def _torch_dtype(trt, torch, dt):
@@ -112,31 +114,9 @@ class TrtSession(Session):
             if T == 1 and b.cuda_graph and b.loop_mode == "unroll" and dev == "cuda":
                 return self._decode_graph(x, pos)
             return b.engines["model"].run({"input_ids": x, **self._scalars(pos), **self.buffers}, b.stream, T)
-        s = self._scalars(pos)
-        pre = b.engines["prelude"].run({"input_ids": x, "past_len": s["past_len"], **self.buffers}, b.stream, T)
-        e = pre["e"]
-        B = e.shape[0]
-        state = {"h": e, "e": e, "h_out": torch.zeros(e.shape, dtype=torch.float32, device=dev),
-                 "cum": torch.zeros((B, T), dtype=torch.float32, device=dev),
-                 "halted": torch.zeros((B, T), dtype=torch.bool, device=dev),
-                 "loops_used": torch.zeros((B, T), dtype=torch.int32, device=dev)}
-        news = []
-        for t in range(self.n_loops):
-            out = b.engines["step"].run({**state, "loop_index": torch.tensor(t, dtype=torch.int64, device=dev),
-                                         "act_threshold": s["act_threshold"], "past_len": s["past_len"],
-                                         "past_recurrent": self.buffers["past_recurrent"][t]}, b.stream, T)
-            state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"], halted=out["halted_next"],
-                         loops_used=out["loops_used_next"])
-            news.append(out["new_recurrent"])
-            if self.exit == "fill-forward" and bool(state["halted"].all()):
-                break
-        coda = b.engines["coda"].run({"h_out": state["h_out"], "past_len": s["past_len"], **self.buffers}, b.stream, T)
-        ran = len(news)
-        news += [news[-1]] * (self.n_loops - ran)  # fill-forward
-        result = {"logits": coda["logits"], "new_recurrent": torch.stack(news), "loops_run": ran,
-                  "loops_used": state["loops_used"], "halt_prob": state["cum"]}
-        result.update({k: v for k, v in {**pre, **coda}.items() if k.startswith("new_")})
-        return result
+        return drive_stepped(lambda name, feeds: b.engines[name].run(feeds, b.stream, T),
+                             {"input_ids": x, **self._scalars(pos), **self.buffers}, self.n_loops,
+                             self.exit == "fill-forward", b.ops)
 
     def _decode_graph(self, x, pos: int) -> dict:
         """Capture the engine's one-token call once, then replay it with new inputs."""
@@ -203,6 +183,10 @@ class TensorRTBackend(Backend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         self.stream = torch.cuda.Stream() if device == "cuda" else _HostStream()
+        self.ops = SimpleNamespace(  # arrays for the stepped driver: torch tensors on this device
+            zeros=lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device),
+            index=lambda t: torch.tensor(t, dtype=torch.int64, device=device), stack=torch.stack,
+            float32=torch.float32, bool=torch.bool, int32=torch.int32)
         self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest["profiles"][name]), device)
                         for name, f in manifest["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
