@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import write_json
 from exporters.onnx_compose import iter_graphs
-from exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs
+from exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs, export_form
 from exporters.torch_to_onnx import export_stepped
 from mythos_deploy import MythosConfig, MythosModel
 from runtimes.onnx_runner import graph_files
@@ -38,7 +38,7 @@ def main() -> None:
     cfg = MythosConfig.from_name(args.preset)
     model = MythosModel(cfg).init_weights(0).eval()
     t0 = time.perf_counter()
-    stepped = export_stepped(model, "fp32", 18)
+    stepped = export_stepped(export_form(model, OnnxExportOptions()), "fp32", 18)
     torch_export_s = time.perf_counter() - t0
     rows = []
     for loop in ("unroll", "loop", "stepped"):

@@ -141,14 +141,15 @@ def floor_bytes_per_token(cfg, n_loops: int, context: int, bytes_per: int = 4) -
 
 
 def prepare(preset: str, seed: int, workdir: Path, loops: int, log, needed=None) -> dict[str, Path]:
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
     from exporters.torch_to_onnx import export_stepped
     from mythos_deploy import from_openmythos, save_checkpoint
     ck = workdir / "ckpt"
     model = from_openmythos(_openmythos_model(preset, seed))
     save_checkpoint(model, ck)
     log("torch export of the stepped graphs")
-    stepped = export_stepped(model, "fp32", 18)
+    # traced in the export form (absorbed MLA, the default), as `mythos-export onnx` does
+    stepped = export_stepped(export_form(model, OnnxExportOptions()), "fp32", 18)
     paths = {"ckpt": ck}
     for loop in ("unroll", "loop", "stepped"):
         for moe in ("standard", "ort", "plugin"):
