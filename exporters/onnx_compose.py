@@ -350,3 +350,37 @@ def toposort(graph, outer: frozenset = frozenset()) -> None:
     for n in graph.node:
         for g in subgraphs(n):
             toposort(g, scope)
+
+
+def slice_pasts(model, contract: GraphContract) -> int:
+    """Read only the filled rows of every past input: a Slice to [0, past_len) along its
+    `past` axis, feeding every reader (Loop/If bodies included). The runtime passes whole
+    preallocated buffers, so without this a decode step concatenates, normalises and
+    attends over the full budget with the unfilled rows masked: its cost grows with the
+    budget, not with the context. Rows at or past `past_len` were ignored either way, so the
+    outputs are unchanged. The price is a data-dependent shape (see OnnxExportOptions.past).
+    Returns the number of inputs sliced."""
+    from onnx import helper, numpy_helper
+    pasts = [s for s in contract.inputs if s.name.startswith("past_") and "past" in s.shape]
+    if not pasts:
+        return 0
+    g = model.graph
+    nodes = [helper.make_node("Unsqueeze", ["past_len", "past_rows/zero"], ["past_rows/end"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "past_rows/zero")]
+    renamed = {}
+    for spec in pasts:
+        axis = f"past_rows/axis{spec.shape.index('past')}"
+        if axis not in {t.name for t in inits}:
+            inits.append(numpy_helper.from_array(np.array([spec.shape.index("past")], np.int64), axis))
+        renamed[spec.name] = f"{spec.name}/rows"
+        nodes.append(helper.make_node("Slice", [spec.name, "past_rows/zero", "past_rows/end", axis],
+                                      [renamed[spec.name]], name=f"past_rows/{spec.name}"))
+    for sub in iter_graphs(g):
+        for node in sub.node:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+    for k, node in enumerate(nodes):
+        g.node.insert(k, node)
+    g.initializer.extend(inits)
+    return len(pasts)

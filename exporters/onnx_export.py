@@ -8,6 +8,7 @@ atomic write with manifest.json and validation.json. Any failure leaves no OUT_D
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -25,6 +26,7 @@ from mythos_deploy.manifest import atomic_output_dir, check_writable, write_mani
 
 MOE_LOWERINGS = ("plugin", "ort", "standard")
 MLA_FORMS = ("absorbed", "expanded")
+PAST_FORMS = ("sliced", "masked")
 DTYPES = ("fp32", "fp16")
 MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
 MAX_UNROLL = 256
@@ -41,10 +43,16 @@ class OnnxExportOptions:
     dtype: str = "fp32"
     validate: bool = True
     mla: str = "absorbed"  # MLA attention form in the graph (ignored for GQA)
+    # past rows read: "sliced" (only [0, past_len): cost follows the context, not the buffer;
+    # a data-dependent shape) or "masked" (the whole buffer, unfilled rows masked: static
+    # shapes, as TensorRT engines captured in CUDA graphs need). None: masked for the plugin
+    # lowering (the TensorRT path), sliced otherwise.
+    past: str | None = None
 
     def resolved(self, cfg: MythosConfig) -> "OnnxExportOptions":
         loops = cfg.max_loop_iters if self.loops is None else self.loops
-        return OnnxExportOptions(self.loop, loops, self.moe, self.opset, self.dtype, self.validate, self.mla)
+        past = self.past or ("masked" if self.moe == "plugin" else "sliced")
+        return dataclasses.replace(self, loops=loops, past=past)
 
     def check(self, cfg: MythosConfig) -> None:
         import onnx
@@ -54,6 +62,8 @@ class OnnxExportOptions:
             raise InputError(f"--moe must be one of {', '.join(MOE_LOWERINGS)}, got {self.moe!r}")
         if self.mla not in MLA_FORMS:
             raise InputError(f"--mla must be one of {', '.join(MLA_FORMS)}, got {self.mla!r}")
+        if self.past not in (None, *PAST_FORMS):
+            raise InputError(f"--past must be one of {', '.join(PAST_FORMS)}, got {self.past!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.loops, bool) or not isinstance(self.loops, int) or not 1 <= self.loops <= MAX_LOOPS:
@@ -146,7 +156,8 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
     from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import IR_VERSION, compose, name_nodes, prune_initializers, share_tied_embedding, strip_metadata
+    from exporters.onnx_compose import (IR_VERSION, compose, name_nodes, prune_initializers, share_tied_embedding,
+                                        slice_pasts, strip_metadata)
     from exporters.torch_to_onnx import export_stepped
 
     if stepped is None:
@@ -170,8 +181,10 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                                    cfg.prelude_layers, cfg.coda_layers)}
         share_tied_embedding(graphs["model"])
     stage(f"lower MoE ({opts.moe})")
-    for g in graphs.values():
+    for name, g in graphs.items():
         lower_moe(g, opts.moe)
+        if opts.past == "sliced":
+            slice_pasts(g, contracts[name])
         prune_initializers(g)
         name_nodes(g.graph)
     stage("onnx.checker + shape inference + contract")

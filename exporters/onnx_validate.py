@@ -37,6 +37,9 @@ class Scenario:
     chunks: list[int]
     decode_steps: int
     n_loops: int
+    # unfilled rows after the cached ones in every past input, filled with large noise, as a
+    # runtime's preallocated buffers have them: the graph must ignore rows at/past past_len
+    slack: int = 0
 
 
 @dataclass
@@ -105,6 +108,7 @@ class ValidationReport:
 
 def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq_len: int) -> list[Scenario]:
     sc = [Scenario("prefill7+decode16", 1, [7], 16, n_loops),
+          Scenario("prefill6+decode4, 9 unfilled rows", 1, [6], 4, n_loops, slack=9),
           Scenario("batch3 chunked 5+4 +decode3", 3, [5, 4], 3, n_loops),
           Scenario("prefill1+decode2", 1, [1], 2, n_loops)]
     if loop_mode != "unroll":
@@ -140,6 +144,19 @@ def append_new_rows(pasts: dict[str, np.ndarray], out: dict[str, np.ndarray]) ->
         pasts[name] = np.concatenate([past, new], axis=2 if name == "past_recurrent" else 1)
 
 
+def _with_slack(pasts: dict[str, np.ndarray], slack: int, g: torch.Generator) -> dict[str, np.ndarray]:
+    if not slack:
+        return pasts
+    out = {}
+    for name, past in pasts.items():
+        axis = 2 if name == "past_recurrent" else 1
+        shape = list(past.shape)
+        shape[axis] = slack
+        noise = (torch.randn(shape, generator=g) * 100).numpy().astype(past.dtype)
+        out[name] = np.concatenate([past, noise], axis=axis)
+    return out
+
+
 @torch.no_grad()
 def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: list[Scenario],
              note: str = "", act_threshold: float | None = None, seed: int = 0, progress=None) -> ValidationReport:
@@ -171,7 +188,7 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
         while step < len(feeds) + sc.decode_steps:
             chunk = feeds[step] if step < len(feeds) else nxt
             ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=threshold)
-            out = runner.forward(chunk.numpy(), pos, pasts, sc.n_loops, threshold)
+            out = runner.forward(chunk.numpy(), pos, _with_slack(pasts, sc.slack, g), sc.n_loops, threshold)
             T = chunk.shape[1]
             record("logits", out["logits"], ref.logits.numpy(), "logits")
             record("halt_prob", out["halt_prob"], ref.halt_prob.numpy(), "halt_prob")

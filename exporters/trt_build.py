@@ -113,6 +113,10 @@ def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
                          "(TensorRT's implicit int8 calibration is deprecated)")
     if opts.precision == "fp8" and quant != "fp8":
         raise InputError("--precision fp8 needs an fp8 Q/DQ artifact: mythos-export quantize --mode fp8 first")
+    if o.get("past", "masked") == "sliced":
+        raise InputError("this export reads only the filled cache rows (--past sliced: a data-dependent shape that "
+                         "CUDA-graph capture cannot replay); for TensorRT export with --past masked (the default "
+                         "with --moe plugin)")
     for mode, precision in (("qdq-int8", "int8"), ("fp8", "fp8")):
         if quant == mode and opts.precision != precision:
             raise InputError(f"this artifact holds {mode} Q/DQ nodes: build it with --precision {precision}")

@@ -66,6 +66,20 @@ def artifacts(om_pair, stepped_fp32, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def masked_artifacts(artifacts, stepped_fp32, tmp_path_factory):
+    """`artifacts` exported with --past masked (whole buffers, static shapes): what the
+    TensorRT build and backend take. Same keys."""
+    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    root = tmp_path_factory.mktemp("masked")
+    out = {}
+    for (attn, loop), (ck, _) in artifacts.items():
+        od = root / f"onnx-{attn}-{loop}"
+        export_onnx(ck, od, OnnxExportOptions(loop=loop, validate=False, past="masked"), stepped=stepped_fp32[attn])
+        out[(attn, loop)] = (ck, od)
+    return out
+
+
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "hops"
 
 

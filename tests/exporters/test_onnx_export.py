@@ -67,6 +67,34 @@ def test_loop_mode_varies_depth_and_matches_openmythos(om_pair, stepped_fp32):
     assert len(set(out["loops_used"].flatten().tolist())) > 1  # halting depth varies
 
 
+@pytest.mark.parametrize("loop", MODES)
+def test_sliced_past_never_reads_unfilled_rows(om_pair, stepped_fp32, loop):
+    """--past sliced reads rows [0, past_len) only: NaN in the unfilled rows of oversized
+    buffers changes nothing. The masked form multiplies those rows by zero attention
+    weights, so NaN there poisons its output: the check can tell the two apart."""
+    _, model = om_pair["mla"]
+    cfg, W = model.cfg, model.cfg.cache_width
+    outs = {}
+    for past in ("sliced", "masked"):
+        opts = OnnxExportOptions(loop=loop, past=past).resolved(cfg)
+        graphs = build_graphs(model, cfg, opts, _quiet, stepped=stepped_fp32["mla"])
+        slices = [n for g in graphs.values() for n in g.graph.node if n.name.startswith("past_rows/")]
+        assert len(slices) == (3 if past == "sliced" else 0)
+        runner = OnnxModelRunner(graphs, loop, opts.loops, 1, 1)
+        ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1)).numpy()
+        exact = {"past_prelude_0": np.zeros((2, 0, W), np.float32), "past_coda_0": np.zeros((2, 0, W), np.float32),
+                 "past_recurrent": np.zeros((opts.loops, 2, 0, W), np.float32)}
+        first = runner.forward(ids, 0, exact)
+        filled = {k: np.concatenate([v, first[k.replace("past_", "new_")]], axis=v.ndim - 2) for k, v in exact.items()}
+        padded = {k: np.concatenate([v, np.full(v.shape[:-2] + (7, W), np.nan, np.float32)], axis=v.ndim - 2)
+                  for k, v in filled.items()}
+        outs[past] = (runner.forward(ids[:, :1], 5, filled)["logits"], runner.forward(ids[:, :1], 5, padded)["logits"])
+    ref, got = outs["sliced"]
+    assert np.isfinite(ref).all() and np.array_equal(ref, got)
+    assert not np.isfinite(outs["masked"][1]).all()
+    np.testing.assert_allclose(outs["masked"][0], ref, atol=1e-5, rtol=0)
+
+
 def test_loop_node_count_does_not_grow(om_pair, stepped_fp32):
     _, model = om_pair["mla"]
 
@@ -164,6 +192,7 @@ def test_external_data_for_large_graphs(om_pair, stepped_fp32, tmp_path):
     (["--moe", "dense"], "--moe"),
     (["--dtype", "int3"], "--dtype"),
     (["--mla", "squashed"], "--mla"),
+    (["--past", "half"], "--past"),
     (["--moe", "ort", "--dtype", "fp16"], "fp32 only"),
 ])
 def test_bad_options(tiny_ckpt, tmp_path, args, match):

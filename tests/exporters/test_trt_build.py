@@ -40,9 +40,11 @@ def test_profiles_follow_the_contract(tiny_cfg):
     assert profiles_for(step, ranges, decode=False)["prefill"]["h"][2] == [4, cfg["max_seq_len"], tiny_cfg.dim]
 
 
-def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_qdq8, tmp_path):
+def test_plan_refuses_what_tensorrt_cannot_build(artifacts, masked_artifacts, demo_qdq8, tmp_path):
     from exporters.quantize import QuantizeOptions, quantize_artifact
-    _, loop_src = artifacts[("mla", "loop")]
+    with pytest.raises(InputError, match="--past masked"):  # onnxruntime's default form
+        plan(artifacts[("mla", "loop")][1], BuildOptions())
+    _, loop_src = masked_artifacts[("mla", "loop")]
     p = plan(loop_src, BuildOptions())
     assert set(p["profiles"]["model"]) == {"decode", "prefill"}
     with pytest.raises(InputError, match="qdq-int8"):
@@ -60,8 +62,8 @@ def test_plan_refuses_what_tensorrt_cannot_build(artifacts, demo_qdq8, tmp_path)
         plan(demo_qdq8, BuildOptions(precision="fp16"))
 
 
-def test_dry_run_and_missing_tensorrt(artifacts, tmp_path):
-    _, src = artifacts[("gqa", "stepped")]
+def test_dry_run_and_missing_tensorrt(masked_artifacts, tmp_path):
+    _, src = masked_artifacts[("gqa", "stepped")]
     runner = CliRunner()
     r = runner.invoke(app, ["build", str(src), "-o", str(tmp_path / "e"), "--dry-run", "--json", "--profile", "batch=1:2:3"])
     assert r.exit_code == 0, r.output
@@ -81,14 +83,14 @@ def test_dry_run_and_missing_tensorrt(artifacts, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-def test_builds_engines_with_tensorrt(artifacts, tmp_path):
+def test_builds_engines_with_tensorrt(masked_artifacts, tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
-    _, src = artifacts[("mla", "stepped")]
+    _, src = masked_artifacts[("mla", "stepped")]
     res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
     assert set(res["manifest"]["engines"]) == {"prelude", "step", "coda"}
 
 
-def test_build_drives_the_builder_api_as_documented(artifacts, demo_qdq8, tmp_path):
+def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8, tmp_path):
     """build_engines against a recording stand-in for TensorRT's builder API."""
     from exporters.trt_build import build_engines
     from mythos_deploy import CheckpointError, InternalError
@@ -96,7 +98,7 @@ def test_build_drives_the_builder_api_as_documented(artifacts, demo_qdq8, tmp_pa
     from tests.exporters import trt_builder_standin, trt_standins
     rec = trt_builder_standin.Recorder()
     modules = trt_builder_standin.make(rec, trt_standins.make()[1])
-    _, src = artifacts[("gqa", "stepped")]
+    _, src = masked_artifacts[("gqa", "stepped")]
     cache = tmp_path / "trt.cache"
     cache.write_bytes(b"old")
     res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp16", workspace_mib=64, timing_cache=str(cache)),

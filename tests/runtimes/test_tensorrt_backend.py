@@ -21,13 +21,13 @@ def _fake_engine_dir(src, path):
     return path
 
 
-def test_engine_directory_without_tensorrt(artifacts, tmp_path):
+def test_engine_directory_without_tensorrt(masked_artifacts, tmp_path):
     try:
         import tensorrt  # noqa: F401
         pytest.skip("tensorrt is installed here")
     except ImportError:
         pass
-    _, src = artifacts[("mla", "unroll")]
+    _, src = masked_artifacts[("mla", "unroll")]
     eng = _fake_engine_dir(src, tmp_path / "eng")
     with pytest.raises(MissingDependencyError, match="tensorrt not installed"):
         load(eng)
@@ -37,8 +37,8 @@ def test_engine_directory_without_tensorrt(artifacts, tmp_path):
         load(eng, backend="onnxruntime")
 
 
-def test_forcing_tensorrt_on_other_artifacts_says_build_first(artifacts):
-    ck, src = artifacts[("mla", "unroll")]
+def test_forcing_tensorrt_on_other_artifacts_says_build_first(masked_artifacts):
+    ck, src = masked_artifacts[("mla", "unroll")]
     for path in (ck, src):
         with pytest.raises(InputError, match="mythos-export build"):
             load(path, backend="tensorrt")
@@ -56,10 +56,10 @@ def _standin_backend(src, out, engines):
 
 
 @pytest.mark.parametrize("loop", ["unroll", "loop", "stepped"])
-def test_backend_logic_through_a_standin_runtime(artifacts, tmp_path, loop):
+def test_backend_logic_through_a_standin_runtime(masked_artifacts, tmp_path, loop):
     """The backend's own code (cache buffers written in place, past_len, profile choice, the
     stepped loop, fill-forward) against the onnxruntime backend on the same graphs."""
-    ck, src = artifacts[("mla", loop)]
+    ck, src = masked_artifacts[("mla", loop)]
     engines = []
     trt_b = _standin_backend(src, tmp_path / "eng", engines)
     assert trt_b.name.startswith("tensorrt[") and read_manifest(tmp_path / "eng")["kind"] == "tensorrt"
@@ -87,22 +87,22 @@ def test_backend_logic_through_a_standin_runtime(artifacts, tmp_path, loop):
     assert sb.cache_nbytes() == sum(b.nbytes for b in sa.buffers.values()) and all(e.launches > 0 for e in engines)
 
 
-def test_standin_rejects_a_corrupt_engine(artifacts, tmp_path):
+def test_standin_rejects_a_corrupt_engine(masked_artifacts, tmp_path):
     from runtimes.tensorrt_backend import TensorRTBackend
     from tests.runtimes import trt_runtime_standin
-    _, src = artifacts[("mla", "unroll")]
+    _, src = masked_artifacts[("mla", "unroll")]
     eng = _fake_engine_dir(src, tmp_path / "eng")
     with pytest.raises(Exception, match="cannot deserialize"):
         TensorRTBackend(eng, read_manifest(eng), device="cpu", modules=trt_runtime_standin.make([]))
 
 
-def test_tensorrt_greedy_parity_with_eager(artifacts, tmp_path):
+def test_tensorrt_greedy_parity_with_eager(masked_artifacts, tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from exporters.trt_build import BuildOptions, build_engines
-    ck, src = artifacts[("mla", "stepped")]
+    ck, src = masked_artifacts[("mla", "stepped")]
     build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
     ref = generate(load(ck), [1, 2, 3], 32).tokens
     got = generate(load(tmp_path / "e"), [1, 2, 3], 32).tokens
