@@ -1,13 +1,12 @@
 """`quantize`: ONNX artifact -> quantized ONNX artifact for onnxruntime, gated on agreement.
 
 Modes for onnxruntime CPU:
-- `int8`: 2-D weight MatMuls/Gemms -> per-channel symmetric int8 weights with dynamic
-  activation quantization (onnxruntime `quantize_dynamic`, Loop/If bodies included); the
-  tied embedding gathers rows of the int8 head; routed experts of the `standard` lowering
-  become int8 weight-only (per output channel), dequantized after the top-k Gather.
-- `int4`: 2-D weight MatMuls -> MatMulNBits (symmetric, `--block-size`, accuracy level 4 by
-  default: int8 compute, fast on CPU); the tied embedding gathers int4 rows of the head and
-  the `standard` lowering's expert tables become int4 blocks (both GatherBlockQuantized).
+- `int8` / `int4`: 2-D weight MatMuls (Gemms with a constant weight rewritten as MatMul
+  first) -> MatMulNBits with 8/4-bit symmetric weights in `--block-size` blocks along K,
+  accuracy level 4 by default (int8 activations quantized at run time: fast on CPU); the
+  tied embedding gathers quantized rows of the head (GatherBlockQuantized); the `standard`
+  lowering's routed experts become int8 weight-only tables (dequantized after the top-k
+  Gather) or int4 blocks (GatherBlockQuantized).
 - `fp16`: a native fp16 re-export of the artifact's source checkpoint (recorded in its
   manifest and checked by sha256) with the same options, gated by the export's own fp16
   parity gate against eager fp32. onnxruntime's float16 converter is not used: on these
@@ -264,28 +263,38 @@ def _replace_node(graph, old, new: list) -> None:
     graph.node.extend(nodes)
 
 
-def _int8_embedding(model) -> bool:
-    """After quantize_dynamic, the tied head is int8 for the head MatMul but still fp32 for
-    the embedding Gather. Gather rows of the int8 head instead and drop the fp32 copy."""
-    from onnx import TensorProto, helper, numpy_helper
+def _gemms_to_matmuls(model) -> int:
+    """Gemm(A, W^T, bias) with a constant 2-D weight -> MatMul(A, W [K, N]) (+ Add bias), in
+    every graph and Loop/If body: onnxruntime's MatMulNBits quantizer only takes MatMul, and
+    the torch exporter writes the 2-D linears (shared experts, router) as Gemm. The weight
+    is transposed once here; a Gemm read by several nodes shares one transposed copy.
+    Returns the number of Gemms rewritten."""
+    from onnx import helper, numpy_helper
+    from exporters.onnx_compose import node_attr
     inits = {t.name: t for t in model.graph.initializer}
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"
-               and n.input[0] in inits and f"{n.input[0]}_quantized" in inits]
-    if len(gathers) != 1:
-        return False
-    g = gathers[0]
-    head = g.input[0]
-    zp = inits.get(f"{head}_zero_point")
-    if zp is not None and np.any(numpy_helper.to_array(zp) != 0):
-        return False
-    axis = next((a.i for a in g.attribute if a.name == "axis"), 0)
-    y = g.output[0]
-    new = [helper.make_node("Gather", [f"{head}_quantized", "input_ids"], [f"{y}/q"], name=f"{g.name}/q", axis=axis),
-           helper.make_node("Gather", [f"{head}_scale", "input_ids"], [f"{y}/s"], name=f"{g.name}/s", axis=0),
-           helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{g.name}/cast", to=TensorProto.FLOAT),
-           helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{g.name}/dq")]
-    _replace_node(model.graph, g, new)
-    return True
+    done = 0
+    for g in iter_graphs(model.graph):
+        nodes = []
+        for n in g.node:
+            w = inits.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
+            if (w is None or len(w.dims) != 2 or node_attr(n, "transA", 0) or node_attr(n, "alpha", 1.0) != 1.0
+                    or node_attr(n, "beta", 1.0) != 1.0):
+                nodes.append(n)
+                continue
+            kn = f"{w.name}::kn" if node_attr(n, "transB", 0) else w.name
+            if kn not in inits:
+                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), kn)
+                model.graph.initializer.append(inits[kn])
+            if len(n.input) > 2 and n.input[2]:
+                mid = f"{n.output[0]}/matmul"
+                nodes += [helper.make_node("MatMul", [n.input[0], kn], [mid], name=f"{n.name}/matmul"),
+                          helper.make_node("Add", [mid, n.input[2]], [n.output[0]], name=f"{n.name}/bias")]
+            else:
+                nodes.append(helper.make_node("MatMul", [n.input[0], kn], [n.output[0]], name=n.name))
+            done += 1
+        del g.node[:]
+        g.node.extend(nodes)
+    return done
 
 
 @contextlib.contextmanager
@@ -304,31 +313,32 @@ def _quiet_quantizers():
             lg.setLevel(lv)
 
 
-def _int4_embedding(model) -> bool:
-    """After MatMulNBits, the tied head is int4 for the head MatMul but the embedding Gather
-    still reads the fp32 table. Gather int4 rows of the head instead (com.microsoft::
-    GatherBlockQuantized over the same packed bytes and scales: MatMulNBits' [N, blocks, blob]
-    is [N, K/2] row-major, both use zero point 8) and drop the fp32 copy."""
+def _nbits_embedding(model, bits: int) -> bool:
+    """After MatMulNBits, the tied head is int4/int8 for the head MatMul but the embedding
+    Gather still reads the fp32 table. Gather quantized rows of the head instead (com.microsoft::
+    GatherBlockQuantized over the same bytes and scales: MatMulNBits' [N, blocks, blob] is
+    [N, K*bits/8] row-major, both use zero point 2^(bits-1)) and drop the fp32 copy."""
     from onnx import helper, numpy_helper
     inits = {t.name: t for t in model.graph.initializer}
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"
-               and f"{n.input[0]}_Q4" in inits and f"{n.input[0]}_scales" in inits]
+               and f"{n.input[0]}_Q{bits}" in inits and f"{n.input[0]}_scales" in inits]
     if len(gathers) != 1:
         return False
     g = gathers[0]
     head = g.input[0]
-    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{head}_Q4"]
+    q = f"{head}_Q{bits}"
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == q]
     attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute} if nbits else {}
     if next((a.i for a in g.attribute if a.name == "axis"), 0) != 1 or len(nbits) != 1 or len(nbits[0].input) > 3 \
-            or attrs.get("bits") != 4:
-        return False  # the layout this rewrite knows: table [D, V] gathered on axis 1, symmetric 4-bit
+            or attrs.get("bits") != bits:
+        return False  # the layout this rewrite knows: table [D, V] gathered on axis 1, symmetric
     N, K, bs = attrs["N"], attrs["K"], attrs["block_size"]
     y = g.output[0]
-    shape = f"{head}_Q4::rows_shape"
-    model.graph.initializer.append(numpy_helper.from_array(np.array([N, K // 2], np.int64), shape))
-    new = [helper.make_node("Reshape", [f"{head}_Q4", shape], [f"{y}/rows"], name=f"{g.name}/rows"),
+    shape = f"{q}::rows_shape"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([N, -(-K // bs) * bs * bits // 8], np.int64), shape))
+    new = [helper.make_node("Reshape", [q, shape], [f"{y}/rows"], name=f"{g.name}/rows"),
            helper.make_node("GatherBlockQuantized", [f"{y}/rows", "input_ids", f"{head}_scales"], [f"{y}/btd"],
-                            name=f"{g.name}/q4", domain="com.microsoft", bits=4, block_size=bs, gather_axis=0,
+                            name=f"{g.name}/q{bits}", domain="com.microsoft", bits=bits, block_size=bs, gather_axis=0,
                             quantize_axis=1),
            helper.make_node("Transpose", [f"{y}/btd"], [y], name=f"{g.name}/dbt", perm=[2, 0, 1])]
     _replace_node(model.graph, g, new)
@@ -342,31 +352,27 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
     from exporters.onnx_compose import IR_VERSION, prune_initializers, toposort
     model = onnx.load(str(src))
     info: dict = {"mode": opts.mode}
-    with tempfile.TemporaryDirectory() as scratch, _quiet_quantizers():
-        tmp_in = Path(scratch) / "in.onnx"
-        if opts.mode == "int8":
-            info["experts"] = (f"int8 weight-only ({_int8_experts(model)} tables)" if moe == "standard"
-                               else _qmoe(model, 8, 0))
-            onnx.save(model, str(tmp_in))
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-            quantize_dynamic(str(tmp_in), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             nodes_to_exclude=_excluded(model, opts.exclude), op_types_to_quantize=["MatMul", "Gemm"],
-                             extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
-            model = onnx.load(str(dst))
-            info["embedding"] = "int8 rows of the head" if _int8_embedding(model) else "fp32"
-        elif opts.mode == "int4":
+    with _quiet_quantizers():
+        if opts.mode in ("int8", "int4"):
+            bits = 8 if opts.mode == "int8" else 4
+            info["gemms_as_matmul"] = _gemms_to_matmuls(model)
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-            q = MatMulNBitsQuantizer(model, block_size=opts.block_size, is_symmetric=True,
+            q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=True,
                                      accuracy_level=opts.accuracy_level, nodes_to_exclude=_excluded(model, opts.exclude))
             q.process()
             model = q.model.model
             if moe == "ort":
-                experts = _qmoe(model, 4, opts.block_size)
+                experts = _qmoe(model, bits, opts.block_size if bits == 4 else 0)
+            elif bits == 8:
+                experts = f"int8 weight-only ({_int8_experts(model)} tables)"
             else:
                 n = _int4_experts(model, opts.block_size)
                 experts = f"int4 weight-only ({n} tables, GatherBlockQuantized)" if n else "fp32"
-            embedding = "int4 rows of the head (GatherBlockQuantized)" if _int4_embedding(model) else "fp32"
-            info.update(experts=experts, embedding=embedding, block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+            embedding = (f"int{bits} rows of the head (GatherBlockQuantized)" if _nbits_embedding(model, bits)
+                         else "fp32")
+            info.update(weights=f"int{bits} MatMulNBits, blocks of {opts.block_size} along K",
+                        experts=experts, embedding=embedding, block_size=opts.block_size,
+                        accuracy_level=opts.accuracy_level)
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
     prune_initializers(model)
@@ -537,7 +543,8 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeO
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch) / "fp16"
         result = export_onnx(ckpt, work, OnnxExportOptions(loop=o["loop"], loops=o["loops"], moe=o["moe"], opset=o["opset"],
-                                                           dtype="fp16", mla=o.get("mla", "absorbed")), stage=stage)
+                                                           dtype="fp16", mla=o.get("mla", "absorbed"),
+                                                           past=o.get("past", "masked")), stage=stage)
         exported = read_manifest(work)
         task = None
         if _trained_on_hops(manifest):

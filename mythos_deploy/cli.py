@@ -323,6 +323,10 @@ def onnx_cmd(
     dtype: str = typer.Option("fp32", help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
     mla: str = typer.Option("absorbed", help="MLA attention in the graph. absorbed: kv_up folded into query/output (DeepSeek-V2), "
                                              "attention in latent space, fastest decode; expanded: OpenMythos's form."),
+    past: Optional[str] = typer.Option(None, help="Cache rows the graph reads. sliced: only the filled ones, so decode cost follows "
+                                                  "the context, not the runtime's buffer (onnxruntime); masked: the whole buffer "
+                                                  "with unfilled rows masked, static shapes (TensorRT, CUDA graphs). "
+                                                  "Default: masked with --moe plugin, else sliced."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime parity gate (not recommended)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and validation report as JSON."),
@@ -339,7 +343,8 @@ def onnx_cmd(
         from exporters.onnx_export import OnnxExportOptions, export_onnx
         from mythos_deploy.errors import ParityError
 
-        opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate, mla=mla)
+        opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate, mla=mla,
+                                 past=past)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err, transient=True, disable=as_json) as progress:
             task = progress.add_task("starting", total=None)
@@ -454,17 +459,18 @@ def quantize(
     path: Path = typer.Argument(..., help="An fp32 ONNX artifact directory (onnxruntime modes: --moe standard or ort; "
                                           "TensorRT modes: --loop unroll or stepped, --moe plugin or standard)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized artifact directory to create."),
-    mode: str = typer.Option("int8", help="onnxruntime CPU: int8 (per-channel int8 weights, dynamic activations; experts and "
-                                          "embedding int8 too with --moe standard; QMoE experts with --moe ort), int4 (MatMulNBits "
-                                          "weight-only, QMoE int4 experts with --moe ort; Jetson-class memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
+    mode: str = typer.Option("int8", help="onnxruntime CPU: int8 (MatMulNBits int8 weight blocks, int8 activations quantized at run time; "
+                                          "embedding int8 too; int8 experts with --moe standard, QMoE with --moe ort), int4 (the same "
+                                          "with int4 weights; Jetson-class memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
                                           "(int8 weights + calibrated int8 activations; any NVIDIA GPU incl. Jetson Orin), "
                                           "qdq-int4 (int4 weight-only blocks; Ampere+ incl. Jetson Orin), fp8 (E4M3 weights + "
                                           "activations; Hopper/Ada only: H100/H200/L4/L40, not Jetson Orin)."),
     calib: int = typer.Option(8, "--calib", help="qdq-int8/fp8: generated calibration prompts (16 random tokens + 16 greedy)."),
     gate_tokens: int = typer.Option(256, "--gate-tokens", help="Positions the accuracy gate compares (teacher-forced greedy tokens)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Keep nodes whose name contains this in float (repeatable)."),
-    block_size: int = typer.Option(32, help="int4 / qdq-int4 block size."),
-    accuracy_level: int = typer.Option(4, help="int4 MatMulNBits accuracy level (4 = int8 compute, fastest on CPU)."),
+    block_size: int = typer.Option(32, help="int8 / int4 / qdq-int4 weight block size along K (one scale per block per output channel)."),
+    accuracy_level: int = typer.Option(4, help="int8 / int4 MatMulNBits accuracy level (4 = int8 compute, fastest on CPU; "
+                                               "0 = fp32 compute, slow for int8)."),
     accept_accuracy_loss: bool = typer.Option(False, "--accept-accuracy-loss", help="Write the artifact even if the gate fails (recorded in the manifest)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from exporters.quantize import QuantizeOptions, quantize_artifact
+from exporters.onnx_compose import iter_graphs, node_attr
+from exporters.quantize import QuantizeOptions, _gemms_to_matmuls, quantize_artifact
 from mythos_deploy import ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
@@ -28,6 +29,34 @@ def _ops(path):
     return ops
 
 
+def test_gemms_become_matmuls_with_the_same_numbers():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float32)  # [N, K], read transposed by two Gemms
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+             numpy_helper.from_array(w.T.copy(), "wkn")]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y1"], name="g1", transB=1),
+             helper.make_node("Gemm", ["x", "w"], ["y2"], name="g2", transB=1),
+             helper.make_node("Gemm", ["x", "wkn"], ["y3"], name="g3"),
+             helper.make_node("Gemm", ["x", "w", "b"], ["y4"], name="g4", transB=1, alpha=2.0)]  # left alone
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(1, 5)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    before = run(model)
+    assert _gemms_to_matmuls(model) == 3
+    assert [n.op_type for n in model.graph.node].count("Gemm") == 1
+    assert sum(t.name == "w::kn" for t in model.graph.initializer) == 1  # one transposed copy, shared
+    for a, b in zip(before, run(model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("loop", ["loop", "stepped"])
 def test_int8(artifacts, tmp_path, loop):
     _, src = artifacts[("mla", loop)]
@@ -41,7 +70,12 @@ def test_int8(artifacts, tmp_path, loop):
     graph = out / ("model.onnx" if loop == "loop" else "step.onnx")
     onnx.checker.check_model(str(graph), full_check=True)
     ops = _ops(graph)
-    assert "DynamicQuantizeLinear" in ops or "MatMulIntegerToFloat" in ops or "DynamicQuantizeMatMul" in ops
+    assert "MatMulNBits" in ops and "Gemm" not in ops  # Gemms were rewritten as MatMul, then quantized
+    q = onnx.load(str(graph))
+    nbits = [n for g in iter_graphs(q.graph) for n in g.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(node_attr(n, "bits") == 8 and node_attr(n, "accuracy_level") == 4 for n in nbits)
+    consts = {t.name for t in q.graph.initializer if len(t.dims) == 2}  # 3-D: per-head batched, left float
+    assert not [n.name for g in iter_graphs(q.graph) for n in g.node if n.op_type == "MatMul" and n.input[1] in consts]
     if loop == "loop":
         assert info["model"]["embedding"].startswith("int8") and info["model"]["experts"].startswith("int8")
         assert res["sizes"]["quantized_bytes"] < 0.7 * res["sizes"]["source_bytes"]  # tiny: small tensors stay fp32
