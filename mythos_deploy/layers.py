@@ -36,22 +36,27 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(width: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, width//2] (fp32) for interleaved-pair RoPE."""
+    """Full-width fp32 tables [max_len, width] for interleaved-pair RoPE: cos repeated per
+    pair (c, c) and sin signed per pair (-s, +s), so apply_rope is two products and a sum."""
     freqs = 1.0 / (theta ** (torch.arange(0, width, 2, dtype=torch.float32) / width))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return (torch.stack((cos, cos), dim=-1).reshape(max_len, width),
+            torch.stack((-sin, sin), dim=-1).reshape(max_len, width))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2k], x[2k+1]). x: [B, T, ..., d]; cos/sin: [T, d//2]."""
+    """Rotate pairs (x[2k], x[2k+1]) -> (x0 c - x1 s, x1 c + x0 s). x: [B, T, ..., d];
+    cos/sin: [T, d] from rope_tables. The same numbers as the pairwise form (a + (-b) is
+    a - b exactly in IEEE arithmetic), in a handful of graph nodes: the pair swap is one
+    reshape-flip-reshape instead of split/squeeze/stack per half."""
     shape = x.shape
-    xf = x.float().reshape(*shape[:-1], shape[-1] // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
+    xf = x.float()
+    swapped = xf.reshape(*shape[:-1], shape[-1] // 2, 2).flip(-1).reshape(shape)
     extra = x.dim() - 3  # broadcast tables over head dims between T and d
     c = cos.reshape(cos.shape[0], *([1] * extra), cos.shape[1])
     s = sin.reshape(sin.shape[0], *([1] * extra), sin.shape[1])
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.reshape(shape).to(x.dtype)
+    return (xf * c + swapped * s).to(x.dtype)
 
 
 class Expert(nn.Module):

@@ -57,9 +57,9 @@ def cache_bytes_per_token(cfg: MythosConfig, n_loops: int | None = None, dtype: 
 
 def memory_estimate(cfg: MythosConfig, dtype_bytes: int = 4) -> dict[str, int]:
     """Bytes a model needs resident before it computes anything: weights (the tied head is
-    stored once) and the fp32 RoPE tables (cos and sin, max_seq_len x rope_dim/2 each)."""
+    stored once) and the fp32 RoPE tables (cos and sin, max_seq_len x rope_dim each)."""
     weights = parameter_counts(cfg)["total"] * dtype_bytes
-    rope = 2 * cfg.max_seq_len * (cfg.rope_dim // 2) * 4
+    rope = 2 * cfg.max_seq_len * cfg.rope_dim * 4
     return {"weights": weights, "rope_tables": rope, "total": weights + rope}
 
 
