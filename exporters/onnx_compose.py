@@ -106,6 +106,51 @@ def _initial_act_state(e: str):
     ]
 
 
+def _shapes_from(nodes, same_shape: dict[str, tuple[str, int]]) -> int:
+    """Point Shape nodes at a tensor of the same shape that does not change from loop to
+    loop: `same_shape` maps a per-loop tensor to (invariant tensor, leading axes the
+    invariant one has in addition). Each loop's positions, RoPE rows, mask and reshape
+    targets then depend only on invariant values, so onnxruntime's common-subexpression
+    elimination computes them once for an unrolled graph, and _hoist_invariants moves them
+    out of a Loop body. Returns the number of Shape nodes rewritten."""
+    from onnx import helper
+    done = 0
+    for n in nodes:
+        if n.op_type != "Shape" or n.input[0] not in same_shape:
+            continue
+        src, lead = same_shape[n.input[0]]
+        start, end = node_attr(n, "start", 0), node_attr(n, "end", None)
+        attrs = {"start": start + lead if start >= 0 else start}
+        if end is not None:
+            attrs["end"] = end + lead if end >= 0 else end
+        elif lead and start < 0:
+            pass  # negative start counts from the end: the same dims either way
+        n.CopyFrom(helper.make_node("Shape", [src], list(n.output), name=n.name, **attrs))
+        done += 1
+    return done
+
+
+def _hoist_invariants(body, outer_available: set[str]) -> list:
+    """Loop-invariant code motion: body nodes whose inputs are all outer-scope values,
+    initializers or other hoisted outputs (no subgraphs, deterministic ops) are removed from
+    the body and returned, in order, to run once before the Loop."""
+    local = {i.name for i in body.input}
+    produced = {o for n in body.node for o in n.output}
+    hoisted, keep, moved = [], [], set()
+    for n in body.node:
+        ins = [i for i in n.input if i]
+        invariant = (not list(subgraphs(n)) and not n.op_type.startswith("Random")
+                     and all((i in moved) or (i not in local and i not in produced and i in outer_available) for i in ins))
+        if invariant:
+            hoisted.append(n)
+            moved.update(n.output)
+        else:
+            keep.append(n)
+    del body.node[:]
+    body.node.extend(keep)
+    return hoisted
+
+
 def _finish(nodes, inits, value_info, contract: GraphContract, opsets, name: str):
     from onnx import helper
     graph = helper.make_graph(nodes, name, [_vi(s) for s in contract.inputs], [_vi(s) for s in contract.outputs],
@@ -147,6 +192,7 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
                 "h": state["h"], "e": "pre/e_out", **{k: state[k] for k in ACT_STATE},
                 "loop_index": f"{p}loop_index", "act_threshold": "act_threshold", "past_len": "past_len",
                 "past_recurrent": f"{p}past"}, {}, shared_init_prefix="step/")
+            _shapes_from(piece.nodes, {state["h"]: ("pre/e_out", 0), f"{p}past": ("step0/past", 0)})
             if t == 0:
                 inits += piece.initializers
             nodes += piece.nodes
@@ -164,6 +210,7 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
             "loop_index": f"{b}iter", "act_threshold": "act_threshold", "past_len": "past_len",
             "past_recurrent": f"{b}past"}, {}, shared_init_prefix="step/")
         inits += step.initializers  # outer scope: the body reads them without copies
+        _shapes_from(step.nodes, {f"{b}h_in": ("pre/e_out", 0), f"{b}past": ("past_recurrent", 1)})
         # continue = not early_exit or not every position halted
         body_nodes = [helper.make_node("Gather", ["past_recurrent", f"{b}iter"], [f"{b}past"], axis=0),
                       *step.nodes,
@@ -212,6 +259,8 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
                         helper.make_tensor_value_info(f"{b}rec_next", cache_elem, None),
                         helper.make_tensor_value_info(f"{b}ran_next", TensorProto.INT64, [])]
         body = helper.make_graph(body_nodes, "core_step", body_inputs, body_outputs, value_info=step.value_info)
+        outer = {s.name for s in contract.inputs} | {t.name for t in inits} | {o for n in nodes for o in n.output}
+        nodes += _hoist_invariants(body, outer)
         inits.append(numpy_helper.from_array(np.array(True), "loop/true"))
         nodes.append(helper.make_node(
             "Loop", ["n_loops", "loop/true", "pre/e_out", *[f"act0/{k}" for k in ACT_STATE], "loop/rec0", "loop/zero_i64"],

@@ -95,6 +95,22 @@ def test_sliced_past_never_reads_unfilled_rows(om_pair, stepped_fp32, loop):
     np.testing.assert_allclose(outs["masked"][0], ref, atol=1e-5, rtol=0)
 
 
+def test_loop_invariant_work_runs_once(om_pair, stepped_fp32):
+    """Positions, RoPE rows, the mask and reshape targets do not change from loop to loop:
+    the Loop body no longer computes them (hoisted before the Loop), and every unrolled
+    loop's Shape nodes read the same invariant tensors (so onnxruntime's CSE merges them)."""
+    _, model = om_pair["mla"]
+    graphs = {loop: build_graphs(model, model.cfg, OnnxExportOptions(loop=loop).resolved(model.cfg), _quiet,
+                                 stepped=stepped_fp32["mla"])["model"] for loop in ("loop", "unroll")}
+    (body,) = [n.attribute[0].g for n in graphs["loop"].graph.node if n.op_type == "Loop"]
+    body_ops = [n.op_type for n in body.node]
+    assert "Range" not in body_ops
+    outer_ranges = [n for n in graphs["loop"].graph.node if n.op_type == "Range"]
+    assert outer_ranges  # ... they run once, before the Loop
+    shape_inputs = {n.input[0] for n in graphs["unroll"].graph.node if n.op_type == "Shape"}
+    assert not [i for i in shape_inputs if i.endswith("/h_next") or (i.endswith("/past") and i != "step0/past")]
+
+
 def test_loop_node_count_does_not_grow(om_pair, stepped_fp32):
     _, model = om_pair["mla"]
 
