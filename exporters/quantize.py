@@ -299,6 +299,58 @@ def _gemms_to_matmuls(model) -> int:
     return done
 
 
+def _merge_sibling_matmuls(model, exclude: tuple[str, ...] = ()) -> int:
+    """MatMuls that read the same input with constant 2-D weights (the query and KV down
+    projections; the shared expert's gate and up and the router) -> one MatMul over the
+    weights concatenated along N, then a Split: fewer, larger kernels (each MatMulNBits call
+    quantizes its input and dispatches threads; at decode that fixed cost is most of a small
+    MatMul). Per output column nothing changes, so the quantized numbers are the same.
+    Merged weights are built once and shared by every unrolled copy. Returns the number of
+    MatMuls removed."""
+    from onnx import helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    merged: dict[tuple[str, ...], str] = {}
+    removed = 0
+    for g in iter_graphs(model.graph):
+        groups: dict[str, list] = {}
+        for n in g.node:
+            w = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+            if w is not None and len(w.dims) == 2 and not any(e in n.name for e in exclude):
+                groups.setdefault(n.input[0], []).append(n)
+        replace: dict[int, list] = {}
+        drop: set[int] = set()
+        for a, members in groups.items():
+            ks = {inits[m.input[1]].dims[0] for m in members}
+            if len(members) < 2 or len(ks) != 1:
+                continue
+            key = tuple(m.input[1] for m in members)
+            if key not in merged:
+                name = "::".join(key) + "::merged"
+                arrays = [numpy_helper.to_array(inits[k]) for k in key]
+                inits[name] = numpy_helper.from_array(np.concatenate(arrays, axis=1), name)
+                sizes = f"{name}::split"
+                inits[sizes] = numpy_helper.from_array(np.array([x.shape[1] for x in arrays], np.int64), sizes)
+                model.graph.initializer.extend([inits[name], inits[sizes]])
+                merged[key] = name
+            name, first = merged[key], members[0]
+            out = f"{first.output[0]}/merged"
+            replace[id(first)] = [
+                helper.make_node("MatMul", [a, name], [out], name=f"{first.name}/merged"),
+                helper.make_node("Split", [out, f"{name}::split"], [m.output[0] for m in members],
+                                 name=f"{first.name}/split", axis=-1)]
+            drop.update(id(m) for m in members[1:])
+            removed += len(members) - 1
+        if replace:
+            nodes = []
+            for n in g.node:
+                if id(n) in drop:
+                    continue
+                nodes.extend(replace.get(id(n), [n]))
+            del g.node[:]
+            g.node.extend(nodes)
+    return removed
+
+
 @contextlib.contextmanager
 def _quiet_quantizers():
     """onnxruntime's quantizers log every node at INFO (and a pre-processing hint on the root
@@ -358,6 +410,7 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
         if opts.mode in ("int8", "int4"):
             bits = 8 if opts.mode == "int8" else 4
             info["gemms_as_matmul"] = _gemms_to_matmuls(model)
+            info["matmuls_merged"] = _merge_sibling_matmuls(model, opts.exclude)
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
             q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=True,
                                      accuracy_level=opts.accuracy_level, nodes_to_exclude=_excluded(model, opts.exclude))

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from exporters.onnx_compose import iter_graphs, node_attr
-from exporters.quantize import QuantizeOptions, _gemms_to_matmuls, quantize_artifact
+from exporters.quantize import QuantizeOptions, _gemms_to_matmuls, _merge_sibling_matmuls, quantize_artifact
 from mythos_deploy import ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
@@ -53,6 +53,38 @@ def test_gemms_become_matmuls_with_the_same_numbers():
     assert _gemms_to_matmuls(model) == 3
     assert [n.op_type for n in model.graph.node].count("Gemm") == 1
     assert sum(t.name == "w::kn" for t in model.graph.initializer) == 1  # one transposed copy, shared
+    for a, b in zip(before, run(model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_sibling_matmuls_merge_into_one_with_the_same_numbers():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(1)
+    ws = {n: rng.standard_normal((8, k)).astype(np.float32) for n, k in (("wa", 3), ("wb", 5), ("wc", 2))}
+    inits = [numpy_helper.from_array(v, k) for k, v in ws.items()]
+    inits.append(numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "wk4"))  # other K: alone
+    nodes = [helper.make_node("MatMul", [x, w], [f"{x}_{w}"], name=f"{x}_{w}")
+             for x in ("x", "y") for w in ("wa", "wb")]  # two groups reading the same pair of weights
+    nodes += [helper.make_node("MatMul", ["y", "wc"], ["y_wc"], name="y_wc"),
+              helper.make_node("MatMul", ["x", "wa"], ["x_wa2"], name="x_wa2"),  # the same weight twice
+              helper.make_node("MatMul", ["z", "wk4"], ["z_wk4"], name="z_wk4")]
+    outs = [n.output[0] for n in nodes]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, k])
+                                           for v, k in (("x", 8), ("y", 8), ("z", 4))],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "y": rng.standard_normal((2, 8)).astype(np.float32),
+             "z": rng.standard_normal((2, 4)).astype(np.float32)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feeds)
+    before = run(model)
+    assert _merge_sibling_matmuls(model) == 4  # x: 3 -> 1, y: 3 -> 1
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 3  # x merged, y merged, z alone
+    assert sum(t.name.endswith("::merged") for t in model.graph.initializer) == 2  # (wa, wb, wa), (wa, wb, wc)
     for a, b in zip(before, run(model)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
