@@ -5,8 +5,8 @@ Modes for onnxruntime CPU:
   first) -> MatMulNBits with 8/4-bit symmetric weights in `--block-size` blocks along K,
   accuracy level 4 by default (int8 activations quantized at run time: fast on CPU); the
   tied embedding gathers quantized rows of the head (GatherBlockQuantized); the `standard`
-  lowering's routed experts become int8 weight-only tables (dequantized after the top-k
-  Gather) or int4 blocks (GatherBlockQuantized).
+  lowering's routed experts become int8 tables read by integer MatMuls (MatMulInteger on
+  the gathered int8 rows) or int4 blocks (GatherBlockQuantized, dequantized per call).
 - `fp16`: a native fp16 re-export of the artifact's source checkpoint (recorded in its
   manifest and checked by sha256) with the same options, gated by the export's own fp16
   parity gate against eager fp32. onnxruntime's float16 converter is not used: on these
@@ -116,8 +116,12 @@ def _excluded(model, exclude: tuple[str, ...]) -> list[str]:
 
 
 def _int8_experts(model) -> int:
-    """Standard-lowering experts -> int8 weight-only. Each Gather of an expert weight table
-    [E,a,b] becomes Gather(int8) * Gather(scale); each dense use becomes Cast * scale."""
+    """Standard-lowering experts -> int8 tables (symmetric, per expert and output channel).
+    Each MatMul that reads an expert table, gathered (decode) or whole (the dense branch),
+    becomes an integer MatMul: DynamicQuantizeLinear on its input (uint8, per tensor),
+    MatMulInteger against the int8 table, then one scale (input scale x channel scales).
+    The int8 bytes are gathered and multiplied as they are: nothing is dequantized to fp32
+    per call. Any other read of a table falls back to Cast x scale."""
     from onnx import TensorProto, helper, numpy_helper
     inits = {t.name: t for t in model.graph.initializer}
     targets = {name for name in inits if "::EDF" in name or "::EFD" in name}
@@ -131,17 +135,42 @@ def _int8_experts(model) -> int:
         q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         new_inits += [numpy_helper.from_array(q, f"{name}::q8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}::s8")]
     for g in iter_graphs(model.graph):
+        readers: dict[str, list] = {}
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                readers.setdefault(name, []).append((n, i))
+        # gathered tables read only as MatMul weights stay int8: y -> (int8 rows, their scales)
+        int_b = {}
+        for n in g.node:
+            if n.op_type == "Gather" and n.input[0] in targets and \
+                    all(r.op_type == "MatMul" and i == 1 for r, i in readers.get(n.output[0], [])):
+                int_b[n.output[0]] = (f"{n.output[0]}/q", f"{n.output[0]}/s")
+        int_b.update({t: (f"{t}::q8", f"{t}::s8") for t in targets})
         out = []
         for n in g.node:
-            if n.input and n.input[0] in targets and n.op_type == "Gather":
+            if n.output and n.output[0] in int_b and n.op_type == "Gather":
+                w, idx, y = n.input[0], n.input[1], n.output[0]
+                out += [helper.make_node("Gather", [f"{w}::q8", idx], [f"{y}/q"], name=f"{n.name}/q", axis=0),
+                        helper.make_node("Gather", [f"{w}::s8", idx], [f"{y}/s"], name=f"{n.name}/s", axis=0)]
+                continue
+            if n.op_type == "Gather" and n.input[0] in targets:  # read elsewhere too: dequantize
                 w, idx, y = n.input[0], n.input[1], n.output[0]
                 out += [helper.make_node("Gather", [f"{w}::q8", idx], [f"{y}/q"], name=f"{n.name}/q", axis=0),
                         helper.make_node("Gather", [f"{w}::s8", idx], [f"{y}/s"], name=f"{n.name}/s", axis=0),
                         helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{n.name}/cast", to=TensorProto.FLOAT),
                         helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{n.name}/dq")]
                 continue
+            if n.op_type == "MatMul" and n.input[1] in int_b:
+                a, y, p = n.input[0], n.output[0], f"{n.name or n.output[0]}/int8"
+                bq, bs = int_b[n.input[1]]
+                out += [helper.make_node("DynamicQuantizeLinear", [a], [f"{p}/aq", f"{p}/as", f"{p}/azp"], name=f"{p}/dql"),
+                        helper.make_node("MatMulInteger", [f"{p}/aq", bq, f"{p}/azp"], [f"{p}/acc"], name=f"{p}/mmi"),
+                        helper.make_node("Cast", [f"{p}/acc"], [f"{p}/accf"], name=f"{p}/cast", to=TensorProto.FLOAT),
+                        helper.make_node("Mul", [f"{p}/as", bs], [f"{p}/scale"], name=f"{p}/scale"),
+                        helper.make_node("Mul", [f"{p}/accf", f"{p}/scale"], [y], name=f"{p}/dq")]
+                continue
             uses = [i for i in n.input if i in targets]
-            if uses:  # dense branch: dequantize the whole table once per call
+            if uses:  # any other reader of a whole table: dequantize it once per call
                 for w in set(uses):
                     d = f"{n.name}/{w}::dq"
                     out += [helper.make_node("Cast", [f"{w}::q8"], [f"{d}/f"], name=f"{d}/cast", to=TensorProto.FLOAT),
@@ -419,7 +448,7 @@ def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dic
             if moe == "ort":
                 experts = _qmoe(model, bits, opts.block_size)
             elif bits == 8:
-                experts = f"int8 weight-only ({_int8_experts(model)} tables)"
+                experts = f"int8 tables, integer MatMuls ({_int8_experts(model)} tables)"
             else:
                 n = _int4_experts(model, opts.block_size)
                 experts = f"int4 weight-only ({n} tables, GatherBlockQuantized)" if n else "fp32"
