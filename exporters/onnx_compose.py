@@ -120,11 +120,10 @@ def _shapes_from(nodes, same_shape: dict[str, tuple[str, int]]) -> int:
             continue
         src, lead = same_shape[n.input[0]]
         start, end = node_attr(n, "start", 0), node_attr(n, "end", None)
+        # negative indices count from the end: the same dims in either tensor
         attrs = {"start": start + lead if start >= 0 else start}
         if end is not None:
             attrs["end"] = end + lead if end >= 0 else end
-        elif lead and start < 0:
-            pass  # negative start counts from the end: the same dims either way
         n.CopyFrom(helper.make_node("Shape", [src], list(n.output), name=n.name, **attrs))
         done += 1
     return done
@@ -415,14 +414,14 @@ def slice_pasts(model, contract: GraphContract) -> int:
         return 0
     g = model.graph
     nodes = [helper.make_node("Unsqueeze", ["past_len", "past_rows/zero"], ["past_rows/end"])]
-    inits = [numpy_helper.from_array(np.array([0], np.int64), "past_rows/zero")]
+    axes = {spec.shape.index("past") for spec in pasts}
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "past_rows/zero"),
+             *[numpy_helper.from_array(np.array([a], np.int64), f"past_rows/axis{a}") for a in sorted(axes)]]
     renamed = {}
     for spec in pasts:
-        axis = f"past_rows/axis{spec.shape.index('past')}"
-        if axis not in {t.name for t in inits}:
-            inits.append(numpy_helper.from_array(np.array([spec.shape.index("past")], np.int64), axis))
         renamed[spec.name] = f"{spec.name}/rows"
-        nodes.append(helper.make_node("Slice", [spec.name, "past_rows/zero", "past_rows/end", axis],
+        nodes.append(helper.make_node("Slice", [spec.name, "past_rows/zero", "past_rows/end",
+                                                f"past_rows/axis{spec.shape.index('past')}"],
                                       [renamed[spec.name]], name=f"past_rows/{spec.name}"))
     for sub in iter_graphs(g):
         for node in sub.node:

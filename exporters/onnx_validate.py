@@ -136,12 +136,18 @@ def empty_pasts(cfg, batch: int, n_loops: int, dtype: str) -> dict[str, np.ndarr
     return pasts
 
 
+def _past_axis(name: str) -> int:
+    """The `past` axis of a past input: [loops, batch, past, W] for the stacked recurrent
+    slots, [batch, past, W] for the others."""
+    return 2 if name == "past_recurrent" else 1
+
+
 def append_new_rows(pasts: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
     """Grow each `past_*` input by the graph's `new_*` rows (test-harness caches; the runtime
     writes into preallocated buffers instead)."""
     for name, past in list(pasts.items()):
         new = out[name.replace("past_", "new_", 1)]
-        pasts[name] = np.concatenate([past, new], axis=2 if name == "past_recurrent" else 1)
+        pasts[name] = np.concatenate([past, new], axis=_past_axis(name))
 
 
 def _with_slack(pasts: dict[str, np.ndarray], slack: int, g: torch.Generator) -> dict[str, np.ndarray]:
@@ -149,7 +155,7 @@ def _with_slack(pasts: dict[str, np.ndarray], slack: int, g: torch.Generator) ->
         return pasts
     out = {}
     for name, past in pasts.items():
-        axis = 2 if name == "past_recurrent" else 1
+        axis = _past_axis(name)
         shape = list(past.shape)
         shape[axis] = slack
         noise = (torch.randn(shape, generator=g) * 100).numpy().astype(past.dtype)

@@ -41,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.onnx_compose import iter_graphs
+from exporters.onnx_compose import iter_graphs, node_attr
 from exporters.qdq import QDQ_MODES
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
 from mythos_deploy.manifest import atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
@@ -148,17 +148,13 @@ def _int8_experts(model) -> int:
         int_b.update({t: (f"{t}::q8", f"{t}::s8") for t in targets})
         out = []
         for n in g.node:
-            if n.output and n.output[0] in int_b and n.op_type == "Gather":
+            if n.op_type == "Gather" and n.input[0] in targets:  # int8 rows and their scales
                 w, idx, y = n.input[0], n.input[1], n.output[0]
                 out += [helper.make_node("Gather", [f"{w}::q8", idx], [f"{y}/q"], name=f"{n.name}/q", axis=0),
                         helper.make_node("Gather", [f"{w}::s8", idx], [f"{y}/s"], name=f"{n.name}/s", axis=0)]
-                continue
-            if n.op_type == "Gather" and n.input[0] in targets:  # read elsewhere too: dequantize
-                w, idx, y = n.input[0], n.input[1], n.output[0]
-                out += [helper.make_node("Gather", [f"{w}::q8", idx], [f"{y}/q"], name=f"{n.name}/q", axis=0),
-                        helper.make_node("Gather", [f"{w}::s8", idx], [f"{y}/s"], name=f"{n.name}/s", axis=0),
-                        helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{n.name}/cast", to=TensorProto.FLOAT),
-                        helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{n.name}/dq")]
+                if y not in int_b:  # read elsewhere too: dequantize
+                    out += [helper.make_node("Cast", [f"{y}/q"], [f"{y}/f"], name=f"{n.name}/cast", to=TensorProto.FLOAT),
+                            helper.make_node("Mul", [f"{y}/f", f"{y}/s"], [y], name=f"{n.name}/dq")]
                 continue
             if n.op_type == "MatMul" and n.input[1] in int_b:
                 a, y, p = n.input[0], n.output[0], f"{n.name or n.output[0]}/int8"
@@ -301,7 +297,6 @@ def _gemms_to_matmuls(model) -> int:
     is transposed once here; a Gemm read by several nodes shares one transposed copy.
     Returns the number of Gemms rewritten."""
     from onnx import helper, numpy_helper
-    from exporters.onnx_compose import node_attr
     inits = {t.name: t for t in model.graph.initializer}
     done = 0
     for g in iter_graphs(model.graph):
@@ -411,11 +406,9 @@ def _nbits_embedding(model, bits: int) -> bool:
     head = g.input[0]
     q = f"{head}_Q{bits}"
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == q]
-    attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute} if nbits else {}
-    if next((a.i for a in g.attribute if a.name == "axis"), 0) != 1 or len(nbits) != 1 or len(nbits[0].input) > 3 \
-            or attrs.get("bits") != bits:
+    if node_attr(g, "axis", 0) != 1 or len(nbits) != 1 or len(nbits[0].input) > 3 or node_attr(nbits[0], "bits") != bits:
         return False  # the layout this rewrite knows: table [D, V] gathered on axis 1, symmetric
-    N, K, bs = attrs["N"], attrs["K"], attrs["block_size"]
+    N, K, bs = (node_attr(nbits[0], a) for a in ("N", "K", "block_size"))
     y = g.output[0]
     shape = f"{q}::rows_shape"
     model.graph.initializer.append(numpy_helper.from_array(np.array([N, -(-K // bs) * bs * bits // 8], np.int64), shape))

@@ -482,7 +482,6 @@ def quantize(
     with _errors():
         from exporters.quantize import QuantizeOptions, quantize_artifact
         from mythos_deploy.errors import ParityError
-        from mythos_deploy.manifest import read_manifest
 
         opts = QuantizeOptions(mode=mode, block_size=block_size, accuracy_level=accuracy_level, exclude=tuple(exclude),
                                gate_tokens=gate_tokens, calib_prompts=calib, accept_accuracy_loss=accept_accuracy_loss)
@@ -504,7 +503,7 @@ def quantize(
             t = g["task"]
             out.print(f"task accuracy (multi-hop, hops 1-4, {t['problems']} problems): {t['accuracy']:.3f} vs fp32 "
                       f"{t['accuracy_fp32']:.3f} ({t['drop_points']:+.2f} points drop; gate {t['max_drop_points']})")
-        if mode == "int4" and read_manifest(path)["options"].get("moe") == "standard":
+        if mode == "int4" and result["manifest"]["options"].get("moe") == "standard":
             err.print("note: with the standard MoE lowering, int4 expert tables are dequantized on every call, so "
                       "CPU decode is slower than fp32; for speed, quantize an export made with --moe ort (QMoE)")
 
