@@ -247,9 +247,9 @@ def _qmoe(model, bits: int, block_size: int) -> str:
     """The `ort` lowering's com.microsoft::MoE nodes -> com.microsoft::QMoE with int8 or int4
     expert weights in blocks of `block_size` along K when both the hidden and expert sizes
     divide by it, as QMoE requires (else per output row), same fused interleaved SwiGLU
-    layout. Blocked is also the fast kernel: onnxruntime 1.32's CPU QMoE took ~190 us per
-    batch-1 call per output row against ~35 us (int8) / ~80 us (int4) blocked, bench-preset
-    shapes. Returns what was done ("" when there is no MoE node)."""
+    layout. Blocked is also the fast kernel: onnxruntime 1.32's CPU QMoE took 248 us per
+    batch-1 call per output row against 35 us (int8) / 65 us (int4) blocked, bench-preset
+    shapes (benchmarks/decode_profile.py). Returns what was done ("" when there is no MoE node)."""
     from onnx import helper, numpy_helper
     inits = {t.name: t for t in model.graph.initializer}
     done: dict[tuple[str, int], tuple[str, str]] = {}
