@@ -1,0 +1,257 @@
+"""Commands on checkpoints: init, import-openmythos, inspect, generate, parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mythos_deploy.cli.app import app, out, err, handle_errors, parse_ids, fmt_bytes
+from mythos_deploy.errors import InputError, MythosError
+
+
+@app.command(epilog="Example: mythos-export init --preset tiny --set max_loop_iters=6 --seed 1 -o ckpt/tiny")
+def init(
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    preset: str = typer.Option("tiny", help="tiny, bench, 1b, 3b, 10b, 50b, 100b, 500b or 1t."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value (repeatable)."),
+    seed: int = typer.Option(0, help="Seed for the random weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Make a checkpoint with random weights (OpenMythos's initialisation) from a preset."""
+    with handle_errors():
+        from mythos_deploy.checkpoint import save_checkpoint
+        from mythos_deploy.config import MythosConfig, parse_overrides
+        from mythos_deploy.model import MythosModel
+        from mythos_deploy.stats import parameter_counts
+        from mythos_deploy.tokenizer import ByteTokenizer
+
+        cfg = MythosConfig.from_name(preset).replace(**parse_overrides(set_))
+        total = parameter_counts(cfg)["total"]
+        if total > 2_000_000_000:
+            raise MythosError(f"preset {preset!r} has {total / 1e9:.1f}B parameters "
+                              f"({total * 4 / 2**30:.0f} GiB in fp32); too large to initialise here. "
+                              "Use `mythos-export inspect --preset` to study it.")
+        with err.status(f"initialising {total / 1e6:.2f}M parameters"):
+            model = MythosModel(cfg).init_weights(seed)
+            tokenizer = ByteTokenizer().to_dict() if cfg.vocab_size >= 256 else None
+            save_checkpoint(model, output, overwrite=force, tokenizer=tokenizer,
+                            source={"kind": "init", "preset": preset, "seed": seed, "overrides": set_})
+        out.print(f"wrote {output} ({total / 1e6:.2f}M parameters, preset {preset})")
+
+
+@app.command("import-openmythos",
+             epilog="Example: mythos-export import-openmythos om.pt --config om_config.json -o ckpt/om")
+def import_openmythos(
+    path: Path = typer.Argument(..., help="OpenMythos weights: .safetensors, or a torch state dict (.pt/.pth/.bin; loaded with weights_only=True)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    config: Optional[Path] = typer.Option(None, help="JSON of OpenMythos MythosConfig fields (default: config.json beside PATH)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Convert OpenMythos 0.5.0 weights into a mythos-deploy checkpoint (no pickle is executed)."""
+    with handle_errors():
+        from mythos_deploy.checkpoint import save_checkpoint
+        from mythos_deploy.manifest import sha256_file
+        from mythos_deploy.openmythos_import import from_openmythos_file
+
+        model = from_openmythos_file(path, config)
+        save_checkpoint(model, output, overwrite=force,
+                        source={"kind": "openmythos", "file": path.name, "sha256": sha256_file(path)})
+        out.print(f"imported {path} -> {output}")
+
+@app.command(epilog="Examples: mythos-export inspect ckpt/tiny   |   mythos-export inspect --preset 1t --json")
+def inspect(
+    path: Optional[Path] = typer.Argument(None, help="A checkpoint or ONNX artifact directory."),
+    preset: Optional[str] = typer.Option(None, help="Inspect a preset's config instead of a directory."),
+    loops: Optional[int] = typer.Option(None, help="Loop count for cache sizes (default max_loop_iters)."),
+    dtype: str = typer.Option("fp32", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Parameters (total, active per token per loop), cache bytes per token and the config."""
+    with handle_errors():
+        from mythos_deploy.checkpoint import load_config
+        from mythos_deploy.config import MythosConfig
+        from mythos_deploy.stats import DTYPE_BYTES, cache_bytes_per_token, parameter_counts
+
+        if (path is None) == (preset is None):
+            raise InputError("give either a checkpoint PATH or --preset NAME")
+        if dtype not in DTYPE_BYTES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}")
+        if loops is not None and loops < 1:
+            raise InputError(f"--loops must be >= 1, got {loops}")
+        artifact = None
+        if preset:
+            cfg = MythosConfig.from_name(preset)
+        elif (path / "manifest.json").is_file() and not (path / "config.json").is_file():
+            from mythos_deploy.manifest import read_manifest
+            manifest = read_manifest(path)
+            cfg = MythosConfig.from_dict(manifest["config"])
+            artifact = {k: manifest.get(k) for k in ("kind", "tool_version", "options", "graphs", "source", "validation")}
+            loops = loops or manifest.get("options", {}).get("loops")
+        else:
+            cfg = load_config(path)
+        params = parameter_counts(cfg)
+        cache = cache_bytes_per_token(cfg, loops, dtype)
+        report = {"source": str(path) if path else f"preset:{preset}", "config": cfg.to_dict(),
+                  "parameters": params, "cache_bytes_per_token": cache, "cache_dtype": dtype,
+                  "cache_reduction": {k: round(cache[k] / cache["mythos_deploy"], 3)
+                                      for k in ("openmythos", "equivalent_gqa", "equivalent_mha")}}
+        if artifact:
+            report["artifact"] = artifact
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return
+        t = Table(title=f"parameters ({report['source']})")
+        t.add_column("part"), t.add_column("count", justify="right")
+        for k, v in params.items():
+            t.add_row(k.replace("_", " "), f"{v:,}")
+        out.print(t)
+        c = Table(title=f"cache per token, {cache['slots']} slots, {dtype}")
+        c.add_column("layout"), c.add_column("bytes/token", justify="right"), c.add_column("x ours", justify="right")
+        for k in ("mythos_deploy", "openmythos", "equivalent_gqa", "equivalent_mha"):
+            c.add_row(k.replace("_", " "), fmt_bytes(cache[k]), f"{cache[k] / cache['mythos_deploy']:.2f}")
+        out.print(c)
+        g = Table(title="config")
+        g.add_column("field"), g.add_column("value", justify="right")
+        for k, v in cfg.to_dict().items():
+            g.add_row(k, str(v))
+        out.print(g)
+        if artifact:
+            a = Table(title="artifact")
+            a.add_column("field"), a.add_column("value")
+            for k, v in artifact.items():
+                a.add_row(k, escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
+            out.print(a)
+
+
+@app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"
+                    "mythos-export generate out/tiny-onnx --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 7 --json\n\n"
+                    "mythos-export generate out/tiny-loop --prompt 'x' --loops 8 --exit fill-forward")
+def generate(
+    path: Path = typer.Argument(..., help="A checkpoint directory (eager) or an ONNX artifact directory (onnxruntime)."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (needs tokenizer.json in the checkpoint)."),
+    prompt_ids: Optional[str] = typer.Option(None, help="Comma-separated token ids, e.g. 1,2,3."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default when no sampling option is given)."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
+    top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalise tokens already in the sequence (1.0 = off)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    loops: Optional[int] = typer.Option(None, help="Recurrent loops per token (default max_loop_iters; may exceed it)."),
+    act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold in (0, 1] (default from config)."),
+    exit_mode: str = typer.Option("none", "--exit", help="none: every loop for every token (exact); fill-forward: stop a "
+                                                          "token's loop once halted (loop/stepped exports, and eager)."),
+    stop_ids: Optional[str] = typer.Option(None, help="Comma-separated ids that end generation."),
+    max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
+    backend: str = typer.Option("auto", help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
+                                             "from mythos-export build)."),
+    provider: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu; for checkpoints the torch-on-CUDA path, with the "
+                                             "Triton MoE kernel when triton is installed)."),
+    dtype: str = typer.Option("fp32", help="Checkpoints only: fp32, fp16 or bf16."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the manifest version and sha256 checks."),
+    as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
+) -> None:
+    """Generate from a checkpoint or an exported artifact, streaming tokens."""
+    with handle_errors():
+        from mythos_deploy.tokenizer import load_tokenizer
+        from runtimes import load
+        from runtimes.generation import generate as run_generation
+        from runtimes.sampling import SamplingParams
+
+        if (prompt is None) == (prompt_ids is None):
+            raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+        sampling_given = temperature is not None or top_k != 0 or top_p != 1.0
+        if greedy and sampling_given:
+            raise InputError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+        params = SamplingParams(greedy=not sampling_given, temperature=1.0 if temperature is None else temperature,
+                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        engine = load(path, backend=backend, provider=provider, verify=not no_verify, dtype=dtype)
+        tok_dir = _tokenizer_dir(path)
+        tok = None
+        if prompt is not None:
+            tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
+            ids = tok.encode(prompt)
+        else:
+            ids = parse_ids(prompt_ids, "--prompt-ids")
+        if not ids:
+            raise InputError("the prompt is empty")
+        stops = parse_ids(stop_ids, "--stop-ids") if stop_ids else []
+        if tok is None and (tok_dir / "tokenizer.json").is_file():
+            tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
+        def show(ev) -> None:
+            piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
+            out.print(piece, end="", markup=False, highlight=False)
+
+        result = run_generation(engine, ids, max_new_tokens, params, stops, loops, act_threshold, max_length,
+                                exit_mode, on_event=None if as_json else show)
+        if as_json:
+            data = {"backend": engine.name, **result.to_dict()}
+            data["text"] = tok.decode(result.tokens[0]) if tok else None
+            print(json.dumps(data))
+        else:
+            out.print()
+            n = len(result.decode_seconds)
+            rate = f", {n / sum(result.decode_seconds):.1f} tok/s decode" if n else ""
+            err.print(f"[dim]{escape(engine.name)}: {len(result.tokens[0])} tokens, mean loops used "
+                      f"{sum(result.loops_used[0]) / len(result.loops_used[0]):.2f}, prefill "
+                      f"{result.prefill_seconds * 1e3:.1f} ms{rate}, stop: {result.stop_reason}[/dim]")
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    """A checkpoint keeps tokenizer.json; an ONNX artifact names its source checkpoint."""
+    if (path / "tokenizer.json").is_file():
+        return path
+    try:
+        src = json.loads((path / "manifest.json").read_text()).get("source", {}).get("checkpoint")
+    except (OSError, ValueError):
+        src = None
+    return Path(src) if src and (Path(src) / "tokenizer.json").is_file() else path
+
+@app.command(epilog="Examples: mythos-export parity ckpt/tiny out/tiny-onnx\n\n"
+                    "mythos-export parity out/tiny-loop out/tiny-loop --exit-b fill-forward --tolerance 1 --json")
+def parity(
+    a: Path = typer.Argument(..., help="Reference artifact (checkpoint or ONNX directory)."),
+    b: Path = typer.Argument(..., help="Artifact to check against A."),
+    tokens: int = typer.Option(32, help="Greedy tokens per prompt (B is teacher-forced with A's tokens)."),
+    prompts: int = typer.Option(3, help="Number of random prompts (seeded)."),
+    prompt_len: int = typer.Option(8, help="Prompt length."),
+    loops: Optional[int] = typer.Option(None, help="Loop count for both (default: each artifact's default)."),
+    exit_a: str = typer.Option("none", help="A's exit mode: none or fill-forward."),
+    exit_b: str = typer.Option("none", help="B's exit mode: none or fill-forward."),
+    tolerance: float = typer.Option(1e-4, help="Max abs logit error allowed."),
+    min_agreement: float = typer.Option(1.0, help="Minimum greedy-token agreement."),
+    seed: int = typer.Option(0, help="Prompt seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Compare two artifacts/backends on the same prompts; exit 4 beyond tolerance."""
+    with handle_errors():
+        import numpy as np
+
+        from mythos_deploy.errors import ParityError
+        from runtimes import load
+        from runtimes.parity import compare
+
+        ea, eb = load(a), load(b)
+        rng = np.random.default_rng(seed)
+        plist = rng.integers(0, ea.cfg.vocab_size, size=(prompts, prompt_len)).tolist()
+        report = compare(ea, eb, plist, tokens, loops, None, exit_a, exit_b, tolerance, min_agreement)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            t = Table(title=f"parity: {escape(report['a'])} ({exit_a}) vs {escape(report['b'])} ({exit_b})")
+            for col in ("prompt", "steps", "max abs logit err", "greedy agree", "loops_used agree", "loops run A/B"):
+                t.add_column(col, justify="right")
+            for i, r in enumerate(report["prompts"]):
+                t.add_row(str(i), str(r["steps"]), f"{r['max_abs_logit_error']:.2e}", f"{r['greedy_agreement']:.3f}",
+                          f"{r['loops_used_agreement']:.3f}", f"{r['loops_run_a']:.2f}/{r['loops_run_b']:.2f}")
+            out.print(t)
+            verdict = "[green]PASS[/green]" if report["passed"] else "[bold red]FAIL[/bold red]"
+            out.print(f"{verdict}: max abs logit error {report['max_abs_logit_error']:.2e} (tolerance {tolerance:g}), "
+                      f"greedy agreement {report['greedy_agreement']:.3f} (min {min_agreement:g})")
+        if not report["passed"]:
+            raise ParityError(f"{b} differs from {a} beyond tolerance")
