@@ -100,7 +100,7 @@ def profile(path: Path, cfg, loops: int, threads: int, tokens: int = 20) -> dict
 
 def qmoe_per_call(threads: int, calls: int = 8, n: int = 200) -> dict:
     from onnx import TensorProto, helper, numpy_helper
-    from exporters.quantize import _quantize_last_axis
+    from exporters.quant_graph import quantize_last_axis
     rng = np.random.default_rng(0)
     w1 = (rng.standard_normal((16, 512, 512)) * 0.05).astype(np.float32)  # fused gate/up [E, 2F, D]
     w2 = (rng.standard_normal((16, 512, 256)) * 0.05).astype(np.float32)  # down [E, D, F]
@@ -111,7 +111,7 @@ def qmoe_per_call(threads: int, calls: int = 8, n: int = 200) -> dict:
     for label, bits, block in (("int8 per output row", 8, 0), ("int8 blocks of 32", 8, 32), ("int4 blocks of 32", 4, 32)):
         inits, ins = [], []
         for name, w in (("fc1", w1), ("fc2", w2)):
-            q, sc = _quantize_last_axis(w, bits, block)
+            q, sc = quantize_last_axis(w, bits, block)
             inits += [numpy_helper.from_array(q, name), numpy_helper.from_array(sc, f"{name}_s")]
             ins += [name, f"{name}_s", ""]
         nodes = [helper.make_node("QMoE", ["x", "r", *ins[:-1]], [f"o{c}"], domain="com.microsoft",

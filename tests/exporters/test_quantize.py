@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from exporters.onnx_compose import iter_graphs, node_attr
-from exporters.quantize import QuantizeOptions, _gemms_to_matmuls, _merge_sibling_matmuls, quantize_artifact
+from exporters.quant_graph import gemms_to_matmuls, merge_sibling_matmuls
+from exporters.quantize import QuantizeOptions, quantize_artifact
 from mythos_deploy import ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
@@ -50,7 +51,7 @@ def test_gemms_become_matmuls_with_the_same_numbers():
     def run(m):
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     before = run(model)
-    assert _gemms_to_matmuls(model) == 3
+    assert gemms_to_matmuls(model) == 3
     assert [n.op_type for n in model.graph.node].count("Gemm") == 1
     assert sum(t.name == "w::kn" for t in model.graph.initializer) == 1  # one transposed copy, shared
     for a, b in zip(before, run(model)):
@@ -82,7 +83,7 @@ def test_sibling_matmuls_merge_into_one_with_the_same_numbers():
     def run(m):
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feeds)
     before = run(model)
-    assert _merge_sibling_matmuls(model) == 4  # x: 3 -> 1, y: 3 -> 1
+    assert merge_sibling_matmuls(model) == 4  # x: 3 -> 1, y: 3 -> 1
     assert [n.op_type for n in model.graph.node].count("MatMul") == 3  # x merged, y merged, z alone
     assert sum(t.name.endswith("::merged") for t in model.graph.initializer) == 2  # (wa, wb, wa), (wa, wb, wc)
     for a, b in zip(before, run(model)):
@@ -196,13 +197,13 @@ def test_no_task_gate_for_an_untrained_model(artifacts, tmp_path):
 def test_qmoe_weight_layout_roundtrips():
     import numpy as np
 
-    from exporters.quantize import _quantize_last_axis
+    from exporters.quant_graph import quantize_last_axis
     w = np.random.default_rng(0).standard_normal((3, 8, 64)).astype(np.float32)
-    q8, s8 = _quantize_last_axis(w, 8, 0)
+    q8, s8 = quantize_last_axis(w, 8, 0)
     assert q8.dtype == np.uint8 and q8.shape == w.shape and s8.shape == (3, 8)
     deq = (q8.astype(np.float32) - 128) * s8[..., None]
     assert np.abs(deq - w).max() <= s8.max() / 2 + 1e-6
-    q4, s4 = _quantize_last_axis(w, 4, 32)
+    q4, s4 = quantize_last_axis(w, 4, 32)
     assert q4.shape == (3, 8, 32) and s4.shape == (3, 8, 2)
     nib = np.stack([q4 & 15, q4 >> 4], axis=-1).reshape(3, 8, 64).astype(np.float32)  # low nibble first
     deq = (nib - 8) * np.repeat(s4, 32, axis=-1)
