@@ -7,6 +7,7 @@ Shapes are checked against the config before anything is assigned.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,27 @@ from mythos_deploy.model import MythosModel
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 TIED = "head.weight"  # tied to embed.weight; never stored
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """The cause inside torch.load's error, without its advice to retry with
+    weights_only=False (which would run the file's pickled code)."""
+    text = str(exc).replace("\x1b[1m", "").replace("\x1b[0m", "")
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a Python object ({found.group(1)}), not only tensors; "
+                "save a plain state dict or .safetensors")
+    boilerplate = ("weights_only", "Weights only load failed", "trusted source", "Check the documentation",
+                   "Please file an issue", "load it", "two options")
+    lines = [ln.strip(" \t") for ln in text.splitlines()]
+    lines = [ln.replace("WeightsUnpickler error:", "").strip() for ln in lines
+             if ln.strip() and not any(b in ln for b in boilerplate)]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return type(exc).__name__
+    if "Unsupported operand" in lines[0] or "load key" in lines[0]:
+        return f"not a torch tensor file ({lines[0]})"
+    return re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0][:200]
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -36,8 +58,8 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {first}") from None
+        raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True; no pickled code is "
+                              f"ever run): {_torch_load_reason(exc)}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mythos_deploy import CheckpointError, MythosConfig, MythosError, from_openmythos, from_openmythos_file, load_checkpoint, save_checkpoint
+from mythos_deploy.checkpoint import read_weights_file
 from mythos_deploy.manifest import atomic_output_dir, read_manifest
 from mythos_deploy.openmythos_import import convert_state_dict
 from oracle import make_openmythos
@@ -115,9 +116,16 @@ def test_pickled_objects_are_refused(tmp_path):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     (tmp_path / "config.json").write_text(json.dumps(MythosConfig.from_name("tiny").to_dict()))
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only") as info:
         from_openmythos_file(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+    # the cause, and never torch's advice to retry with weights_only=False
+    assert "Python object (posix.system)" in str(info.value) or "Python object (nt.system)" in str(info.value)
+    assert "False" not in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file at all\n" * 4)
+    with pytest.raises(CheckpointError, match="not a torch tensor file") as info:
+        read_weights_file(tmp_path / "junk.pt")
+    assert "False" not in str(info.value)
 
 
 def test_import_errors_name_what_is_wrong(tmp_path):
