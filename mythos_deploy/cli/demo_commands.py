@@ -24,7 +24,7 @@ def bench(
     loops: Optional[int] = typer.Option(None, help="Loop count (default max_loop_iters)."),
     threads: int = typer.Option(2, help="CPU threads for torch and onnxruntime."),
     seed: int = typer.Option(0, help="Weight seed."),
-    only: str = typer.Option("", help="Comma-separated configuration names to run (OpenMythos always runs)."),
+    only: str = typer.Option("", metavar="NAME,NAME", help="Comma-separated configuration names to run (OpenMythos always runs)."),
     output: Path = typer.Option(Path("benchmarks/results/runtime.json"), "-o", "--output", help="JSON path (a .png plot lands beside it)."),
 ) -> None:
     """Decode and prefill latency of every backend in one run: OpenMythos's own cached decoding,
@@ -100,8 +100,8 @@ def train_demo_cmd(
 def eval_hops(
     path: Path = typer.Argument(..., help="The demo checkpoint, or an ONNX export of it (--loop loop or stepped)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write hops_eval.json and hops_eval.png here."),
-    hops_: str = typer.Option("1,2,3,4,5,6,7,8", "--hops", help="Hop counts (trained on 1-4)."),
-    loops: str = typer.Option("1,2,3,4,6,8,12,16", help="n_loops values (trained with 6)."),
+    hops_: str = typer.Option("1,2,3,4,5,6,7,8", "--hops", metavar="K,K", help="Hop counts (trained on 1-4)."),
+    loops: str = typer.Option("1,2,3,4,6,8,12,16", metavar="N,N", help="n_loops values (trained with 6)."),
     count: int = typer.Option(100, help="Problems per cell."),
     seed: int = typer.Option(1234, help="Problem seed (the same problems for every backend)."),
     compare: Optional[Path] = typer.Option(None, help="A second artifact that must make exactly the same predictions (exit 4 otherwise)."),

@@ -40,16 +40,16 @@ def print_validation(report: dict) -> None:
 def onnx_cmd(
     path: Path = typer.Argument(..., help="A checkpoint directory."),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX artifact directory to create."),
-    loop: str = typer.Option("unroll", help="unroll: n_loops fixed in the graph; loop: one ONNX Loop, n_loops and "
+    loop: str = typer.Option("unroll", metavar="unroll|loop|stepped", help="unroll: n_loops fixed in the graph; loop: one ONNX Loop, n_loops and "
                                             "act_threshold are inputs; stepped: prelude/step/coda graphs for a runtime-driven loop."),
     loops: Optional[int] = typer.Option(None, help="Loop count (unroll) / default loop count recorded in the manifest. Default: max_loop_iters."),
-    moe: str = typer.Option("standard", help="MoE lowering. standard: plain ONNX ops (runs anywhere); ort: onnxruntime com.microsoft::MoE "
+    moe: str = typer.Option("standard", metavar="standard|ort|plugin", help="MoE lowering. standard: plain ONNX ops (runs anywhere); ort: onnxruntime com.microsoft::MoE "
                                              "(fp32 on CPU); plugin: the TensorRT MythosMoE plugin node."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
-    dtype: str = typer.Option("fp32", help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
-    mla: str = typer.Option("absorbed", help="MLA attention in the graph. absorbed: kv_up folded into query/output (DeepSeek-V2), "
+    dtype: str = typer.Option("fp32", metavar="fp32|fp16", help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
+    mla: str = typer.Option("absorbed", metavar="absorbed|expanded", help="MLA attention in the graph. absorbed: kv_up folded into query/output (DeepSeek-V2), "
                                              "attention in latent space, fastest decode; expanded: OpenMythos's form."),
-    past: Optional[str] = typer.Option(None, help="Cache rows the graph reads. sliced: only the filled ones, so decode cost follows "
+    past: Optional[str] = typer.Option(None, metavar="sliced|masked", help="Cache rows the graph reads. sliced: only the filled ones, so decode cost follows "
                                                   "the context, not the runtime's buffer (onnxruntime); masked: the whole buffer "
                                                   "with unfilled rows masked, static shapes (TensorRT, CUDA graphs). "
                                                   "Default: masked with --moe plugin, else sliced."),
@@ -101,7 +101,7 @@ def quantize(
     path: Path = typer.Argument(..., help="An fp32 ONNX artifact directory (onnxruntime modes: --moe standard or ort; "
                                           "TensorRT modes: --loop unroll or stepped, --moe plugin or standard)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized artifact directory to create."),
-    mode: str = typer.Option("int8", help="onnxruntime CPU: int8 (MatMulNBits int8 weight blocks, int8 activations quantized at run time; "
+    mode: str = typer.Option("int8", metavar="int8|int4|fp16|qdq-int8|qdq-int4|fp8", help="onnxruntime CPU: int8 (MatMulNBits int8 weight blocks, int8 activations quantized at run time; "
                                           "embedding int8 too; int8 experts with --moe standard, QMoE with --moe ort), int4 (the same "
                                           "with int4 weights; Jetson-class memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
                                           "(int8 weights + calibrated int8 activations; any NVIDIA GPU incl. Jetson Orin), "
@@ -109,7 +109,7 @@ def quantize(
                                           "activations; Hopper/Ada only: H100/H200/L4/L40, not Jetson Orin)."),
     calib: int = typer.Option(8, "--calib", help="qdq-int8/fp8: generated calibration prompts (16 random tokens + 16 greedy)."),
     gate_tokens: int = typer.Option(256, "--gate-tokens", help="Positions the accuracy gate compares (teacher-forced greedy tokens)."),
-    exclude: List[str] = typer.Option([], "--exclude", help="Keep nodes whose name contains this in float (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", metavar="NAME", help="Keep nodes whose name contains this in float (repeatable)."),
     block_size: int = typer.Option(32, help="int8 / int4 / qdq-int4 weight block size along K (one scale per block per output channel)."),
     accuracy_level: int = typer.Option(4, help="int8 / int4 MatMulNBits accuracy level (4 = int8 compute, fastest on CPU; "
                                                "0 = fp32 compute, slow for int8)."),
@@ -153,7 +153,7 @@ def quantize(
 @app.command(epilog="Examples: mythos-export lint out/tiny-trt --target trt\n\nmythos-export lint out/tiny-onnx --json")
 def lint(
     path: Path = typer.Argument(..., help="An ONNX artifact directory."),
-    target: str = typer.Option("trt", help="Target to lint for (trt: TensorRT 10.1's ONNX parser)."),
+    target: str = typer.Option("trt", metavar="trt", help="Target to lint for (trt: TensorRT 10.1's ONNX parser)."),
     show_info: bool = typer.Option(False, "--info", help="Also list informational findings."),
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
@@ -190,16 +190,16 @@ def build(
     path: Path = typer.Argument(..., help="An ONNX artifact: --loop unroll or stepped, --moe plugin (or standard); "
                                           "Q/DQ-quantized ones too."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to create (engines + manifest.json)."),
-    precision: str = typer.Option("fp16", help="fp32 | fp16 | bf16 | int8 (needs a qdq-int8 artifact) | fp8 (needs an fp8 "
+    precision: str = typer.Option("fp16", metavar="fp32|fp16|bf16|int8|fp8", help="fp32 | fp16 | bf16 | int8 (needs a qdq-int8 artifact) | fp8 (needs an fp8 "
                                                "artifact; Hopper/Ada). Jetson Orin: fp16, int8."),
-    profile: List[str] = typer.Option([], "--profile", help="AXIS=MIN:OPT:MAX for batch, seq, past or loops (repeatable). "
+    profile: List[str] = typer.Option([], "--profile", metavar="AXIS=MIN:OPT:MAX", help="AXIS=MIN:OPT:MAX for batch, seq, past or loops (repeatable). "
                                                             "Defaults: batch=1:1:4, seq=1:32:max_seq_len, past=0:64:max_seq_len."),
     decode_profile: bool = typer.Option(True, "--decode-profile/--no-decode-profile",
                                         help="Add a second optimization profile with seq=1 (decode)."),
     workspace: int = typer.Option(4096, "--workspace", help="Builder workspace limit, MiB."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Read and update this timing cache file "
                                                                               "(faster rebuilds)."),
-    plugin: str = typer.Option("aot", help="aot: the MoE kernel is compiled into the engine (runs without Python); "
+    plugin: str = typer.Option("aot", metavar="aot|jit", help="aot: the MoE kernel is compiled into the engine (runs without Python); "
                                            "jit: the plugin's Python implementation runs at inference time."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the artifact, lint it and print the optimization "
                                                           "profiles; build nothing (works without TensorRT)."),

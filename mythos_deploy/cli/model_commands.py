@@ -18,7 +18,7 @@ from mythos_deploy.errors import InputError, MythosError
 def init(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
     preset: str = typer.Option("tiny", help="tiny, bench, 1b, 3b, 10b, 50b, 100b, 500b or 1t."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field: key=value (repeatable)."),
     seed: int = typer.Option(0, help="Seed for the random weights."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
@@ -68,7 +68,7 @@ def inspect(
     path: Optional[Path] = typer.Argument(None, help="A checkpoint or ONNX artifact directory."),
     preset: Optional[str] = typer.Option(None, help="Inspect a preset's config instead of a directory."),
     loops: Optional[int] = typer.Option(None, help="Loop count for cache sizes (default max_loop_iters)."),
-    dtype: str = typer.Option("fp32", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
+    dtype: str = typer.Option("fp32", metavar="fp32|fp16|bf16|int8", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Parameters (total, active per token per loop), cache bytes per token and the config."""
@@ -134,7 +134,7 @@ def inspect(
 def generate(
     path: Path = typer.Argument(..., help="A checkpoint directory (eager) or an ONNX artifact directory (onnxruntime)."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt (needs tokenizer.json in the checkpoint)."),
-    prompt_ids: Optional[str] = typer.Option(None, help="Comma-separated token ids, e.g. 1,2,3."),
+    prompt_ids: Optional[str] = typer.Option(None, metavar="1,2,3", help="Comma-separated token ids, e.g. 1,2,3."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default when no sampling option is given)."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
@@ -144,15 +144,15 @@ def generate(
     seed: int = typer.Option(0, help="Sampling seed."),
     loops: Optional[int] = typer.Option(None, help="Recurrent loops per token (default max_loop_iters; may exceed it)."),
     act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold in (0, 1] (default from config)."),
-    exit_mode: str = typer.Option("none", "--exit", help="none: every loop for every token (exact); fill-forward: stop a "
+    exit_mode: str = typer.Option("none", "--exit", metavar="none|fill-forward", help="none: every loop for every token (exact); fill-forward: stop a "
                                                           "token's loop once halted (loop/stepped exports, and eager)."),
-    stop_ids: Optional[str] = typer.Option(None, help="Comma-separated ids that end generation."),
+    stop_ids: Optional[str] = typer.Option(None, metavar="ID,ID", help="Comma-separated ids that end generation."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
-    backend: str = typer.Option("auto", help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
+    backend: str = typer.Option("auto", metavar="auto|eager|onnxruntime|tensorrt", help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
                                              "from mythos-export build)."),
-    provider: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu; for checkpoints the torch-on-CUDA path, with the "
+    provider: str = typer.Option("cpu", metavar="cpu|cuda", help="cpu or cuda (onnxruntime-gpu; for checkpoints the torch-on-CUDA path, with the "
                                              "Triton MoE kernel when triton is installed)."),
-    dtype: str = typer.Option("fp32", help="Checkpoints only: fp32, fp16 or bf16."),
+    dtype: str = typer.Option("fp32", metavar="fp32|fp16|bf16", help="Checkpoints only: fp32, fp16 or bf16."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the manifest version and sha256 checks."),
     as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
 ) -> None:
@@ -221,8 +221,8 @@ def parity(
     prompts: int = typer.Option(3, help="Number of random prompts (seeded)."),
     prompt_len: int = typer.Option(8, help="Prompt length."),
     loops: Optional[int] = typer.Option(None, help="Loop count for both (default: each artifact's default)."),
-    exit_a: str = typer.Option("none", help="A's exit mode: none or fill-forward."),
-    exit_b: str = typer.Option("none", help="B's exit mode: none or fill-forward."),
+    exit_a: str = typer.Option("none", metavar="none|fill-forward", help="A's exit mode: none or fill-forward."),
+    exit_b: str = typer.Option("none", metavar="none|fill-forward", help="B's exit mode: none or fill-forward."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit error allowed."),
     min_agreement: float = typer.Option(1.0, help="Minimum greedy-token agreement."),
     seed: int = typer.Option(0, help="Prompt seed."),
