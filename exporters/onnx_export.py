@@ -27,6 +27,7 @@ from mythos_deploy.manifest import atomic_output_dir, check_writable, write_mani
 MOE_LOWERINGS = ("plugin", "ort", "standard")
 MLA_FORMS = ("absorbed", "expanded")
 PAST_FORMS = ("sliced", "masked")
+LOOP_EXPORTS = ("compose", "while_loop")
 DTYPES = ("fp32", "fp16")
 MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
 MAX_UNROLL = 256
@@ -48,6 +49,10 @@ class OnnxExportOptions:
     # shapes, as TensorRT engines captured in CUDA graphs need). None: masked for the plugin
     # lowering (the TensorRT path), sliced otherwise.
     past: str | None = None
+    # how a `loop` graph is built: "compose" (the exported step graph placed in an ONNX Loop at
+    # the ONNX level, shared with unroll/stepped) or "while_loop" (the whole model through
+    # torch.export while_loop, lowered to an ONNX Loop by torch.onnx)
+    loop_export: str = "compose"
 
     def resolved(self, cfg: MythosConfig) -> "OnnxExportOptions":
         loops = cfg.max_loop_iters if self.loops is None else self.loops
@@ -62,6 +67,10 @@ class OnnxExportOptions:
             raise InputError(f"--moe must be one of {', '.join(MOE_LOWERINGS)}, got {self.moe!r}")
         if self.mla not in MLA_FORMS:
             raise InputError(f"--mla must be one of {', '.join(MLA_FORMS)}, got {self.mla!r}")
+        if self.loop_export not in LOOP_EXPORTS:
+            raise InputError(f"--loop-export must be one of {', '.join(LOOP_EXPORTS)}, got {self.loop_export!r}")
+        if self.loop_export == "while_loop" and self.loop != "loop":
+            raise InputError(f"--loop-export while_loop builds a --loop loop graph; it does not apply to --loop {self.loop}")
         if self.past not in (None, *PAST_FORMS):
             raise InputError(f"--past must be one of {', '.join(PAST_FORMS)}, got {self.past!r}")
         if self.dtype not in DTYPES:
@@ -155,22 +164,26 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import (IR_VERSION, compose, name_nodes, prune_initializers, share_tied_embedding,
-                                        slice_pasts, strip_metadata)
-    from exporters.torch_to_onnx import export_stepped
+    from exporters.onnx_compose import IR_VERSION, compose, share_tied_embedding, strip_metadata
+    from exporters.torch_to_onnx import export_stepped, export_while_loop
 
-    if stepped is None:
-        stage("torch export (prelude, core step, coda)")
-        export_model = export_form(model, opts)
-        stepped = export_stepped(export_model, opts.dtype, opts.opset)
-    stepped = {k: copy.deepcopy(v) for k, v in stepped.items()}
-    for g in stepped.values():
+    def clean(g):  # no exporter metadata (it carries local paths); our IR version
         strip_metadata(g.graph)
         del g.metadata_props[:]
+        g.ir_version = IR_VERSION
+        return g
+
     contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype)}
-    for name in ("prelude", "step", "coda"):
-        stepped[name].ir_version = IR_VERSION
+    if opts.loop_export == "while_loop":  # `stepped` is not used
+        stage("torch export (the whole model, the core as a while_loop)")
+        graphs = {"model": clean(export_while_loop(export_form(model, opts), contracts["model"], opts.opset))}
+        _set_contract_io(graphs["model"], contracts["model"])
+        share_tied_embedding(graphs["model"])
+        return _finish_graphs(graphs, contracts, opts, stage)
+    if stepped is None:
+        stage("torch export (prelude, core step, coda)")
+        stepped = export_stepped(export_form(model, opts), opts.dtype, opts.opset)
+    stepped = {k: clean(copy.deepcopy(v)) for k, v in stepped.items()}
     if opts.loop == "stepped":
         graphs = stepped
         for name, g in graphs.items():
@@ -180,6 +193,14 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
         graphs = {"model": compose(stepped, contracts["model"], opts.loop, opts.loops,
                                    cfg.prelude_layers, cfg.coda_layers)}
         share_tied_embedding(graphs["model"])
+    return _finish_graphs(graphs, contracts, opts, stage)
+
+
+def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage: Callable[[str], None]) -> dict:
+    """Lower the MoE placeholder, slice the pasts, prune, name and check every graph."""
+    from exporters.moe_lowering import lower_moe
+    from exporters.onnx_compose import name_nodes, prune_initializers, slice_pasts
+
     stage(f"lower MoE ({opts.moe})")
     for name, g in graphs.items():
         lower_moe(g, opts.moe)

@@ -1,8 +1,11 @@
-"""Torch -> ONNX for the three stepped graphs (prelude, one core step, coda).
+"""Torch -> ONNX for the three stepped graphs (prelude, one core step, coda), and for the
+whole model with the core in a torch.export `while_loop`.
 
-Every loop mode is built from these: `stepped` ships them as they are; `unroll` and `loop`
-compose them into one graph at the ONNX level (exporters/onnx_compose.py). The MoE custom op
-is emitted as the `mythos_deploy::MoEExperts` placeholder, which a lowering pass rewrites.
+By default every loop mode is built from the stepped graphs: `stepped` ships them as they are;
+`unroll` and `loop` compose them into one graph at the ONNX level (exporters/onnx_compose.py).
+`--loop-export while_loop` builds the `loop` graph from `WhileLoopGraph` instead, which
+torch.onnx lowers to an ONNX `Loop`. The MoE custom op is emitted as the
+`mythos_deploy::MoEExperts` placeholder, which a lowering pass rewrites.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mythos_deploy.cache import ConcatView
 from mythos_deploy.contract import GraphContract, stepped_contracts
 from mythos_deploy.model import ACTState, MythosModel
 
-TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 3, 4  # distinct and > 1 so no axis is specialised
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST, TRACE_LOOPS = 2, 3, 4, 5  # distinct and > 1: no axis is specialised
 
 
 class PreludeGraph(nn.Module):
@@ -58,9 +61,49 @@ class CodaGraph(nn.Module):
         return (logits, *[v.new for v in views.values()])
 
 
+class WhileLoopGraph(nn.Module):
+    """The `loop` contract (exporters' model_contract) with the core as a torch.export
+    while_loop: prelude, then step t while t < n_loops (and, with early_exit, not every
+    position has halted), then coda. The recurrent cache's new rows are a loop-carried
+    [loops, batch, seq, W] buffer written at row t; rows past the last iteration stay zero."""
+
+    def __init__(self, model: MythosModel):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, past_len, n_loops, early_exit, act_threshold, pasts: list[torch.Tensor]):
+        from torch._higher_order_ops.while_loop import while_loop
+
+        P = self.m.cfg.prelude_layers
+        pre, rec, coda = pasts[:P], pasts[P], pasts[P + 1:]
+        past = rec.shape[2]
+        pre_views = {f"prelude_{i}": ConcatView(p) for i, p in enumerate(pre)}
+        e = self.m.run_prelude(input_ids, past_len, pre_views, past)
+        state = ACTState.zeros(e)
+        new_rec = e.new_zeros((rec.shape[0], e.shape[0], e.shape[1], rec.shape[3]))  # [loops, B, T, W]
+
+        def cond(t, h, h_out, cum, halted, loops_used, new_rec):
+            all_halted = (early_exit.to(torch.int32) * halted.all().to(torch.int32)) > 0
+            return (t < n_loops) & ~all_halted
+
+        def body(t, h, h_out, cum, halted, loops_used, new_rec):
+            view = ConcatView(rec.index_select(0, t.reshape(1)).squeeze(0))
+            h, s = self.m.run_step(t, h, e, ACTState(h_out, cum, halted, loops_used), act_threshold, past_len,
+                                   view, past)
+            return t + 1, h, s.h_out, s.cum, s.halted, s.loops_used, new_rec.index_copy(0, t.reshape(1), view.new[None])
+
+        t0 = torch.zeros((), dtype=torch.int64)
+        # h starts as e but is carried as a copy: a tensor both carried and closed over would alias
+        t, _, h_out, cum, _, loops_used, new_rec = while_loop(cond, body, (t0, e.clone(), *state, new_rec))
+        coda_views = {f"coda_{i}": ConcatView(p) for i, p in enumerate(coda)}
+        logits = self.m.run_coda(h_out, past_len, coda_views, past)
+        return (logits, *[v.new for v in pre_views.values()], new_rec, *[v.new for v in coda_views.values()],
+                loops_used, cum, t)
+
+
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
                  "int32": torch.int32, "bool": torch.bool}
-_TRACE_SIZES = {"batch": TRACE_BATCH, "seq": TRACE_SEQ, "past": TRACE_PAST}
+_TRACE_SIZES = {"batch": TRACE_BATCH, "seq": TRACE_SEQ, "past": TRACE_PAST, "loops": TRACE_LOOPS}
 
 
 def sample_inputs(contract: GraphContract, sizes: dict[str, int], seed: int = 0,
@@ -79,6 +122,8 @@ def sample_inputs(contract: GraphContract, sizes: dict[str, int], seed: int = 0,
             out[spec.name] = torch.tensor(0.99)
         elif spec.name == "loop_index":
             out[spec.name] = torch.tensor(1)
+        elif spec.name == "n_loops":
+            out[spec.name] = torch.tensor(sizes.get("loops", 1))
         elif dt == torch.bool:
             out[spec.name] = torch.zeros(shape, dtype=dt)
         elif not dt.is_floating_point:
@@ -123,7 +168,8 @@ def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_ar
     """Export one wrapper module to an onnx.ModelProto named and shaped by its contract."""
     from torch.export import Dim
 
-    dims = {"batch": Dim("batch", min=1), "seq": Dim("seq", min=1), "past": Dim("past", min=0)}
+    dims = {"batch": Dim("batch", min=1), "seq": Dim("seq", min=1), "past": Dim("past", min=0),
+            "loops": Dim("loops", min=1)}
     sizes = dict(_TRACE_SIZES)
     inputs = sample_inputs(contract, sizes)
     names = [s.name for s in contract.inputs]
@@ -153,3 +199,8 @@ def export_stepped(model: MythosModel, dtype: str, opset: int) -> dict[str, "onn
         "step": export_graph(StepGraph(model), step_c, opset),
         "coda": export_graph(CodaGraph(model), coda_c, opset, list_arg=True),
     }
+
+
+def export_while_loop(model: MythosModel, contract: GraphContract, opset: int) -> "onnx.ModelProto":  # noqa: F821
+    """The `loop` graph through torch.export while_loop (model already cast to the export dtype)."""
+    return export_graph(WhileLoopGraph(model.eval()), contract, opset, list_arg=True)

@@ -45,8 +45,12 @@ class LoRAAdapter(nn.Module):
     def forward(self, y: torch.Tensor, t) -> torch.Tensor:
         last = self.scale.num_embeddings - 1  # depth extrapolation reuses the last trained scale
         # Min, not Clip: TensorRT's Clip takes float inputs only, the loop index is int64
-        idx = torch.minimum(t, torch.full_like(t, last)) if isinstance(t, torch.Tensor) else min(t, last)
-        return (self.down(y) * self.scale.weight[idx]) @ self.B
+        if not isinstance(t, torch.Tensor):
+            return (self.down(y) * self.scale.weight[min(t, last)]) @ self.B
+        # index_select, not weight[idx]: inside a torch.export while_loop body the loop index is
+        # an unbacked integer, and indexing with it would need its value at trace time
+        idx = torch.minimum(t, torch.full_like(t, last)).reshape(1)
+        return (self.down(y) * self.scale.weight.index_select(0, idx)) @ self.B  # [1, rank] broadcasts
 
 
 class LTIInjection(nn.Module):

@@ -53,6 +53,10 @@ def onnx_cmd(
                                                   "the context, not the runtime's buffer (onnxruntime); masked: the whole buffer "
                                                   "with unfilled rows masked, static shapes (TensorRT, CUDA graphs). "
                                                   "Default: masked with --moe plugin, else sliced."),
+    loop_export: str = typer.Option("compose", "--loop-export", metavar="compose|while_loop",
+                                    help="How a --loop loop graph is built. compose: the exported core-step graph placed "
+                                         "in an ONNX Loop (the same step graph as --loop stepped); while_loop: the whole "
+                                         "model through torch.export while_loop, lowered to an ONNX Loop by torch.onnx."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime parity gate (not recommended)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and validation report as JSON."),
@@ -70,7 +74,7 @@ def onnx_cmd(
         from mythos_deploy.errors import ParityError
 
         opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate, mla=mla,
-                                 past=past)
+                                 past=past, loop_export=loop_export)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err, transient=True, disable=as_json) as progress:
             task = progress.add_task("starting", total=None)

@@ -129,6 +129,41 @@ def test_loop_node_count_does_not_grow(om_pair, stepped_fp32):
     assert usize16 < 2 * usize2  # unrolled copies share the step's weights
 
 
+@pytest.mark.parametrize("attn, moe", [("mla", "ort"), ("gqa", "standard"), ("mla", "plugin")])
+def test_while_loop_export_matches_the_composed_loop(om_pair, stepped_fp32, attn, moe):
+    """--loop-export while_loop: the whole model through torch.export while_loop. It passes the
+    same gate, has the same contract, one top-level Loop and no MoE placeholder left, and its
+    outputs equal the composed Loop's at 1, 4 (trained) and 9 loops, with and without early exit."""
+    from exporters.onnx_ops import PLACEHOLDER_DOMAIN
+    _, model = om_pair[attn]
+    cfg, W = model.cfg, model.cfg.cache_width
+    opts = OnnxExportOptions(loop="loop", moe=moe, loop_export="while_loop").resolved(cfg)
+    wl = build_graphs(model, cfg, opts, _quiet)
+    check_contract(wl["model"], contracts_for(cfg, "loop", opts.loops)[0])
+    assert [n.op_type for n in wl["model"].graph.node].count("Loop") == 1
+    assert count_moe_nodes(wl["model"], {(PLACEHOLDER_DOMAIN, "MoEExperts")}) == 0
+    report = validate_graphs(model, cfg, wl, opts, _quiet)
+    assert report.passed, report.failures()
+    assert report.greedy_agreement == 1.0 and report.loops_mismatch == 0
+    if moe == "plugin":
+        return  # the graphs cannot run in onnxruntime; the gate above ran its lowered form
+    composed = build_graphs(model, cfg, OnnxExportOptions(loop="loop", moe=moe).resolved(cfg), _quiet,
+                            stepped=stepped_fp32[attn])
+    runners = [OnnxModelRunner(g, "loop", opts.loops, 1, 1) for g in (wl, composed)]
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 256, (2, 5), generator=g).numpy()
+    for n, early in ((1, False), (4, False), (9, False), (9, True)):
+        pasts = {"past_prelude_0": np.random.default_rng(n).standard_normal((2, 3, W), np.float32),
+                 "past_coda_0": np.random.default_rng(n + 1).standard_normal((2, 3, W), np.float32),
+                 "past_recurrent": np.random.default_rng(n + 2).standard_normal((n, 2, 3, W), np.float32)}
+        a, b = (r.forward(ids, 3, pasts, n, 0.01 if early else 0.9, early_exit=early) for r in runners)
+        assert set(a) == set(b) and int(a["loops_run"]) == (n if not early else int(b["loops_run"]))
+        if early:
+            assert int(a["loops_run"]) < n  # every position halted: the Loop stopped early
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=f"{k} at {n} loops")
+
+
 def test_contract_check_catches_drift(om_pair, stepped_fp32):
     _, model = om_pair["mla"]
     opts = OnnxExportOptions(loop="unroll").resolved(model.cfg)
@@ -209,6 +244,8 @@ def test_external_data_for_large_graphs(om_pair, stepped_fp32, tmp_path):
     (["--dtype", "int3"], "--dtype"),
     (["--mla", "squashed"], "--mla"),
     (["--past", "half"], "--past"),
+    (["--loop-export", "scan"], "--loop-export"),
+    (["--loop", "unroll", "--loop-export", "while_loop"], "does not apply to --loop unroll"),
     (["--moe", "ort", "--dtype", "fp16"], "fp32 only"),
 ])
 def test_bad_options(tiny_ckpt, tmp_path, args, match):
