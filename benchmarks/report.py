@@ -43,10 +43,16 @@ def fill_forward(d: dict) -> str:
 
 def export(d: dict) -> str:
     lines = [f"`{d['preset']}` preset ({d['parameters'] / 1e6:.1f}M parameters); torch export of the stepped "
-             f"graphs {d['torch_export_s']:.1f} s, shared by every configuration.", "",
-             "| loop | MoE | nodes (all graphs, subgraphs included) | file MiB | export s |", "| --- | --- | ---: | ---: | ---: |"]
+             f"graphs {d['torch_export_s']:.1f} s, shared by every composed configuration.", "",
+             "| loop | MoE | `--loop-export` | nodes (all graphs, subgraphs included) | file MiB | export s | decode p50 ms |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in d["results"]:
-        lines.append(f"| {r['loop']} | {r['moe']} | {sum(r['nodes'].values())} | {r['file_bytes'] / 2**20:.1f} | {r['export_s']:.1f} |")
+        dec = f"{r['decode_p50_ms']:.2f}" if "decode_p50_ms" in r else ""
+        lines.append(f"| {r['loop']} | {r['moe']} | {r.get('loop_export') or '-'} | {sum(r['nodes'].values())} | "
+                     f"{r['file_bytes'] / 2**20:.1f} | {r['export_s']:.1f} | {dec} |")
+    if "loop_decode_while_loop_over_compose" in d:
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in d["loop_decode_while_loop_over_compose"].items())
+        lines += ["", f"`loop` decode time, while_loop / compose, same run: {ratios}."]
     return "\n".join(lines)
 
 

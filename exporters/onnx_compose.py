@@ -287,6 +287,34 @@ def prune_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
+def dedupe_initializers(model) -> int:
+    """Keep one copy of initializers with the same dtype, shape and bytes (the prelude, step
+    and coda graphs each bring their own RoPE tables) and point every reader, subgraphs
+    included, at it. Returns the number of copies removed."""
+    import hashlib
+
+    from onnx import numpy_helper
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for init in model.graph.initializer:
+        digest = hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest()
+        key = (init.data_type, tuple(init.dims), digest)
+        if key in first:
+            alias[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if not alias:
+        return 0
+    for g in iter_graphs(model.graph):
+        local = set() if g is model.graph else {i.name for i in g.input} | {t.name for t in g.initializer}
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                if name in alias and name not in local:
+                    node.input[k] = alias[name]
+    prune_initializers(model)
+    return len(alias)
+
+
 def strip_metadata(graph) -> None:
     """Drop per-node doc strings and metadata (the torch exporter records Python stack traces
     and module paths there: local file paths, and most of the bytes of an unrolled graph)."""

@@ -164,7 +164,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    from exporters.onnx_compose import IR_VERSION, compose, share_tied_embedding, strip_metadata
+    from exporters.onnx_compose import IR_VERSION, compose, dedupe_initializers, share_tied_embedding, strip_metadata
     from exporters.torch_to_onnx import export_stepped, export_while_loop
 
     def clean(g):  # no exporter metadata (it carries local paths); our IR version
@@ -193,6 +193,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
         graphs = {"model": compose(stepped, contracts["model"], opts.loop, opts.loops,
                                    cfg.prelude_layers, cfg.coda_layers)}
         share_tied_embedding(graphs["model"])
+        dedupe_initializers(graphs["model"])
     return _finish_graphs(graphs, contracts, opts, stage)
 
 

@@ -281,6 +281,41 @@ def test_weights_are_stored_once(om_pair, stepped_fp32, moe):
     stored = sum(onnx.numpy_helper.to_array(t).size for t in g.graph.initializer)
     params = sum(p.numel() for p in model.parameters())
     assert params <= stored < params * 1.08, (stored, params)
+    # no two initializers hold the same tensor (prelude, step and coda each bring RoPE tables)
+    contents = [(t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in g.graph.initializer
+                if onnx.numpy_helper.to_array(t).size > 16]
+    assert len(contents) == len(set(contents))
+
+
+def test_dedupe_initializers_repoints_readers_in_subgraphs():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_compose import dedupe_initializers
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    body = helper.make_graph(
+        [helper.make_node("Add", ["x_in", "b"], ["x_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [3, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "a"], ["y"]),
+         helper.make_node("Loop", ["n", "", "y"], ["z"], body=body)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+              helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 4])],
+        initializer=[numpy_helper.from_array(table, "a"), numpy_helper.from_array(table.copy(), "b"),
+                     numpy_helper.from_array(table + 1, "c_differs")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    assert dedupe_initializers(model) == 1
+    assert [t.name for t in model.graph.initializer] == ["a"]  # b merged into a; c unused, pruned
+    onnx.checker.check_model(model, full_check=True)
+    import onnxruntime as ort
+    x = np.ones((3, 4), np.float32)
+    out = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x, "n": np.array(2)})[0]
+    np.testing.assert_array_equal(out, x + 3 * table)
 
 
 def test_fp16_limits_scale_with_the_output_but_fp32_stays_absolute():
