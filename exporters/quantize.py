@@ -260,7 +260,8 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeO
         work = Path(scratch) / "fp16"
         result = export_onnx(ckpt, work, OnnxExportOptions(loop=o["loop"], loops=o["loops"], moe=o["moe"], opset=o["opset"],
                                                            dtype="fp16", mla=o.get("mla", "absorbed"),
-                                                           past=o.get("past", "masked")), stage=stage)
+                                                           past=o.get("past", "masked"),
+                                                           loop_export=o.get("loop_export", "compose")), stage=stage)
         exported = read_manifest(work)
         task = None
         if _trained_on_hops(manifest):

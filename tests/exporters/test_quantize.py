@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from exporters.onnx_compose import iter_graphs, node_attr
 from exporters.quant_graph import gemms_to_matmuls, merge_sibling_matmuls
 from exporters.quantize import QuantizeOptions, quantize_artifact
-from mythos_deploy import ParityError
+from mythos_deploy import InputError, ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
 from runtimes import generate, load
@@ -142,6 +142,38 @@ def test_fp16_reexports_from_the_source_checkpoint(artifacts, tmp_path):
     assert res["gate"]["passed"]
     m = read_manifest(tmp_path / "h")
     assert m["options"]["dtype"] == "fp16" and m["quantization"]["method"] == "native fp16 re-export"
+
+
+def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypatch):
+    """The fp16 re-export repeats the source export's options (loop, lowering, MLA form, past
+    form, loop build, ...) and changes only the dtype (and always runs the parity gate)."""
+    import dataclasses
+
+    import exporters.onnx_export
+    import runtimes.onnx_runner
+    _, src = artifacts[("mla", "loop")]
+    seen = {}
+    # non-default options, so that an option the re-export forgets shows up as a difference
+    changed = {"loop_export": "while_loop", "mla": "expanded", "past": "masked", "loops": 3}
+    real_open = runtimes.onnx_runner.open_onnx_artifact
+
+    def open_changed(path, what):
+        manifest, rest = real_open(path, what)
+        return {**manifest, "options": {**manifest["options"], **changed}}, rest
+
+    def capture(ckpt, work, options, stage=None):
+        seen["options"] = options
+        raise InputError("captured")
+    monkeypatch.setattr(runtimes.onnx_runner, "open_onnx_artifact", open_changed)
+    monkeypatch.setattr(exporters.onnx_export, "export_onnx", capture)
+    with pytest.raises(InputError, match="captured"):
+        quantize_artifact(src, tmp_path / "h", QuantizeOptions(mode="fp16"))
+    source = {**read_manifest(src)["options"], **changed}
+    again = dataclasses.asdict(seen["options"])
+    assert again["dtype"] == "fp16" and again["validate"]  # the export's fp16 parity gate always runs
+    same = lambda o: {k: v for k, v in o.items() if k not in ("dtype", "validate")}  # noqa: E731
+    assert same(again) == same(source)
+    assert not (tmp_path / "h").exists()
 
 
 def test_gate_failure_writes_nothing_unless_overridden(artifacts, tmp_path, monkeypatch):
