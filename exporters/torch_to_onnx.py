@@ -83,8 +83,7 @@ class WhileLoopGraph(nn.Module):
         new_rec = e.new_zeros((rec.shape[0], e.shape[0], e.shape[1], rec.shape[3]))  # [loops, B, T, W]
 
         def cond(t, h, h_out, cum, halted, loops_used, new_rec):
-            all_halted = (early_exit.to(torch.int32) * halted.all().to(torch.int32)) > 0
-            return (t < n_loops) & ~all_halted
+            return (t < n_loops) & ~(early_exit & halted.all())
 
         def body(t, h, h_out, cum, halted, loops_used, new_rec):
             view = ConcatView(rec.index_select(0, t.reshape(1)).squeeze(0))
