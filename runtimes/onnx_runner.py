@@ -67,6 +67,9 @@ class OnnxModelRunner:
         if self.loop_mode == "unroll" and n_loops != self.n_loops:
             raise InputError(f"this export is unrolled for n_loops={self.n_loops}; re-export with "
                              f"--loops {n_loops} or use a --loop loop/stepped export to vary depth")
+        rows = getattr(pasts.get("past_recurrent"), "shape", (n_loops,))[0]
+        if rows != n_loops:  # every loop reads its own row; onnxruntime would fail deep inside the Loop
+            raise InputError(f"past_recurrent has {rows} loop rows but n_loops={n_loops}; pass one row per loop")
         base = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                 "past_len": np.array(past_len, dtype=np.int64),
                 "act_threshold": np.array(act_threshold, dtype=np.float32), **pasts}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from exporters.moe_lowering import count_moe_nodes
 from exporters.onnx_export import OnnxExportOptions, build_graphs, check_contract, export_onnx, validate_graphs
-from mythos_deploy import InternalError, MythosError, ParityError, save_checkpoint
+from mythos_deploy import InputError, InternalError, MythosError, ParityError, save_checkpoint
 from mythos_deploy.cli import app
 from mythos_deploy.contract import contracts_for
 from mythos_deploy.manifest import check_writable, read_manifest, verify_files
@@ -65,6 +65,9 @@ def test_loop_mode_varies_depth_and_matches_openmythos(om_pair, stepped_fp32):
         np.testing.assert_allclose(out["logits"], ref, atol=1e-5, rtol=0)
         assert out["new_recurrent"].shape == (n, 2, 9, W) and int(out["loops_run"]) == n
     assert len(set(out["loops_used"].flatten().tolist())) > 1  # halting depth varies
+    pasts["past_recurrent"] = np.zeros((3, 2, 0, W), np.float32)  # fewer loop rows than n_loops
+    with pytest.raises(InputError, match="3 loop rows but n_loops=5"):
+        runner.forward(ids.numpy(), 0, pasts, 5, 0.99)
 
 
 @pytest.mark.parametrize("loop", MODES)
