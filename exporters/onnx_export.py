@@ -54,6 +54,13 @@ class OnnxExportOptions:
     # torch.export while_loop, lowered to an ONNX Loop by torch.onnx)
     loop_export: str = "compose"
 
+    @classmethod
+    def from_manifest(cls, options: dict) -> "OnnxExportOptions":
+        """The options an artifact was exported with (its manifest's `options`). Manifests
+        written before `past` existed describe graphs that read the whole buffer: masked."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"past": "masked", **{k: v for k, v in options.items() if k in known}})
+
     def resolved(self, cfg: MythosConfig) -> "OnnxExportOptions":
         loops = cfg.max_loop_iters if self.loops is None else self.loops
         past = self.past or ("masked" if self.moe == "plugin" else "sliced")

@@ -29,6 +29,7 @@ source checkpoint was made by `train-demo`, also task accuracy on 400 multi-hop 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -258,10 +259,9 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeO
     files = graph_files(o["loop"])
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch) / "fp16"
-        result = export_onnx(ckpt, work, OnnxExportOptions(loop=o["loop"], loops=o["loops"], moe=o["moe"], opset=o["opset"],
-                                                           dtype="fp16", mla=o.get("mla", "absorbed"),
-                                                           past=o.get("past", "masked"),
-                                                           loop_export=o.get("loop_export", "compose")), stage=stage)
+        # the same export in fp16; its fp16 parity gate always runs
+        again = dataclasses.replace(OnnxExportOptions.from_manifest(o), dtype="fp16", validate=True)
+        result = export_onnx(ckpt, work, again, stage=stage)
         exported = read_manifest(work)
         task = None
         if _trained_on_hops(manifest):
