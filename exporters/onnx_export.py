@@ -171,7 +171,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    from exporters.onnx_compose import IR_VERSION, compose, dedupe_initializers, share_tied_embedding, strip_metadata
+    from exporters.onnx_compose import IR_VERSION, compose, share_tied_embedding, strip_metadata
     from exporters.torch_to_onnx import export_stepped, export_while_loop
 
     def clean(g):  # no exporter metadata (it carries local paths); our IR version
@@ -200,20 +200,21 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
         graphs = {"model": compose(stepped, contracts["model"], opts.loop, opts.loops,
                                    cfg.prelude_layers, cfg.coda_layers)}
         share_tied_embedding(graphs["model"])
-        dedupe_initializers(graphs["model"])
     return _finish_graphs(graphs, contracts, opts, stage)
 
 
 def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage: Callable[[str], None]) -> dict:
-    """Lower the MoE placeholder, slice the pasts, prune, name and check every graph."""
+    """Lower the MoE placeholder, slice the pasts, keep one copy of identical initializers,
+    prune, name and check every graph."""
     from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import name_nodes, prune_initializers, slice_pasts
+    from exporters.onnx_compose import dedupe_initializers, name_nodes, prune_initializers, slice_pasts
 
     stage(f"lower MoE ({opts.moe})")
     for name, g in graphs.items():
         lower_moe(g, opts.moe)
         if opts.past == "sliced":
             slice_pasts(g, contracts[name])
+        dedupe_initializers(g)  # a composed graph brings the prelude's, step's and coda's RoPE tables
         prune_initializers(g)
         name_nodes(g.graph)
     stage("onnx.checker + shape inference + contract")
