@@ -29,6 +29,15 @@ def percentiles(samples: list[float]) -> dict:
             "mean_ms": float(a.mean()), "n": int(a.size)}
 
 
+def decode_pasts(cfg, loops: int, rows: int) -> dict[str, np.ndarray]:
+    """Zero cache buffers of `rows` rows at batch 1 for every past input of a model graph:
+    what a one-token decode at a position below `rows` reads."""
+    W = cfg.cache_width
+    slots = [f"past_prelude_{i}" for i in range(cfg.prelude_layers)] + [f"past_coda_{i}" for i in range(cfg.coda_layers)]
+    return {**{s: np.zeros((1, rows, W), np.float32) for s in slots},
+            "past_recurrent": np.zeros((loops, 1, rows, W), np.float32)}
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

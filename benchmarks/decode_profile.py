@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_json
+from benchmarks.common import decode_pasts, write_json
 
 BUDGETS = (40, 96, 512, 2048)
 POS = 32
@@ -40,11 +40,8 @@ def _session(path: Path, threads: int, **opts):
 
 
 def _feeds(cfg, loops: int, budget: int) -> dict:
-    W = cfg.cache_width
-    slots = [f"past_prelude_{i}" for i in range(cfg.prelude_layers)] + [f"past_coda_{i}" for i in range(cfg.coda_layers)]
     return {"input_ids": np.array([[5]], np.int64), "past_len": np.array(POS, np.int64),
-            "act_threshold": np.array(0.99, np.float32), **{s: np.zeros((1, budget, W), np.float32) for s in slots},
-            "past_recurrent": np.zeros((loops, 1, budget, W), np.float32)}
+            "act_threshold": np.array(0.99, np.float32), **decode_pasts(cfg, loops, budget)}
 
 
 def budget_sweep(graphs: dict[str, Path], cfg, loops: int, threads: int, reps: int = 4, n: int = 10) -> dict:

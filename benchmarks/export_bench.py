@@ -18,7 +18,6 @@ each lowering that onnxruntime runs (standard, ort).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import write_json
+from benchmarks.common import decode_pasts, percentiles, write_json
 from exporters.onnx_compose import iter_graphs
 from exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs, export_form
 from exporters.torch_to_onnx import export_stepped
@@ -45,11 +44,7 @@ def decode_p50_ms(runs: dict[str, dict], cfg: MythosConfig, n_loops: int, past: 
     cache) and `block` timed calls; p50 ms per label over `rounds` blocks."""
     runners = {k: OnnxModelRunner(g, "loop", n_loops, cfg.prelude_layers, cfg.coda_layers, threads=2)
                for k, g in runs.items()}
-    rng = np.random.default_rng(0)
-    W = cfg.cache_width
-    pasts = {f"past_prelude_{i}": rng.standard_normal((1, past, W), np.float32) for i in range(cfg.prelude_layers)}
-    pasts |= {f"past_coda_{i}": rng.standard_normal((1, past, W), np.float32) for i in range(cfg.coda_layers)}
-    pasts["past_recurrent"] = rng.standard_normal((n_loops, 1, past, W), np.float32)
+    pasts = decode_pasts(cfg, n_loops, past)
     ids = np.array([[7]], np.int64)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
@@ -58,8 +53,8 @@ def decode_p50_ms(runs: dict[str, dict], cfg: MythosConfig, n_loops: int, past: 
                 t = time.perf_counter()
                 runner.forward(ids, past, pasts, n_loops, 0.99)
                 if i:
-                    times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                    times[k].append(time.perf_counter() - t)
+    return {k: percentiles(v)["p50_ms"] for k, v in times.items()}
 
 
 def main() -> None:
@@ -84,7 +79,6 @@ def main() -> None:
         build_s = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as d:
             files = graph_files(loop)
-            size = 0
             for name, g in graphs.items():
                 _save(g, Path(d), files[name], EXTERNAL_DATA_BYTES)
             size = sum(p.stat().st_size for p in Path(d).iterdir())
