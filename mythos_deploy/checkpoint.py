@@ -32,9 +32,8 @@ def _torch_load_reason(exc: Exception) -> str:
                 "save a plain state dict or .safetensors")
     boilerplate = ("weights_only", "Weights only load failed", "trusted source", "Check the documentation",
                    "Please file an issue", "load it", "two options")
-    lines = [ln.strip(" \t") for ln in text.splitlines()]
-    lines = [ln.replace("WeightsUnpickler error:", "").strip() for ln in lines
-             if ln.strip() and not any(b in ln for b in boilerplate)]
+    lines = [ln.replace("WeightsUnpickler error:", "").strip() for ln in text.splitlines()
+             if not any(b in ln for b in boilerplate)]
     lines = [ln for ln in lines if ln]
     if not lines:
         return type(exc).__name__
