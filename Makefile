@@ -41,7 +41,7 @@ demo-checkpoint:
 	$(CLI) eval-hops $(CKPT) -o benchmarks/results/hops
 
 bench:
-	$(CLI) bench
+	$(PY) -m benchmarks.runtime_bench
 	$(PY) -m benchmarks.fill_forward
 	$(PY) -m benchmarks.export_bench
 	$(PY) -m benchmarks.quant_bench

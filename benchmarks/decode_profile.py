@@ -97,7 +97,7 @@ def profile(path: Path, cfg, loops: int, threads: int, tokens: int = 20) -> dict
 
 def qmoe_per_call(threads: int, calls: int = 8, n: int = 200) -> dict:
     from onnx import TensorProto, helper, numpy_helper
-    from exporters.quant_graph import quantize_last_axis
+    from mythos_deploy.exporters.quant_graph import quantize_last_axis
     rng = np.random.default_rng(0)
     w1 = (rng.standard_normal((16, 512, 512)) * 0.05).astype(np.float32)  # fused gate/up [E, 2F, D]
     w2 = (rng.standard_normal((16, 512, 256)) * 0.05).astype(np.float32)  # down [E, D, F]
@@ -136,9 +136,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/decode_profile.json")
     args = ap.parse_args(argv)
-    from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
-    from exporters.quantize import QuantizeOptions, quantize_artifact
-    from exporters.torch_to_onnx import export_stepped
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
+    from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
+    from mythos_deploy.exporters.torch_to_onnx import export_stepped
     from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
 
     def log(msg):

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import decode_pasts, percentiles, write_json
-from exporters.onnx_compose import iter_graphs
-from exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs, export_form
-from exporters.torch_to_onnx import export_stepped
+from mythos_deploy.exporters.onnx_compose import iter_graphs
+from mythos_deploy.exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs, export_form
+from mythos_deploy.exporters.torch_to_onnx import export_stepped
 from mythos_deploy import MythosConfig, MythosModel
-from runtimes.onnx_runner import OnnxModelRunner, graph_files
+from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, graph_files
 
 
 def count_nodes(graph) -> int:

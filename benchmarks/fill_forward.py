@@ -29,7 +29,7 @@ def models(names: list[str]):
     from benchmarks.common import load_oracle
     make_openmythos = load_oracle().make_openmythos
     from mythos_deploy import MythosConfig, from_openmythos
-    from runtimes.eager import EagerBackend
+    from mythos_deploy.runtimes.eager import EagerBackend
     out = {}
     if "tiny-spread" in names:
         cfg = MythosConfig.from_name("tiny").replace(max_seq_len=512, max_loop_iters=8)
@@ -46,7 +46,7 @@ def models(names: list[str]):
 
 
 def free_running_prefix(backend, prompt, tokens, threshold) -> int:
-    from runtimes import generate
+    from mythos_deploy.runtimes import generate
     a = generate(backend, prompt, tokens, act_threshold=threshold).tokens[0]
     b = generate(backend, prompt, tokens, act_threshold=threshold, exit="fill-forward").tokens[0]
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

@@ -21,7 +21,7 @@ from benchmarks.common import percentiles, write_json
 
 
 def kernel_parity() -> list[dict]:
-    from exporters.moe_kernel import moe_experts_triton
+    from mythos_deploy.moe_kernel import moe_experts_triton
     from mythos_deploy.moe import moe_experts_reference
     rows = []
     for N, grouped in ((1, False), (4, False), (64, False), (64, True), (512, True), (4096, True)):
@@ -44,7 +44,7 @@ def kernel_parity() -> list[dict]:
 
 
 def decode_ms(model, prompt, tokens: int, loops: int) -> dict:
-    from runtimes.eager import EagerBackend
+    from mythos_deploy.runtimes.eager import EagerBackend
     backend = EagerBackend(model)
     for _ in range(2):
         s = backend.start(1, prompt.shape[1] + tokens, loops)
@@ -66,10 +66,10 @@ def tensorrt_check(model, prompt, loops: int, eager_p50_ms: float) -> dict:
     import tempfile
     from pathlib import Path
 
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
-    from exporters.trt_build import BuildOptions, build_engines
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.trt_build import BuildOptions, build_engines
     from mythos_deploy import save_checkpoint
-    from runtimes import generate, load
+    from mythos_deploy.runtimes import generate, load
     with tempfile.TemporaryDirectory() as d:
         ck, onnx_dir, eng = Path(d) / "ck", Path(d) / "onnx", Path(d) / "eng"
         save_checkpoint(model, ck)

@@ -51,11 +51,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/hops_fill_forward.json")
     args = ap.parse_args(argv)
 
-    import runtimes
+    import mythos_deploy.runtimes
     from mythos_deploy import hops
-    from runtimes import hops_eval
+    from mythos_deploy.runtimes import hops_eval
 
-    backend = runtimes.load(args.checkpoint)
+    backend = mythos_deploy.runtimes.load(args.checkpoint)
     n_loops = args.loops or backend.default_loops
     hop_list = [int(h) for h in args.hops.split(",")]
     at_once = hops_eval.evaluate(backend, hop_list, (n_loops,), args.count)

@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/quant.json")
     args = ap.parse_args(argv)
-    from exporters.quantize import QuantizeOptions, quantize_artifact
+    from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
     from mythos_deploy import MythosConfig
     cfg = MythosConfig.from_name(args.preset)
     loops = cfg.max_loop_iters

@@ -1,4 +1,4 @@
-"""Runtime benchmark (`mythos-export bench`): decode latency, prefill throughput, memory.
+"""Runtime benchmark (`python -m benchmarks.runtime_bench`): decode latency, prefill throughput, memory.
 
 On one set of weights (an OpenMythos 0.5.0 model built from a seed, imported into a
 checkpoint, exported to ONNX), batch 1, prompt P, N new tokens, all in one run so ratios are
@@ -67,7 +67,7 @@ def _time_openmythos(cfg: dict, prompt: np.ndarray, new_tokens: int) -> dict:
 
 
 def _time_backend(cfg: dict, prompt: np.ndarray, new_tokens: int) -> dict:
-    from runtimes import load
+    from mythos_deploy.runtimes import load
     backend = load(cfg["path"], verify=False)
 
     def run():
@@ -141,8 +141,8 @@ def floor_bytes_per_token(cfg, n_loops: int, context: int, bytes_per: int = 4) -
 
 
 def prepare(preset: str, seed: int, workdir: Path, loops: int, log, needed=None) -> dict[str, Path]:
-    from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
-    from exporters.torch_to_onnx import export_stepped
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
+    from mythos_deploy.exporters.torch_to_onnx import export_stepped
     from mythos_deploy import from_openmythos, save_checkpoint
     ck = workdir / "ckpt"
     model = from_openmythos(_openmythos_model(preset, seed))
@@ -279,5 +279,24 @@ def main(argv: list[str] | None = None) -> dict:
     return json.loads(data.read_text())
 
 
+def print_table(data: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    t = Table(title=f"decode, batch 1, {data['preset']}: prompt {data['prompt']}, {data['new_tokens']} new tokens")
+    for col in ("configuration", "p50 ms", "p90 ms", "prefill tok/s", "x OpenMythos", "x floor", "loops run", "peak MB"):
+        t.add_column(col, justify="left" if col == "configuration" else "right")
+    for r in data["results"]:
+        t.add_row(escape(r["name"]), f"{r['decode']['p50_ms']:.2f}", f"{r['decode']['p90_ms']:.2f}",
+                  f"{r['prefill_tokens_per_s']:.0f}", f"{r['speedup_vs_openmythos']:.2f}", f"{r['x_floor']:.2f}",
+                  f"{r['mean_loops_run']:.1f}", f"{r['peak_rss_mb']:.0f}")
+    console = Console()
+    console.print(t)
+    console.print(f"copy bandwidth {data['copy_bandwidth_gbs']:.1f} GB/s; floor "
+                  f"{data['bandwidth_floor']['ms_per_token']:.2f} ms/token at {data['loops']} loops")
+
+
 if __name__ == "__main__":
-    main()
+    result = main()
+    if result:
+        print_table(result)

@@ -88,9 +88,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/soak.json")
     args = ap.parse_args(argv)
 
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
-    import runtimes
+    import mythos_deploy.runtimes
 
     cfg = MythosConfig.from_name(args.preset)
     if args.max_seq_len:
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         ck, ox = Path(tmp) / "ck", Path(tmp) / "ox"
         save_checkpoint(MythosModel(cfg).init_weights(0), ck)
         export_onnx(ck, ox, OnnxExportOptions(loop="loop", validate=False))
-        backend = runtimes.load(ox, threads=args.threads)
+        backend = mythos_deploy.runtimes.load(ox, threads=args.threads)
         for batch in args.batch or [1, 4]:
             t0 = time.perf_counter()
             r = soak(backend, batch, args.steps)

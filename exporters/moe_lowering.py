@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.onnx_compose import iter_graphs, subgraphs
-from exporters.onnx_ops import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE,
-                                PLUGIN_OP, PLUGIN_VERSION, register_schemas)
+from mythos_deploy.exporters.onnx_compose import iter_graphs, subgraphs
+from mythos_deploy.contract import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP,
+                                    PLUGIN_VERSION)
+from mythos_deploy.exporters.onnx_ops import register_schemas
 from mythos_deploy.errors import InternalError
 
 LOWERINGS = ("plugin", "ort", "standard")

@@ -134,7 +134,7 @@ def check_contract(model, contract: GraphContract) -> None:
 def _check_graph(model, contract: GraphContract) -> None:
     import onnx
 
-    from exporters.onnx_ops import register_schemas
+    from mythos_deploy.exporters.onnx_ops import register_schemas
     register_schemas()
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -171,8 +171,8 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    from exporters.onnx_compose import IR_VERSION, compose, share_tied_embedding, strip_metadata
-    from exporters.torch_to_onnx import export_stepped, export_while_loop
+    from mythos_deploy.exporters.onnx_compose import IR_VERSION, compose, share_tied_embedding, strip_metadata
+    from mythos_deploy.exporters.torch_to_onnx import export_stepped, export_while_loop
 
     def clean(g):  # no exporter metadata (it carries local paths); our IR version
         strip_metadata(g.graph)
@@ -206,8 +206,8 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
 def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage: Callable[[str], None]) -> dict:
     """Lower the MoE placeholder, slice the pasts, keep one copy of identical initializers,
     prune, name and check every graph."""
-    from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import dedupe_initializers, name_nodes, prune_initializers, slice_pasts
+    from mythos_deploy.exporters.moe_lowering import lower_moe
+    from mythos_deploy.exporters.onnx_compose import dedupe_initializers, name_nodes, prune_initializers, slice_pasts
 
     stage(f"lower MoE ({opts.moe})")
     for name, g in graphs.items():
@@ -225,9 +225,9 @@ def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage
 
 def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOptions,
                     stage: Callable[[str], None]):
-    from exporters.moe_lowering import count_moe_nodes, lower_moe
-    from exporters.onnx_validate import default_scenarios, validate
-    from runtimes.onnx_runner import OnnxModelRunner
+    from mythos_deploy.exporters.moe_lowering import count_moe_nodes, lower_moe
+    from mythos_deploy.exporters.onnx_validate import default_scenarios, validate
+    from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner
 
     note = ""
     if opts.moe == "plugin":
@@ -281,7 +281,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
             raise ParityError("export differs from eager PyTorch beyond tolerance: "
                               + "; ".join(report["failures"][:6]), report)
     stage("write artifact")
-    from runtimes.onnx_runner import graph_files
+    from mythos_deploy.runtimes.onnx_runner import graph_files
     files = graph_files(opts.loop)
     contracts = contracts_for(cfg, opts.loop, opts.loops, opts.dtype)
     with atomic_output_dir(out_dir, overwrite) as tmp:

@@ -15,10 +15,8 @@
 
 from __future__ import annotations
 
-PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "mythos_deploy", "MoEExperts"
-PLUGIN_DOMAIN, PLUGIN_OP = "trt.plugins", "MythosMoE"
-PLUGIN_NAMESPACE, PLUGIN_VERSION = "mythos_deploy", "1"
-MOE_INPUTS = ("x", "topk_idx", "gates", "w_gate", "w_up", "w_down")
+from mythos_deploy.contract import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_OP
+
 
 _registered = False
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.onnx_compose import iter_graphs, node_attr, prune_initializers, toposort
+from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr, prune_initializers, toposort
 
 QDQ_MODES = ("qdq-int8", "qdq-int4", "fp8")
 TRT_DOMAIN, TRT_INT4_DQ = "trt", "TRT_INT4DequantizeLinear"
@@ -240,9 +240,9 @@ def calibrate(graphs: dict, names: dict[str, list[str]], manifest: dict, n_promp
     """max |x| of each tensor in `names[graph]` over generated data: seeded random prompts, each
     prefilled on an empty cache and continued greedily (the model's own tokens) through the
     cache, at the export's loop count. `graphs` must run in onnxruntime (plugin nodes lowered)."""
-    from exporters.onnx_validate import append_new_rows, empty_pasts
+    from mythos_deploy.exporters.onnx_validate import append_new_rows, empty_pasts
     from mythos_deploy.config import MythosConfig
-    from runtimes.onnx_runner import OnnxModelRunner
+    from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner
     cfg = MythosConfig.from_dict(manifest["config"])
     opts = manifest["options"]
     amax: dict[str, dict[str, float]] = {g: {} for g in graphs}

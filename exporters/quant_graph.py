@@ -12,15 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from exporters.onnx_compose import iter_graphs, node_attr
+from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
 from mythos_deploy.errors import InputError
-
-if TYPE_CHECKING:
-    from exporters.quantize import QuantizeOptions
 
 
 def _excluded(model, exclude: tuple[str, ...]) -> list[str]:
@@ -343,35 +338,37 @@ def _nbits_embedding(model, bits: int) -> bool:
     return True
 
 
-def quantize_graph(src: Path, dst: Path, opts: QuantizeOptions, moe: str) -> dict:
-    """Quantize one graph file; returns what was done (recorded in the manifest)."""
+def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int, accuracy_level: int,
+                   exclude: tuple[str, ...]) -> dict:
+    """Quantize one graph file (mode int8 | int4; `moe` is the export's MoE lowering); returns
+    what was done (recorded in the manifest)."""
     import onnx
 
-    from exporters.onnx_compose import IR_VERSION, prune_initializers, toposort
+    from mythos_deploy.exporters.onnx_compose import IR_VERSION, prune_initializers, toposort
     model = onnx.load(str(src))
-    info: dict = {"mode": opts.mode}
+    info: dict = {"mode": mode}
     with _quiet_quantizers():
-        if opts.mode in ("int8", "int4"):
-            bits = 8 if opts.mode == "int8" else 4
+        if mode in ("int8", "int4"):
+            bits = 8 if mode == "int8" else 4
             info["gemms_as_matmul"] = gemms_to_matmuls(model)
-            info["matmuls_merged"] = merge_sibling_matmuls(model, opts.exclude)
+            info["matmuls_merged"] = merge_sibling_matmuls(model, exclude)
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-            q = MatMulNBitsQuantizer(model, bits=bits, block_size=opts.block_size, is_symmetric=True,
-                                     accuracy_level=opts.accuracy_level, nodes_to_exclude=_excluded(model, opts.exclude))
+            q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=_excluded(model, exclude))
             q.process()
             model = q.model.model
             if moe == "ort":
-                experts = _qmoe(model, bits, opts.block_size)
+                experts = _qmoe(model, bits, block_size)
             elif bits == 8:
                 experts = f"int8 tables, integer MatMuls ({_int8_experts(model)} tables)"
             else:
-                n = _int4_experts(model, opts.block_size)
+                n = _int4_experts(model, block_size)
                 experts = f"int4 weight-only ({n} tables, GatherBlockQuantized)" if n else "fp32"
             embedding = (f"int{bits} rows of the head (GatherBlockQuantized)" if _nbits_embedding(model, bits)
                          else "fp32")
-            info.update(weights=f"int{bits} MatMulNBits, blocks of {opts.block_size} along K",
-                        experts=experts, embedding=embedding, block_size=opts.block_size,
-                        accuracy_level=opts.accuracy_level)
+            info.update(weights=f"int{bits} MatMulNBits, blocks of {block_size} along K",
+                        experts=experts, embedding=embedding, block_size=block_size,
+                        accuracy_level=accuracy_level)
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
     prune_initializers(model)

@@ -40,8 +40,8 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.quant_graph import quantize_graph
-from exporters.qdq import QDQ_MODES
+from mythos_deploy.exporters.quant_graph import quantize_graph
+from mythos_deploy.exporters.qdq import QDQ_MODES
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
 from mythos_deploy.manifest import atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
 
@@ -66,7 +66,7 @@ def _trained_on_hops(manifest: dict) -> bool:
 
 def task_gate(base, quant, mode: str) -> dict:
     """Task accuracy of the fp32 and quantized artifacts on the same problems."""
-    from runtimes import hops_eval
+    from mythos_deploy.runtimes import hops_eval
     a = hops_eval.evaluate(base, TASK_HOPS, (base.default_loops,), TASK_COUNT)
     b = hops_eval.evaluate(quant, TASK_HOPS, (quant.default_loops,), TASK_COUNT)
     acc_a = float(np.mean([c["accuracy"] for c in a["cells"]]))
@@ -102,9 +102,9 @@ class QuantizeOptions:
 
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
                       overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
-    from runtimes.loader import load
-    from runtimes.onnx_runner import graph_files, open_onnx_artifact
-    from runtimes.parity import compare
+    from mythos_deploy.runtimes.loader import load
+    from mythos_deploy.runtimes.onnx_runner import graph_files, open_onnx_artifact
+    from mythos_deploy.runtimes.parity import compare
     stage = stage or (lambda s: None)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     opts.check()
@@ -131,14 +131,15 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     files = graph_files(options["loop"])
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        from runtimes.onnxruntime_backend import OrtBackend
+        from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
         if opts.mode in QDQ_MODES:
             info, base, quant = _qdq_graphs(src_dir, work, files, manifest, opts, stage)
         else:
             info = {}
             for name, f in files.items():
                 stage(f"quantize {f} ({opts.mode})")
-                info[name] = quantize_graph(src_dir / f, work / f, opts, options["moe"])
+                info[name] = quantize_graph(src_dir / f, work / f, opts.mode, options["moe"], block_size=opts.block_size,
+                                         accuracy_level=opts.accuracy_level, exclude=opts.exclude)
             base = load(src_dir, verify=False)
             quant = OrtBackend(work, {**manifest, "quantization": {**asdict(opts), "graphs": info}})
         for f in files.values():
@@ -190,13 +191,13 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
 
     import onnx
 
-    from exporters import qdq
-    from exporters.moe_lowering import lower_moe
-    from exporters.onnx_compose import IR_VERSION
-    from exporters.onnx_ops import register_schemas
-    from exporters.trt_lint import _zero_points, lint_model
+    from mythos_deploy.exporters import qdq
+    from mythos_deploy.exporters.moe_lowering import lower_moe
+    from mythos_deploy.exporters.onnx_compose import IR_VERSION
+    from mythos_deploy.exporters.onnx_ops import register_schemas
+    from mythos_deploy.exporters.trt_lint import _zero_points, lint_model
     from mythos_deploy.errors import InternalError
-    from runtimes.onnxruntime_backend import OrtBackend
+    from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
     register_schemas()
     plugin = manifest["options"]["moe"] == "plugin"
     runnable = (lambda m: lower_moe(copy.deepcopy(m), "standard")) if plugin else (lambda m: m)
@@ -241,11 +242,11 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeO
                    stage, t0: float) -> dict:
     """Re-export the source checkpoint in fp16 into scratch space (the export's fp16 parity gate
     runs there), add the task gate for train-demo checkpoints, then write OUT_DIR atomically."""
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy.checkpoint import checkpoint_sha256
-    from runtimes.loader import load
-    from runtimes.onnx_runner import graph_files
-    from runtimes.onnxruntime_backend import OrtBackend
+    from mythos_deploy.runtimes.loader import load
+    from mythos_deploy.runtimes.onnx_runner import graph_files
+    from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
     source = manifest.get("source", {})
     ckpt = Path(source.get("checkpoint", ""))
     if not (ckpt / "model.safetensors").is_file():

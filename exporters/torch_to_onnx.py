@@ -135,7 +135,8 @@ def sample_inputs(contract: GraphContract, sizes: dict[str, int], seed: int = 0,
 def _moe_translation():
     import onnxscript
 
-    from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, register_schemas
+    from mythos_deploy.contract import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+    from mythos_deploy.exporters.onnx_ops import register_schemas
     register_schemas()
     opset = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
 

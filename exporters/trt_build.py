@@ -96,8 +96,8 @@ def profiles_for(contract: GraphContract, ranges: dict, decode: bool) -> dict[st
 
 def plan(onnx_dir: str | Path, opts: BuildOptions) -> dict:
     """Everything about a build that needs no TensorRT: checks, lint, profiles."""
-    from exporters.trt_lint import lint_artifact
-    from runtimes.onnx_runner import open_onnx_artifact
+    from mythos_deploy.exporters.trt_lint import lint_artifact
+    from mythos_deploy.runtimes.onnx_runner import open_onnx_artifact
     opts.check()
     onnx_dir = Path(onnx_dir)
     manifest, graphs = open_onnx_artifact(onnx_dir, "build")
@@ -138,7 +138,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, opts: BuildOptions 
                   overwrite: bool = False, stage: Callable[[str], None] | None = None,
                   modules: tuple | None = None) -> dict:
     """`modules` = (tensorrt, tensorrt.plugin) stand-ins for tests; by default the real ones."""
-    from exporters.trt_plugin import import_tensorrt, register
+    from mythos_deploy.runtimes.trt_plugin import import_tensorrt, register
     from mythos_deploy.manifest import check_writable
     stage = stage or (lambda s: None)
     t0 = time.perf_counter()

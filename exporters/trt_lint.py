@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx_compose import iter_graphs, node_attr
-from exporters.qdq import TRT_DOMAIN, TRT_INT4_DQ
-from exporters.onnx_ops import PLACEHOLDER_DOMAIN, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
-from exporters.trt_ops import OPSET_RANGE, SUPPORTED, TRT_VERSION, UNSUPPORTED
+from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
+from mythos_deploy.exporters.qdq import TRT_DOMAIN, TRT_INT4_DQ
+from mythos_deploy.contract import PLACEHOLDER_DOMAIN, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
+from mythos_deploy.exporters.trt_ops import OPSET_RANGE, SUPPORTED, TRT_VERSION, UNSUPPORTED
 
 MAX_IR = 10
 ELEM = {1: "f32", 10: "f16", 16: "bf16", 6: "i32", 7: "i64", 9: "b", 2: "u8", 3: "i8", 22: "i4", 17: "f8", 18: "f8"}
@@ -166,7 +166,7 @@ def lint_artifact(path: str | Path) -> dict:
 
     from mythos_deploy.errors import InputError
     from mythos_deploy.manifest import read_manifest
-    from runtimes.onnx_runner import artifact_graphs
+    from mythos_deploy.runtimes.onnx_runner import artifact_graphs
     path = Path(path)
     manifest = read_manifest(path)
     if manifest["kind"] != "onnx":

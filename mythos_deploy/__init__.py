@@ -4,8 +4,7 @@ Importing this package loads torch only; onnx, onnxruntime, tensorrt and triton 
 inside the code paths that need them.
 """
 
-__version__ = "0.1.0"
-
+from mythos_deploy.version import __version__
 from mythos_deploy.cache import KVCache, slot_names
 from mythos_deploy.checkpoint import load_checkpoint, save_checkpoint
 from mythos_deploy.config import PRESETS, MythosConfig

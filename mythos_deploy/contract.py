@@ -21,6 +21,11 @@ from typing import Any
 from mythos_deploy.config import MythosConfig
 
 LOOP_MODES = ("unroll", "loop", "stepped")
+# the MoE custom node: the placeholder the torch exporter emits, and the TensorRT plugin node of the
+# `plugin` lowering (op type, domain, and the plugin registry namespace/version TensorRT looks up)
+PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "mythos_deploy", "MoEExperts"
+PLUGIN_DOMAIN, PLUGIN_OP = "trt.plugins", "MythosMoE"
+PLUGIN_NAMESPACE, PLUGIN_VERSION = "mythos_deploy", "1"
 FLOAT = {"fp32": "float32", "fp16": "float16"}
 
 

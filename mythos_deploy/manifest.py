@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mythos_deploy.errors import CheckpointError, MythosError
+from mythos_deploy.version import __version__
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
 def tool_version() -> str:
-    from mythos_deploy import __version__
     return __version__
 
 
@@ -61,6 +61,16 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "files" not in data or "kind" not in data:
         raise CheckpointError(f"{path} is not a mythos-deploy manifest")
     return data
+
+
+def check_manifest_version(manifest: dict[str, Any], path: Path) -> None:
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
+                              "re-export with this version of mythos-deploy")
+    theirs, ours = str(manifest.get("tool_version", "?")), tool_version()
+    if theirs.split(".")[:2] != ours.split(".")[:2]:
+        raise CheckpointError(f"{path} was made by mythos-deploy {theirs}; this is {ours}. Re-export it "
+                              "(or pass verify=False / --no-verify to load it anyway)")
 
 
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:

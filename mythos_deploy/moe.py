@@ -71,14 +71,14 @@ _triton_registered = False
 
 
 def use_triton_kernel() -> bool:
-    """Route CUDA calls of the custom op to the Triton plugin kernel (exporters/moe_kernel.py).
+    """Route CUDA calls of the custom op to the Triton plugin kernel (mythos_deploy/moe_kernel.py).
     Returns False (and changes nothing) when triton is not installed. CPU calls keep the
     vectorised torch kernel. Idempotent."""
     global _triton_registered
     if _triton_registered:
         return True
     try:
-        from exporters.moe_kernel import moe_experts_triton
+        from mythos_deploy.moe_kernel import moe_experts_triton
     except ImportError:
         return False
     moe_experts.register_kernel("cuda")(moe_experts_triton)

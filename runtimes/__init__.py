@@ -1,11 +1,13 @@
-"""Runtimes: one Backend/Session interface over eager torch and onnxruntime (TensorRT lands
-with its issue), plus the shared generation loop (sampling, stop tokens, streaming, ACT
-control, cache management). onnxruntime is imported only when an ONNX artifact is opened."""
+"""Runtimes (`mythos_deploy.runtimes`): one Backend/Session interface over eager torch,
+onnxruntime and TensorRT engines, the TensorRT plugin registration (used by `build` and by the
+TensorRT backend), and the shared generation loop (sampling, stop tokens, streaming, ACT
+control, cache management). Nothing here imports the exporters. onnxruntime and tensorrt are
+imported only when an artifact that needs them is opened."""
 
-from runtimes.base import EXIT_MODES, Backend, Session, StepOutput
-from runtimes.generation import GenerationResult, TokenEvent, generate, stream_generate
-from runtimes.loader import load
-from runtimes.sampling import SamplingParams
+from mythos_deploy.runtimes.base import EXIT_MODES, Backend, Session, StepOutput
+from mythos_deploy.runtimes.generation import GenerationResult, TokenEvent, generate, stream_generate
+from mythos_deploy.runtimes.loader import load
+from mythos_deploy.runtimes.sampling import SamplingParams
 
 __all__ = ["Backend", "Session", "StepOutput", "EXIT_MODES", "GenerationResult", "TokenEvent",
            "SamplingParams", "generate", "stream_generate", "load"]

@@ -1,7 +1,7 @@
 """One interface over every backend: a Backend starts Sessions; a Session owns the
 preallocated latent cache of one generation and advances it one call at a time.
 
-    backend = runtimes.load("out/tiny-onnx")           # or an eager checkpoint directory
+    backend = mythos_deploy.runtimes.load("out/tiny-onnx")           # or an eager checkpoint directory
     session = backend.start(batch=1, budget=96, n_loops=8, act_threshold=0.99, exit="none")
     out = session.step(prompt_ids)                     # prefill (any T, chunks allowed)
     out = session.step(next_ids)                       # decode, written in place

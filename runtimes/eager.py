@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from mythos_deploy.model import ACTState, MythosModel
-from runtimes.base import Backend, Session, StepOutput
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput
 
 
 class EagerSession(Session):

@@ -12,8 +12,8 @@ import torch
 
 from mythos_deploy.errors import InputError
 from mythos_deploy.model import MythosModel
-from runtimes.base import Backend, check_ids
-from runtimes.sampling import SamplingParams, sample
+from mythos_deploy.runtimes.base import Backend, check_ids
+from mythos_deploy.runtimes.sampling import SamplingParams, sample
 
 
 @dataclass
@@ -46,7 +46,7 @@ class GenerationResult:
 
 def _as_backend(model_or_backend) -> Backend:
     if isinstance(model_or_backend, MythosModel):
-        from runtimes.eager import EagerBackend
+        from mythos_deploy.runtimes.eager import EagerBackend
         return EagerBackend(model_or_backend)
     if isinstance(model_or_backend, Backend):
         return model_or_backend

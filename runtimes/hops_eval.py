@@ -14,7 +14,7 @@ import numpy as np
 
 from mythos_deploy import hops
 from mythos_deploy.errors import InputError
-from runtimes.base import Backend
+from mythos_deploy.runtimes.base import Backend
 
 DEFAULT_HOPS = (1, 2, 3, 4, 5, 6, 7, 8)
 SAMPLE_PROMPT = "k4;q7;mk;rm;cq;wr;?c7;?w4;?k4;"  # ?c: 2 hops, ?w: 4 hops, ?k: 1 hop

@@ -5,21 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mythos_deploy.errors import CheckpointError, InputError
-from mythos_deploy.manifest import FORMAT_VERSION, read_manifest, tool_version, verify_files
-from runtimes.base import Backend
+from mythos_deploy.manifest import check_manifest_version, read_manifest, verify_files
+from mythos_deploy.runtimes.base import Backend
 
 BACKENDS = ("auto", "eager", "onnxruntime", "tensorrt")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def check_manifest_version(manifest: dict, path: Path) -> None:
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
-                              "re-export with this version of mythos-deploy")
-    theirs, ours = str(manifest.get("tool_version", "?")), tool_version()
-    if theirs.split(".")[:2] != ours.split(".")[:2]:
-        raise CheckpointError(f"{path} was made by mythos-deploy {theirs}; this is {ours}. Re-export it "
-                              "(or pass verify=False / --no-verify to load it anyway)")
 
 
 def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads: int = 0,
@@ -46,7 +36,7 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
         if backend == "onnxruntime":
             raise InputError(f"{path} is a checkpoint; export it first: mythos-export onnx {path} -o OUT")
         from mythos_deploy.checkpoint import load_checkpoint
-        from runtimes.eager import EagerBackend
+        from mythos_deploy.runtimes.eager import EagerBackend
         device = "cuda" if provider == "cuda" else "cpu"
         if device == "cuda":  # the torch-on-CUDA path: MoE through the Triton kernel when installed
             from mythos_deploy.moe import use_triton_kernel
@@ -62,11 +52,11 @@ def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads
         if (manifest.get("quantization") or {}).get("mode") == "qdq-int4":
             raise InputError(f"{path} holds TensorRT int4 weights (trt::TRT_INT4DequantizeLinear), which onnxruntime "
                              "cannot run; build a TensorRT engine from it, or quantize with --mode int4 for onnxruntime")
-        from runtimes.onnxruntime_backend import OrtBackend
+        from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
         return OrtBackend(path, manifest, PROVIDERS[provider], threads)
     if kind == "tensorrt":
         if backend not in ("auto", "tensorrt"):
             raise InputError(f"{path} holds TensorRT engines; only the tensorrt backend runs them")
-        from runtimes.tensorrt_backend import TensorRTBackend
+        from mythos_deploy.runtimes.tensorrt_backend import TensorRTBackend
         return TensorRTBackend(path, manifest)
     raise CheckpointError(f"{path}: unsupported artifact kind {kind!r}")

@@ -141,8 +141,7 @@ def artifact_graphs(path: str | Path, manifest: dict) -> dict[str, Path]:
 def open_onnx_artifact(path: str | Path, command: str) -> tuple[dict, dict[str, Path]]:
     """The manifest and graph files of the ONNX artifact a command (`quantize`, `build`) reads:
     the directory exists, is an ONNX export of this version, and every file matches its sha256."""
-    from mythos_deploy.manifest import read_manifest, verify_files
-    from runtimes.loader import check_manifest_version
+    from mythos_deploy.manifest import check_manifest_version, read_manifest, verify_files
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"ONNX artifact directory not found: {path}")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import Backend, Session, StepOutput
-from runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput
+from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 
 
 class OrtSession(Session):

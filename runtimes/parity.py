@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtimes.base import Backend
+from mythos_deploy.runtimes.base import Backend
 
 
 def compare(a: Backend, b: Backend, prompts: list[list[int]], new_tokens: int = 32,

@@ -1,6 +1,6 @@
 """The TensorRT backend: engines from `mythos-export build`, driven like the other backends.
 
-- Engines are deserialized with the MythosMoE plugin registered (exporters/trt_plugin.py).
+- Engines are deserialized with the MythosMoE plugin registered (runtimes/trt_plugin.py).
 - Every I/O tensor is a torch CUDA tensor; the cache slots are preallocated per session
   ([batch, budget, W], recurrent [n_loops, batch, budget, W]) and passed whole with
   `past_len` (the graphs ignore rows at or past it), so nothing is concatenated per token;
@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
-from runtimes.base import Backend, Session, StepOutput
-from runtimes.onnx_runner import drive_stepped
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput
+from mythos_deploy.runtimes.onnx_runner import drive_stepped
 
 
 def _torch_dtype(trt, torch, dt):
@@ -169,7 +169,7 @@ class TensorRTBackend(Backend):
     def __init__(self, path: str | Path, manifest: dict, cuda_graph: bool = False, device: str = "cuda",
                  modules: tuple | None = None):
         """`modules` = (tensorrt, tensorrt.plugin) stand-ins, with device="cpu", for tests."""
-        from exporters.trt_plugin import import_tensorrt, register
+        from mythos_deploy.runtimes.trt_plugin import import_tensorrt, register
         trt, trtp = modules or import_tensorrt()
         import torch
         if device == "cuda" and not torch.cuda.is_available():

@@ -43,8 +43,8 @@ def om_pair():
 @pytest.fixture(scope="session")
 def stepped_fp32(om_pair):
     """One torch export per attention type; every loop mode and lowering is built from it."""
-    from exporters.onnx_export import OnnxExportOptions, export_form
-    from exporters.torch_to_onnx import export_stepped
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_form
+    from mythos_deploy.exporters.torch_to_onnx import export_stepped
     opts = OnnxExportOptions()  # the default export form (absorbed MLA)
     return {attn: export_stepped(export_form(model, opts), "fp32", 18) for attn, (_, model) in om_pair.items()}
 
@@ -52,7 +52,7 @@ def stepped_fp32(om_pair):
 @pytest.fixture(scope="session")
 def artifacts(om_pair, stepped_fp32, tmp_path_factory):
     """Artifact directories: {(attn, loop): (checkpoint_dir, onnx_dir)} (standard MoE lowering)."""
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import save_checkpoint
     root = tmp_path_factory.mktemp("artifacts")
     out = {}
@@ -70,7 +70,7 @@ def artifacts(om_pair, stepped_fp32, tmp_path_factory):
 def masked_artifacts(artifacts, stepped_fp32, tmp_path_factory):
     """`artifacts` exported with --past masked (whole buffers, static shapes): what the
     TensorRT build and backend take. Same keys."""
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     root = tmp_path_factory.mktemp("masked")
     out = {}
     for (attn, loop), (ck, _) in artifacts.items():
@@ -95,8 +95,8 @@ def demo_exports(demo_checkpoint, tmp_path_factory):
     """The shipped demo checkpoint exported as an ONNX Loop and unrolled, from one torch
     export: {"loop": dir, "unroll": dir, "unroll-plugin": dir (the TensorRT plugin lowering)}."""
     pytest.importorskip("onnxruntime")
-    from exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
-    from exporters.torch_to_onnx import export_stepped
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
+    from mythos_deploy.exporters.torch_to_onnx import export_stepped
     from mythos_deploy import load_checkpoint
     stepped = export_stepped(export_form(load_checkpoint(demo_checkpoint), OnnxExportOptions()), "fp32", 18)
     root = tmp_path_factory.mktemp("hops")
@@ -113,7 +113,7 @@ def demo_exports(demo_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_qdq8(demo_exports, tmp_path_factory):
     """The demo checkpoint's unrolled plugin export quantized with qdq-int8 (1 calibration prompt)."""
-    from exporters.quantize import QuantizeOptions, quantize_artifact
+    from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
     out = tmp_path_factory.mktemp("qdq8") / "q8"
     quantize_artifact(demo_exports["unroll-plugin"], out, QuantizeOptions(mode="qdq-int8", calib_prompts=1))
     return out

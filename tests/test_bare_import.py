@@ -15,7 +15,7 @@ sys.meta_path.insert(0, Block())
 
 def test_import_without_optional_engines():
     code = BLOCK + """
-import mythos_deploy, runtimes, exporters
+import mythos_deploy, mythos_deploy.runtimes, mythos_deploy.exporters
 from mythos_deploy.cli import app
 from typer.testing import CliRunner
 r = CliRunner()

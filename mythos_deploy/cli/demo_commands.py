@@ -1,9 +1,8 @@
-"""Benchmark and demo-task commands: bench, train-demo, eval-hops."""
+"""Demo-task commands: train-demo, eval-hops."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -15,43 +14,6 @@ from rich.table import Table
 from mythos_deploy.cli.app import app, out, err, handle_errors, parse_ids
 from mythos_deploy.errors import InputError, MythosError
 
-
-@app.command(epilog="Example: mythos-export bench --preset bench --prompt 32 --new-tokens 64 --out benchmarks/results/runtime.json")
-def bench(
-    preset: str = typer.Option("bench", help="Model size preset (weights: OpenMythos's init from --seed)."),
-    prompt: int = typer.Option(32, help="Prompt length."),
-    new_tokens: int = typer.Option(64, help="Tokens decoded per configuration."),
-    loops: Optional[int] = typer.Option(None, help="Loop count (default max_loop_iters)."),
-    threads: int = typer.Option(2, help="CPU threads for torch and onnxruntime."),
-    seed: int = typer.Option(0, help="Weight seed."),
-    only: str = typer.Option("", metavar="NAME,NAME", help="Comma-separated configuration names to run (OpenMythos always runs)."),
-    output: Path = typer.Option(Path("benchmarks/results/runtime.json"), "-o", "--output", help="JSON path (a .png plot lands beside it)."),
-) -> None:
-    """Decode and prefill latency of every backend in one run: OpenMythos's own cached decoding,
-    the eager reference, onnxruntime per loop mode and MoE lowering, exit none and fill-forward;
-    plus the memory-bandwidth floor, each configuration's fraction of it, and peak memory.
-    Takes a few minutes on the bench preset; needs open-mythos (make install adds it)."""
-    with handle_errors():
-        try:
-            from benchmarks.runtime_bench import main as run_bench
-        except ImportError as exc:
-            raise MythosError(f"the benchmarks need a source checkout (make install): {exc}") from None
-        if importlib.util.find_spec("open_mythos") is None:
-            from mythos_deploy.errors import MissingDependencyError
-            raise MissingDependencyError("the benchmark compares against OpenMythos: pip install --no-deps open-mythos==0.5.0")
-        data = run_bench(["--preset", preset, "--prompt", str(prompt), "--new-tokens", str(new_tokens),
-                          "--threads", str(threads), "--seed", str(seed), "--out", str(output),
-                          *(["--loops", str(loops)] if loops else []), *(["--only", only] if only else [])])
-        t = Table(title=f"decode, batch 1, {preset}: prompt {prompt}, {new_tokens} new tokens")
-        for col in ("configuration", "p50 ms", "p90 ms", "prefill tok/s", "x OpenMythos", "x floor", "loops run", "peak MB"):
-            t.add_column(col, justify="left" if col == "configuration" else "right")
-        for r in data["results"]:
-            t.add_row(escape(r["name"]), f"{r['decode']['p50_ms']:.2f}", f"{r['decode']['p90_ms']:.2f}",
-                      f"{r['prefill_tokens_per_s']:.0f}", f"{r['speedup_vs_openmythos']:.2f}", f"{r['x_floor']:.2f}",
-                      f"{r['mean_loops_run']:.1f}", f"{r['peak_rss_mb']:.0f}")
-        out.print(t)
-        out.print(f"copy bandwidth {data['copy_bandwidth_gbs']:.1f} GB/s; floor {data['bandwidth_floor']['ms_per_token']:.2f} ms/token "
-                  f"at {data['loops']} loops; wrote {output} and {output.with_suffix('.png')}")
 
 @app.command("train-demo", epilog="Example: mythos-export train-demo -o checkpoints/hops --seed 0")
 def train_demo_cmd(
@@ -115,8 +77,8 @@ def eval_hops(
 
         from mythos_deploy.errors import ParityError
         from mythos_deploy.manifest import atomic_output_dir
-        from runtimes import load
-        from runtimes import hops_eval
+        from mythos_deploy.runtimes import load
+        from mythos_deploy.runtimes import hops_eval
 
         hop_list, loop_list = parse_ids(hops_, "--hops"), parse_ids(loops, "--loops")
         if not hop_list or not loop_list:

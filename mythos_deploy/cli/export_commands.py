@@ -70,7 +70,7 @@ def onnx_cmd(
     with handle_errors():
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        from exporters.onnx_export import OnnxExportOptions, export_onnx
+        from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
         from mythos_deploy.errors import ParityError
 
         opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate, mla=mla,
@@ -126,7 +126,7 @@ def quantize(
     parity gate) and, for train-demo checkpoints, on task accuracy. TensorRT modes are also
     linted for TensorRT's parser; their gate runs in onnxruntime on the same numbers."""
     with handle_errors():
-        from exporters.quantize import QuantizeOptions, quantize_artifact
+        from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
         from mythos_deploy.errors import ParityError
 
         opts = QuantizeOptions(mode=mode, block_size=block_size, accuracy_level=accuracy_level, exclude=tuple(exclude),
@@ -164,7 +164,7 @@ def lint(
     """Check an export against TensorRT's ONNX parser without TensorRT: ops and types, opset and
     IR version, Loop/If/TopK/axes restrictions, plugin attributes, Q/DQ zero points. Exit 1 on errors."""
     with handle_errors():
-        from exporters.trt_lint import lint_artifact
+        from mythos_deploy.exporters.trt_lint import lint_artifact
         if target != "trt":
             raise InputError(f"--target must be trt, got {target!r}")
         report = lint_artifact(path)
@@ -216,7 +216,7 @@ def build(
     with handle_errors():
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        from exporters.trt_build import BuildOptions, build_engines, parse_profile, plan
+        from mythos_deploy.exporters.trt_build import BuildOptions, build_engines, parse_profile, plan
 
         opts = BuildOptions(precision=precision, profile=parse_profile(profile), decode_profile=decode_profile,
                             workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, plugin=plugin)
@@ -256,7 +256,7 @@ def plugin_kernels(
     """Compile the MoE plugin's Triton kernels ahead of time to PTX and cubin (no GPU needed)."""
     with handle_errors():
         import os
-        from exporters.moe_aot import DTYPES, compile_kernels
+        from mythos_deploy.moe_aot import DTYPES, compile_kernels
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise InputError("unset TRITON_INTERPRET to compile kernels (the interpreter replaces the compiler)")
         bad = [d for d in dtype if d not in DTYPES]

@@ -159,9 +159,9 @@ def generate(
     """Generate from a checkpoint or an exported artifact, streaming tokens."""
     with handle_errors():
         from mythos_deploy.tokenizer import load_tokenizer
-        from runtimes import load
-        from runtimes.generation import generate as run_generation
-        from runtimes.sampling import SamplingParams
+        from mythos_deploy.runtimes import load
+        from mythos_deploy.runtimes.generation import generate as run_generation
+        from mythos_deploy.runtimes.sampling import SamplingParams
 
         if (prompt is None) == (prompt_ids is None):
             raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -233,8 +233,8 @@ def parity(
         import numpy as np
 
         from mythos_deploy.errors import ParityError
-        from runtimes import load
-        from runtimes.parity import compare
+        from mythos_deploy.runtimes import load
+        from mythos_deploy.runtimes.parity import compare
 
         ea, eb = load(a), load(b)
         rng = np.random.default_rng(seed)

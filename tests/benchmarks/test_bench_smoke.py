@@ -2,17 +2,16 @@
 
 import json
 
-from typer.testing import CliRunner
-
-from mythos_deploy.cli import app
 
 
-def test_bench_command_runs_and_writes_json_and_plot(tmp_path):
+def test_runtime_bench_runs_and_writes_json_and_plot(tmp_path, capsys):
+    from benchmarks.runtime_bench import main, print_table
     out = tmp_path / "rt.json"
-    r = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--prompt", "4", "--new-tokens", "4",
-                                 "--only", "eager,ort loop/standard fill-forward", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    data = json.loads(out.read_text())
+    data = main(["--preset", "tiny", "--prompt", "4", "--new-tokens", "4",
+                 "--only", "eager,ort loop/standard fill-forward", "--out", str(out)])
+    assert json.loads(out.read_text()) == data
+    print_table(data)
+    assert "decode, batch 1, tiny: prompt 4, 4 new tokens" in capsys.readouterr().out
     names = [x["name"] for x in data["results"]]
     assert names == ["openmythos 0.5.0 (cached)", "eager", "ort loop/standard fill-forward"]
     for x in data["results"]:

@@ -79,7 +79,7 @@ def test_the_lock_is_exclusive_in_process_too(tmp_path):
 
 
 def test_sigkill_during_quantize_leaves_nothing_complete(tiny_ckpt, tmp_path):
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     ox, q = tmp_path / "ox", tmp_path / "q"
     export_onnx(tiny_ckpt, ox, OnnxExportOptions(loop="unroll", validate=False))
     cmd = [sys.executable, "-m", "mythos_deploy.cli", "quantize", str(ox), "-o", str(q), "--mode", "int8"]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exporters.moe_lowering import count_moe_nodes
-from exporters.onnx_export import OnnxExportOptions, build_graphs, check_contract, export_onnx, validate_graphs
+from mythos_deploy.exporters.moe_lowering import count_moe_nodes
+from mythos_deploy.exporters.onnx_export import OnnxExportOptions, build_graphs, check_contract, export_onnx, validate_graphs
 from mythos_deploy import InputError, InternalError, MythosError, ParityError, save_checkpoint
 from mythos_deploy.cli import app
 from mythos_deploy.contract import contracts_for
 from mythos_deploy.manifest import check_writable, read_manifest, verify_files
-from runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
+from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 
 MODES = ("unroll", "loop", "stepped")
 LOWERINGS = ("standard", "ort", "plugin")
@@ -137,7 +137,7 @@ def test_while_loop_export_matches_the_composed_loop(om_pair, stepped_fp32, attn
     """--loop-export while_loop: the whole model through torch.export while_loop. It passes the
     same gate, has the same contract, one top-level Loop and no MoE placeholder left, and its
     outputs equal the composed Loop's at 1, 4 (trained) and 9 loops, with and without early exit."""
-    from exporters.onnx_ops import PLACEHOLDER_DOMAIN
+    from mythos_deploy.contract import PLACEHOLDER_DOMAIN
     _, model = om_pair[attn]
     cfg, W = model.cfg, model.cfg.cache_width
     opts = OnnxExportOptions(loop="loop", moe=moe, loop_export="while_loop").resolved(cfg)
@@ -194,7 +194,7 @@ def test_parity_gate_fails_loudly_and_writes_nothing(om_pair, stepped_fp32, tmp_
                 init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
         return graphs
 
-    monkeypatch.setattr("exporters.onnx_export.build_graphs", tampered)
+    monkeypatch.setattr("mythos_deploy.exporters.onnx_export.build_graphs", tampered)
     with pytest.raises(ParityError) as exc:
         export_onnx(ck, tmp_path / "out", OnnxExportOptions(loop="unroll"))
     assert not exc.value.report["passed"] and "logits" in str(exc.value)
@@ -228,7 +228,7 @@ def test_fp16_export_validates(tiny_ckpt, tmp_path):
 
 
 def test_external_data_for_large_graphs(om_pair, stepped_fp32, tmp_path):
-    from exporters.onnx_export import _save
+    from mythos_deploy.exporters.onnx_export import _save
     _, model = om_pair["mla"]
     opts = OnnxExportOptions(loop="loop").resolved(model.cfg)
     g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
@@ -293,7 +293,7 @@ def test_weights_are_stored_once(om_pair, stepped_fp32, moe):
 def test_dedupe_initializers_repoints_readers_in_subgraphs():
     from onnx import TensorProto, helper, numpy_helper
 
-    from exporters.onnx_compose import dedupe_initializers
+    from mythos_deploy.exporters.onnx_compose import dedupe_initializers
     table = np.arange(12, dtype=np.float32).reshape(3, 4)
     body = helper.make_graph(
         [helper.make_node("Add", ["x_in", "b"], ["x_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
@@ -322,7 +322,7 @@ def test_dedupe_initializers_repoints_readers_in_subgraphs():
 
 
 def test_fp16_limits_scale_with_the_output_but_fp32_stays_absolute():
-    from exporters.onnx_validate import TOLERANCES, OutputStat
+    from mythos_deploy.exporters.onnx_validate import TOLERANCES, OutputStat
     t16, t32 = TOLERANCES["fp16"], TOLERANCES["fp32"]
 
     def stat(dtype, max_abs, ref_max):

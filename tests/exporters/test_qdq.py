@@ -11,14 +11,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from exporters import qdq
-from exporters.onnx_ops import register_schemas
-from exporters.quantize import QuantizeOptions, quantize_artifact
-from exporters.trt_lint import _zero_points, lint_artifact, lint_model
+from mythos_deploy.exporters import qdq
+from mythos_deploy.exporters.onnx_ops import register_schemas
+from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
+from mythos_deploy.exporters.trt_lint import _zero_points, lint_artifact, lint_model
 from mythos_deploy import ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
-from runtimes import generate, load
+from mythos_deploy.runtimes import generate, load
 
 register_schemas()
 RNG = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def _graph():
 
 
 def _run(m, x, basic_only=False):
-    from runtimes.onnx_runner import make_session
+    from mythos_deploy.runtimes.onnx_runner import make_session
     return make_session(qdq.ort_copy(m), basic_only=basic_only).run(None, {"x": x})[0]
 
 
@@ -121,7 +121,7 @@ def test_int4_blocks_along_the_reduction_axis_and_ort_copy_is_exact():
 def test_onnxruntime_drops_a_relu_before_fp8_quantize_unless_limited_to_basic():
     # why fp8 graphs run at ORT_ENABLE_BASIC: this documents the onnxruntime behaviour; if
     # a later onnxruntime fixes it, the first assertion fails and the workaround can go
-    from runtimes.onnx_runner import make_session
+    from mythos_deploy.runtimes.onnx_runner import make_session
     x = RNG.standard_normal((3, 64)).astype(np.float32)
     m = _graph()
     qdq.insert_qdq(m, qdq.weight_matmuls(m), {"x": float(np.abs(x).max()), "r": 40.0}, "fp8")
@@ -191,7 +191,7 @@ def test_tensorrt_mode_bad_input_and_gate_failure(artifacts, demo_exports, tmp_p
     for args, match in cases:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and match in r.output and "Traceback" not in r.output, r.output
-    monkeypatch.setattr("exporters.quantize.MIN_AGREEMENT", {"qdq-int8": 1.01})
+    monkeypatch.setattr("mythos_deploy.exporters.quantize.MIN_AGREEMENT", {"qdq-int8": 1.01})
     r = runner.invoke(app, ["quantize", str(demo_exports["unroll-plugin"]), "-o", str(tmp_path / "x"),
                             "--mode", "qdq-int8", "--calib", "1", "--json"])
     assert r.exit_code == 4 and json.loads(r.stdout)["gate"]["greedy_agreement"] <= 1.0
@@ -204,7 +204,7 @@ def test_tensorrt_mode_bad_input_and_gate_failure(artifacts, demo_exports, tmp_p
 def test_qdq_int4_reaches_into_loop_bodies(artifacts, tmp_path):
     """Weight-only int4 needs no calibration, so a `loop` export works: the recurrent block's
     MatMuls inside the Loop body read outer-scope int4 DequantizeLinear outputs."""
-    from exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.onnx_compose import iter_graphs
     _, src = artifacts[("mla", "loop")]
     res = quantize_artifact(src, tmp_path / "q4", QuantizeOptions(mode="qdq-int4", block_size=16))
     assert res["gate"]["passed"] and lint_artifact(tmp_path / "q4")["passed"]

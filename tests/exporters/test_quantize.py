@@ -7,13 +7,13 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from exporters.onnx_compose import iter_graphs, node_attr
-from exporters.quant_graph import gemms_to_matmuls, merge_sibling_matmuls
-from exporters.quantize import QuantizeOptions, quantize_artifact
+from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
+from mythos_deploy.exporters.quant_graph import gemms_to_matmuls, merge_sibling_matmuls
+from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
 from mythos_deploy import InputError, ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
-from runtimes import generate, load
+from mythos_deploy.runtimes import generate, load
 
 
 def _ops(path):
@@ -149,13 +149,13 @@ def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypa
     form, loop build, ...) and changes only the dtype (and always runs the parity gate)."""
     import dataclasses
 
-    import exporters.onnx_export
-    import runtimes.onnx_runner
+    import mythos_deploy.exporters.onnx_export
+    import mythos_deploy.runtimes.onnx_runner
     _, src = artifacts[("mla", "loop")]
     seen = {}
     # non-default options, so that an option the re-export forgets shows up as a difference
     changed = {"loop_export": "while_loop", "mla": "expanded", "past": "masked", "loops": 3}
-    real_open = runtimes.onnx_runner.open_onnx_artifact
+    real_open = mythos_deploy.runtimes.onnx_runner.open_onnx_artifact
 
     def open_changed(path, what):
         manifest, rest = real_open(path, what)
@@ -164,8 +164,8 @@ def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypa
     def capture(ckpt, work, options, stage=None):
         seen["options"] = options
         raise InputError("captured")
-    monkeypatch.setattr(runtimes.onnx_runner, "open_onnx_artifact", open_changed)
-    monkeypatch.setattr(exporters.onnx_export, "export_onnx", capture)
+    monkeypatch.setattr(mythos_deploy.runtimes.onnx_runner, "open_onnx_artifact", open_changed)
+    monkeypatch.setattr(mythos_deploy.exporters.onnx_export, "export_onnx", capture)
     with pytest.raises(InputError, match="captured"):
         quantize_artifact(src, tmp_path / "h", QuantizeOptions(mode="fp16"))
     source = {**read_manifest(src)["options"], **changed}
@@ -178,7 +178,7 @@ def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypa
 
 def test_gate_failure_writes_nothing_unless_overridden(artifacts, tmp_path, monkeypatch):
     _, src = artifacts[("mla", "loop")]
-    monkeypatch.setattr("exporters.quantize.MIN_AGREEMENT", {"int8": 1.01, "int4": 1.01, "fp16": 1.01})
+    monkeypatch.setattr("mythos_deploy.exporters.quantize.MIN_AGREEMENT", {"int8": 1.01, "int4": 1.01, "fp16": 1.01})
     with pytest.raises(ParityError, match="accuracy gate"):
         quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8"))
     assert not (tmp_path / "q").exists()
@@ -214,7 +214,7 @@ def test_task_accuracy_gate_on_the_demo_checkpoint(demo_exports, tmp_path, mode,
     assert task["passed"] == (task["drop_points"] <= task["max_drop_points"]) and res["gate"]["passed"]
     assert read_manifest(tmp_path / mode)["quantization"]["gate"]["task"]["accuracy"] == task["accuracy"]
     # the same gate fails loudly, and writes nothing, when the allowed drop is negative
-    monkeypatch.setattr("exporters.quantize.MAX_TASK_DROP", {"int8": -1.0, "int4": -1.0, "fp16": -1.0})
+    monkeypatch.setattr("mythos_deploy.exporters.quantize.MAX_TASK_DROP", {"int8": -1.0, "int4": -1.0, "fp16": -1.0})
     with pytest.raises(ParityError, match="task accuracy"):
         quantize_artifact(demo_exports["unroll"], tmp_path / "fail", QuantizeOptions(mode=mode, block_size=32))
     assert not (tmp_path / "fail").exists()
@@ -229,7 +229,7 @@ def test_no_task_gate_for_an_untrained_model(artifacts, tmp_path):
 def test_qmoe_weight_layout_roundtrips():
     import numpy as np
 
-    from exporters.quant_graph import quantize_last_axis
+    from mythos_deploy.exporters.quant_graph import quantize_last_axis
     w = np.random.default_rng(0).standard_normal((3, 8, 64)).astype(np.float32)
     q8, s8 = quantize_last_axis(w, 8, 0)
     assert q8.dtype == np.uint8 and q8.shape == w.shape and s8.shape == (3, 8)
@@ -244,7 +244,7 @@ def test_qmoe_weight_layout_roundtrips():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_ort_lowering_experts_become_qmoe(om_pair, stepped_fp32, tmp_path, mode):
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import save_checkpoint
     _, model = om_pair["mla"]
     ck, src = tmp_path / "ck", tmp_path / "ort"

@@ -6,7 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from exporters.trt_build import BuildOptions, build_engines, default_ranges, parse_profile, plan, profiles_for
+from mythos_deploy.exporters.trt_build import BuildOptions, build_engines, default_ranges, parse_profile, plan, profiles_for
 from mythos_deploy import InputError
 from mythos_deploy.cli import app
 from mythos_deploy.contract import contracts_for
@@ -41,7 +41,7 @@ def test_profiles_follow_the_contract(tiny_cfg):
 
 
 def test_plan_refuses_what_tensorrt_cannot_build(artifacts, masked_artifacts, demo_qdq8, tmp_path):
-    from exporters.quantize import QuantizeOptions, quantize_artifact
+    from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
     with pytest.raises(InputError, match="--past masked"):  # onnxruntime's default form
         plan(artifacts[("mla", "loop")][1], BuildOptions())
     _, loop_src = masked_artifacts[("mla", "loop")]
@@ -92,7 +92,7 @@ def test_builds_engines_with_tensorrt(masked_artifacts, tmp_path):
 
 def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8, tmp_path):
     """build_engines against a recording stand-in for TensorRT's builder API."""
-    from exporters.trt_build import build_engines
+    from mythos_deploy.exporters.trt_build import build_engines
     from mythos_deploy import CheckpointError, InternalError
     from mythos_deploy.manifest import read_manifest, verify_files
     from tests.exporters import trt_builder_standin, trt_standins

@@ -9,8 +9,8 @@ import pytest
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from exporters.onnx_export import OnnxExportOptions, build_graphs
-from exporters.trt_lint import lint_artifact, lint_model
+from mythos_deploy.exporters.onnx_export import OnnxExportOptions, build_graphs
+from mythos_deploy.exporters.trt_lint import lint_artifact, lint_model
 from mythos_deploy.cli import app
 
 
@@ -86,7 +86,7 @@ def test_crafted_problems(om_pair, stepped_fp32):
 
 
 def test_nonzero_qdq_zero_point_is_flagged(tmp_path):
-    from exporters.trt_lint import _zero_points
+    from mythos_deploy.exporters.trt_lint import _zero_points
     x = helper.make_tensor_value_info("x", onnx.TensorProto.INT8, [4])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(3, np.int8), "z")]

@@ -1,5 +1,5 @@
 """Stand-ins for `tensorrt` and `tensorrt.plugin`, just enough of their documented surface
-(TensorRT 10.9+ quickly deployable plugins) to drive exporters/trt_plugin.py without
+(TensorRT 10.9+ quickly deployable plugins) to drive runtimes/trt_plugin.py without
 TensorRT: decorators that record the registered functions, tensor descriptors with shape
 expressions, launch parameters. They check nothing about TensorRT itself."""
 

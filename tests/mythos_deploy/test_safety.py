@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mythos_deploy import CheckpointError
 from mythos_deploy.safety import check_external_data, external_locations
-from runtimes import load
+from mythos_deploy.runtimes import load
 
 
 def _model_with_location(path, location):

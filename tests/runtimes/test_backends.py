@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mythos_deploy import CacheError, CheckpointError, InputError
-from runtimes import generate, load, stream_generate
-from runtimes.parity import compare
+from mythos_deploy.runtimes import generate, load, stream_generate
+from mythos_deploy.runtimes.parity import compare
 
 LOOPS = ("unroll", "loop", "stepped")
 

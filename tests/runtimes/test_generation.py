@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from mythos_deploy import InputError
-from runtimes import SamplingParams, generate, stream_generate
-from runtimes.sampling import filter_logits
+from mythos_deploy.runtimes import SamplingParams, generate, stream_generate
+from mythos_deploy.runtimes.sampling import filter_logits
 
 
 def test_greedy_equals_recomputing_the_full_sequence(tiny_model):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mythos_deploy import hops
-from runtimes import hops_eval
+from mythos_deploy.runtimes import hops_eval
 
 HOPS = (1, 2, 3, 4, 5, 6, 7, 8)
 LOOPS = (1, 2, 4, 6, 8, 12)
@@ -14,7 +14,7 @@ COUNT = 40
 
 @pytest.fixture(scope="module")
 def eager(demo_checkpoint):
-    from runtimes import load
+    from mythos_deploy.runtimes import load
     return load(demo_checkpoint)
 
 
@@ -24,7 +24,7 @@ def eager_table(eager):
 
 
 def test_accuracy_table_identical_through_onnxruntime_loop(eager_table, demo_exports):
-    from runtimes import load
+    from mythos_deploy.runtimes import load
     ort = hops_eval.evaluate(load(demo_exports["loop"]), HOPS, LOOPS, COUNT)
     assert hops_eval.differences(eager_table, ort) == []
     assert hops_eval.table(ort) == hops_eval.table(eager_table)
@@ -32,7 +32,7 @@ def test_accuracy_table_identical_through_onnxruntime_loop(eager_table, demo_exp
 
 
 def test_accuracy_identical_through_the_unrolled_export(eager_table, demo_exports):
-    from runtimes import load
+    from mythos_deploy.runtimes import load
     backend = load(demo_exports["unroll"])  # fixed depth: the trained loop count only
     ort = hops_eval.evaluate(backend, HOPS, (backend.default_loops,), COUNT)
     cells = [c for c in eager_table["cells"] if c["n_loops"] == backend.default_loops]
@@ -96,7 +96,7 @@ def test_training_is_reproducible():
 def test_eval_refuses_a_model_that_cannot_read_the_task():
     from mythos_deploy import MythosConfig, MythosModel
     from mythos_deploy.errors import InputError
-    from runtimes.eager import EagerBackend
+    from mythos_deploy.runtimes.eager import EagerBackend
     small = MythosConfig.from_name("tiny").replace(vocab_size=64)
     with pytest.raises(InputError, match="vocab_size=64"):
         hops_eval.evaluate(EagerBackend(MythosModel(small).init_weights(0)), (1,), (1,), 2)

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from mythos_deploy import MythosConfig, MythosModel
 from mythos_deploy.errors import ConfigError, MythosError, NumericalError
-from runtimes import SamplingParams, generate
-from runtimes.base import check_ids
-from runtimes.eager import EagerBackend
+from mythos_deploy.runtimes import SamplingParams, generate
+from mythos_deploy.runtimes.base import check_ids
+from mythos_deploy.runtimes.eager import EagerBackend
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -118,9 +118,9 @@ def test_non_finite_logits_are_detected_and_the_position_named():
 def test_non_finite_logits_through_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import save_checkpoint
-    from runtimes import load
+    from mythos_deploy.runtimes import load
 
     ck, od = tmp_path / "ck", tmp_path / "ox"
     save_checkpoint(MythosModel(MythosConfig.from_name("tiny")).init_weights(0), ck)
@@ -142,7 +142,7 @@ def test_non_finite_logits_through_onnxruntime(tmp_path):
 def two_artifacts(tmp_path_factory):
     """A checkpoint (with tokenizer) and its unrolled ONNX export, made once."""
     pytest.importorskip("onnxruntime")
-    from exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import save_checkpoint
     from mythos_deploy.tokenizer import ByteTokenizer
     root = tmp_path_factory.mktemp("corrupt")

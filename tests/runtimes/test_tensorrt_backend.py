@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from mythos_deploy import InputError, MissingDependencyError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, write_manifest
-from runtimes import generate, load
+from mythos_deploy.runtimes import generate, load
 
 
 def _fake_engine_dir(src, path):
@@ -47,8 +47,8 @@ def test_forcing_tensorrt_on_other_artifacts_says_build_first(masked_artifacts):
 def _standin_backend(src, out, engines):
     """Engine directory whose "engines" are the export's ONNX graphs (written by the same
     code as `build`), opened by the TensorRT backend on CPU through the stand-in runtime."""
-    from exporters.trt_build import BuildOptions, plan, write_engine_dir
-    from runtimes.tensorrt_backend import TensorRTBackend
+    from mythos_deploy.exporters.trt_build import BuildOptions, plan, write_engine_dir
+    from mythos_deploy.runtimes.tensorrt_backend import TensorRTBackend
     from tests.runtimes import trt_runtime_standin
     p = plan(src, BuildOptions())
     write_engine_dir(out, p, {name: open(path, "rb").read() for name, path in p["graphs"].items()}, "stand-in")
@@ -88,7 +88,7 @@ def test_backend_logic_through_a_standin_runtime(masked_artifacts, tmp_path, loo
 
 
 def test_standin_rejects_a_corrupt_engine(masked_artifacts, tmp_path):
-    from runtimes.tensorrt_backend import TensorRTBackend
+    from mythos_deploy.runtimes.tensorrt_backend import TensorRTBackend
     from tests.runtimes import trt_runtime_standin
     _, src = masked_artifacts[("mla", "unroll")]
     eng = _fake_engine_dir(src, tmp_path / "eng")
@@ -101,7 +101,7 @@ def test_tensorrt_greedy_parity_with_eager(masked_artifacts, tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from exporters.trt_build import BuildOptions, build_engines
+    from mythos_deploy.exporters.trt_build import BuildOptions, build_engines
     ck, src = masked_artifacts[("mla", "stepped")]
     build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
     ref = generate(load(ck), [1, 2, 3], 32).tokens

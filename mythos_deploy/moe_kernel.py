@@ -21,7 +21,7 @@ is recomputed once per output block: ceil(D / BLOCK_DY) times). It takes int64 r
 indices as the ONNX graph passes them.
 
 Runs on CPU under TRITON_INTERPRET=1 (tests) and compiles ahead of time to PTX for sm_87 and
-sm_90 without a GPU (exporters/moe_aot.py). Triton is imported when this module is.
+sm_90 without a GPU (mythos_deploy/moe_aot.py). Triton is imported when this module is.
 """
 
 from __future__ import annotations

@@ -51,14 +51,14 @@ def fused_signature(ptr: str) -> dict:
 
 
 def fused_constexprs() -> dict:
-    from exporters import moe_kernel as mk
+    from mythos_deploy import moe_kernel as mk
     return {"BLOCK_F": mk.BLOCK_F, "BLOCK_D": mk.BLOCK_D, "BLOCK_DY": mk.BLOCK_DY}
 
 
 def compile_fused(dtype: str, cc: int):
     """Compile the single-launch kernel for one dtype (fp32/fp16/bf16) and compute capability."""
     triton, _, GPUTarget = _triton()
-    from exporters import moe_kernel as mk
+    from mythos_deploy import moe_kernel as mk
     src = _source(mk._fused_kernel, fused_signature(f"*{DTYPES[dtype]}"), fused_constexprs())
     return triton.compile(src, target=GPUTarget("cuda", cc, 32))
 
@@ -66,7 +66,7 @@ def compile_fused(dtype: str, cc: int):
 def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), targets=TARGETS) -> dict:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     triton, _, GPUTarget = _triton()
-    from exporters import moe_kernel as mk
+    from mythos_deploy import moe_kernel as mk
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -13,13 +13,13 @@ triton = pytest.importorskip("triton", reason="triton not installed (pip install
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from exporters.moe_kernel import expert_tiles, moe_experts_fused, moe_experts_triton  # noqa: E402
+from mythos_deploy.moe_kernel import expert_tiles, moe_experts_fused, moe_experts_triton  # noqa: E402
 from mythos_deploy.moe import moe_experts, moe_experts_naive  # noqa: E402
 
-from exporters import moe_kernel as _mk  # noqa: E402
+from mythos_deploy import moe_kernel as _mk  # noqa: E402
 
 if type(_mk._up_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("exporters.moe_kernel was imported before TRITON_INTERPRET=1 was set in this process", allow_module_level=True)
+    pytest.skip("mythos_deploy.moe_kernel was imported before TRITON_INTERPRET=1 was set in this process", allow_module_level=True)
 
 
 def _inputs(N, E, K, D, F, seed, dtype=torch.float32):
@@ -91,7 +91,7 @@ def test_grouped_half_precision(dtype, tol):
 
 
 def test_long_inputs_take_the_grouped_path_by_default(monkeypatch):
-    from exporters import moe_kernel
+    from mythos_deploy import moe_kernel
     calls = []
     monkeypatch.setattr(moe_kernel, "_grouped", lambda *a: calls.append(a[0].shape[0]) or torch.zeros_like(a[0]))
     moe_experts_triton(*_inputs(4, 4, 2, 8, 8, 0))
@@ -110,7 +110,7 @@ def test_single_launch_kernel_equals_eager_op(N, E, K, D, F, seed):
 
 
 def test_plugin_jit_implementation_writes_the_output_buffer():
-    from exporters.trt_plugin import run_jit
+    from mythos_deploy.runtimes.trt_plugin import run_jit
     args = _inputs(40, 6, 2, 24, 16, 4)  # 80 pairs: per-token path; 160 below: grouped
     for a in (args, _inputs(80, 6, 2, 24, 16, 5)):
         y = torch.full_like(a[0], float("nan"))

@@ -1,4 +1,4 @@
-"""The MythosMoE TensorRT plugin registration (exporters/trt_plugin.py), driven through
+"""The MythosMoE TensorRT plugin registration (runtimes/trt_plugin.py), driven through
 stand-ins for tensorrt.plugin (TensorRT is not installable here): the registered id matches
 the ONNX plugin node, shape inference, formats, and the AOT implementation's PTX and
 symbolic launch parameters. The real-TensorRT test skips."""
@@ -12,8 +12,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporters import trt_plugin
-from exporters.onnx_ops import PLUGIN_DOMAIN
+from mythos_deploy.runtimes import trt_plugin
+from mythos_deploy.contract import PLUGIN_DOMAIN
 from mythos_deploy import MissingDependencyError
 from tests.exporters import trt_standins
 
@@ -53,8 +53,8 @@ def test_aot_implementation_compiles_ptx_with_symbolic_launch(tmp_path):
     script = """
 import json, sys
 from tests.exporters import trt_standins
-from exporters import trt_plugin
-from exporters import moe_kernel as mk
+from mythos_deploy.runtimes import trt_plugin
+from mythos_deploy import moe_kernel as mk
 out = {}
 for cc in (87, 90):
     trt, trtp, reg = trt_standins.make()

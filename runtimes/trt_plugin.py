@@ -14,7 +14,7 @@ expert_dim; one output y [N, D] like x.
   inputs), used when the engine is built without AOT (`build --plugin jit`).
 
 `register()` takes the `tensorrt.plugin` and `tensorrt` modules as arguments so the logic can
-be exercised without TensorRT (tests/exporters/test_trt_plugin.py drives it with stand-ins);
+be exercised without TensorRT (tests/runtimes/test_trt_plugin.py drives it with stand-ins);
 nothing here has run against a real TensorRT in this project's CI.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from exporters.onnx_ops import PLUGIN_NAMESPACE, PLUGIN_OP
+from mythos_deploy.contract import PLUGIN_NAMESPACE, PLUGIN_OP
 from mythos_deploy.errors import InputError, MissingDependencyError
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_OP}"
@@ -51,7 +51,7 @@ def dtype_name(trt: ModuleType, dtype) -> str:
 def launch(trtp: ModuleType, x_desc, w_gate_desc, topk_desc, compiled) -> tuple:
     """Launch parameters and scalar arguments of the fused kernel as TensorRT symbolic
     expressions of the (dynamic) input shapes: grid (N, ceil(D / BLOCK_DY)); args D, F, K."""
-    from exporters import moe_kernel as mk
+    from mythos_deploy import moe_kernel as mk
     N, D = x_desc.shape_expr[0], x_desc.shape_expr[1]
     F, K = w_gate_desc.shape_expr[1], topk_desc.shape_expr[1]
     params = trtp.KernelLaunchParams()
@@ -96,7 +96,7 @@ def register(trtp: ModuleType | None = None, trt: ModuleType | None = None, devi
 def _register_aot(trtp, trt, device_cc):
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(x, topk_idx, gates, w_gate, w_up, w_down, num_experts: int, top_k: int, expert_dim: int, outputs, tactic: int):
-        from exporters.moe_aot import compile_fused
+        from mythos_deploy.moe_aot import compile_fused
         cc = device_cc
         if cc is None:
             import torch
@@ -119,5 +119,5 @@ def _register_jit(trtp):
 def run_jit(x, topk_idx, gates, w_gate, w_up, w_down, y) -> None:
     """The JIT implementation on torch tensors: y <- experts(x) (grouped by expert for long
     inputs), written into TensorRT's output buffer."""
-    from exporters.moe_kernel import moe_experts_triton
+    from mythos_deploy.moe_kernel import moe_experts_triton
     y.copy_(moe_experts_triton(x, topk_idx, gates, w_gate, w_up, w_down))
