@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import decode_pasts, percentiles, write_json
 from mythos_deploy.exporters.onnx_compose import iter_graphs
-from mythos_deploy.exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, _save, build_graphs, export_form
+from mythos_deploy.exporters.onnx_export import EXTERNAL_DATA_BYTES, OnnxExportOptions, save_graph, build_graphs, export_form
 from mythos_deploy.exporters.torch_to_onnx import export_stepped
 from mythos_deploy import MythosConfig, MythosModel
 from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, graph_files
@@ -42,7 +42,7 @@ def decode_p50_ms(runs: dict[str, dict], cfg: MythosConfig, n_loops: int, past: 
     """One-token decode through several `loop` graphs ({label: graphs}), in alternating blocks
     so that machine drift hits them alike: each block is one untimed call (the weights back in
     cache) and `block` timed calls; p50 ms per label over `rounds` blocks."""
-    runners = {k: OnnxModelRunner(g, "loop", n_loops, cfg.prelude_layers, cfg.coda_layers, threads=2)
+    runners = {k: OnnxModelRunner(g, "loop", n_loops, threads=2)
                for k, g in runs.items()}
     pasts = decode_pasts(cfg, n_loops, past)
     ids = np.array([[7]], np.int64)
@@ -80,7 +80,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             files = graph_files(loop)
             for name, g in graphs.items():
-                _save(g, Path(d), files[name], EXTERNAL_DATA_BYTES)
+                save_graph(g, Path(d), files[name], EXTERNAL_DATA_BYTES)
             size = sum(p.stat().st_size for p in Path(d).iterdir())
         composed = how == "compose"
         row = {"loop": loop, "moe": moe, "loop_export": how if loop == "loop" else None, "n_loops": opts.loops,

@@ -17,6 +17,8 @@ halts after two loops). Neither is trained; see the README for what that implies
 
 from __future__ import annotations
 
+from mythos_deploy.options import DecodeOptions
+
 import argparse
 
 import numpy as np
@@ -47,15 +49,15 @@ def models(names: list[str]):
 
 def free_running_prefix(backend, prompt, tokens, threshold) -> int:
     from mythos_deploy.runtimes import generate
-    a = generate(backend, prompt, tokens, act_threshold=threshold).tokens[0]
-    b = generate(backend, prompt, tokens, act_threshold=threshold, exit="fill-forward").tokens[0]
+    a = generate(backend, prompt, tokens, decode=DecodeOptions(act_threshold=threshold)).tokens[0]
+    b = generate(backend, prompt, tokens, decode=DecodeOptions(act_threshold=threshold, exit="fill-forward")).tokens[0]
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
 
 def teacher_forced(backend, stream: np.ndarray, n_loops: int, threshold: float) -> dict:
     """Feed the same token stream, one token per step, to an exact and a fill-forward session."""
-    exact = backend.start(1, len(stream), n_loops, threshold, "none")
-    ff = backend.start(1, len(stream), n_loops, threshold, "fill-forward")
+    exact = backend.start(1, len(stream), DecodeOptions(n_loops, threshold, "none"))
+    ff = backend.start(1, len(stream), DecodeOptions(n_loops, threshold, "fill-forward"))
     errs, agree, loops_exact, loops_ff, depth = [], 0, [], [], []
     for tok in stream:
         a, b = exact.step(np.array([[tok]])), ff.step(np.array([[tok]]))

@@ -10,6 +10,8 @@ Without CUDA it writes a JSON that says so and exits 0.
 
 from __future__ import annotations
 
+from mythos_deploy.options import DecodeOptions
+
 import argparse
 import importlib.util
 import time
@@ -47,7 +49,7 @@ def decode_ms(model, prompt, tokens: int, loops: int) -> dict:
     from mythos_deploy.runtimes.eager import EagerBackend
     backend = EagerBackend(model)
     for _ in range(2):
-        s = backend.start(1, prompt.shape[1] + tokens, loops)
+        s = backend.start(1, prompt.shape[1] + tokens, DecodeOptions(loops))
         out = s.step(prompt)
         times = []
         for _ in range(tokens - 1):
@@ -78,10 +80,10 @@ def tensorrt_check(model, prompt, loops: int, eager_p50_ms: float) -> dict:
         build_engines(onnx_dir, eng, BuildOptions(precision="fp16"))
         built_s = time.perf_counter() - t0
         ids = prompt[0].tolist()
-        ref = generate(load(ck), ids, 64, n_loops=loops).tokens[0]
+        ref = generate(load(ck), ids, 64, decode=DecodeOptions(loops)).tokens[0]
         trt_backend = load(eng)
-        got = generate(trt_backend, ids, 64, n_loops=loops).tokens[0]
-        s = trt_backend.start(1, len(ids) + 64, loops)
+        got = generate(trt_backend, ids, 64, decode=DecodeOptions(loops)).tokens[0]
+        s = trt_backend.start(1, len(ids) + 64, DecodeOptions(loops))
         out = s.step(np.array([ids]))
         times = []
         for _ in range(63):

@@ -17,6 +17,8 @@ token with exit none must equal it.
 
 from __future__ import annotations
 
+from mythos_deploy.options import DecodeOptions
+
 import argparse
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ def run(backend, problems, n_loops: int, exit: str) -> tuple[np.ndarray, float]:
     preds, loops = [], []
     for p in problems:
         ids = hops.encode(p.prompt)
-        session = backend.start(batch=1, budget=len(ids), n_loops=n_loops, exit=exit)
+        session = backend.start(batch=1, budget=len(ids), decode=DecodeOptions(n_loops, None, exit))
         for tok in ids:
             out = session.step([[tok]])
             loops.append(out.loops_run)

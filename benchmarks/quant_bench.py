@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
             out = Path(d) / f"q-{mode}"
             res = quantize_artifact(trt_src, out, QuantizeOptions(mode=mode))
             trt_rows.append({"mode": mode, "file_bytes": sum(p.stat().st_size for p in out.glob("*.onnx")),
-                             "gate": res["gate"]})
+                             "gate": res.gate})
         for r in trt_rows:
             r["size_vs_fp32"] = r["file_bytes"] / trt_rows[0]["file_bytes"]
             print(f"{r['mode']:22s} size {r['file_bytes'] / 2**20:7.1f} MiB ({r['size_vs_fp32']:.2f}x)"
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
             r = run_config({**base, "name": mode, "kind": "backend", "path": str(path), "exit": "none"})
             size = sum(p.stat().st_size for p in path.glob("*.onnx"))
             rows.append({"mode": mode, "file_bytes": size, **r, "prefill_tokens_per_s": args.prompt / r["prefill_s"],
-                         "gate": None if res is None else res["gate"]})
+                         "gate": None if res is None else res.gate})
     bw = copy_bandwidth_gbs()
     fp32_floor_bytes = floor_bytes_per_token(cfg, loops, args.prompt + args.new_tokens // 2)["total"]
     fp32_row = rows[0]

@@ -16,6 +16,8 @@ Writes JSON and a PNG plot.
 
 from __future__ import annotations
 
+from mythos_deploy.options import DecodeOptions
+
 import argparse
 import json
 import os
@@ -71,7 +73,7 @@ def _time_backend(cfg: dict, prompt: np.ndarray, new_tokens: int) -> dict:
     backend = load(cfg["path"], verify=False)
 
     def run():
-        session = backend.start(1, prompt.shape[1] + new_tokens, cfg["loops"], None, cfg["exit"])
+        session = backend.start(1, prompt.shape[1] + new_tokens, DecodeOptions(cfg["loops"], None, cfg["exit"]))
         t0 = time.perf_counter()
         out = session.step(prompt)
         prefill = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mythos_deploy.exporters.graph_passes import drop_unused_opsets
 from mythos_deploy.exporters.onnx_compose import iter_graphs, subgraphs
 from mythos_deploy.contract import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP,
                                     PLUGIN_VERSION)
@@ -32,13 +33,6 @@ def _set_opset(model, domain: str, version: int) -> None:
         if imp.domain == domain:
             return
     model.opset_import.add(domain=domain, version=version)
-
-
-def _drop_unused_opsets(model) -> None:
-    used = {node.domain for g in iter_graphs(model.graph) for node in g.node}
-    keep = [imp for imp in model.opset_import if imp.domain in used or imp.domain in ("", "ai.onnx")]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
 
 
 def count_moe_nodes(model, kinds=MOE_OPS) -> int:
@@ -78,7 +72,7 @@ class _Lowerer:
             _set_opset(self.model, PLUGIN_DOMAIN, 1)
         elif self.target == "ort":
             _set_opset(self.model, "com.microsoft", 1)
-        _drop_unused_opsets(self.model)
+        drop_unused_opsets(self.model)
         return self.model
 
     def walk(self, graph):

@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 
 from mythos_deploy.contract import GraphContract
+from mythos_deploy.exporters.graph_passes import IR_VERSION, prune
 from mythos_deploy.errors import InternalError
 
-IR_VERSION = 10  # onnx 1.23 writes 11+ by default; onnxruntime 1.31 rejects newer IRs
 ACT_STATE = ("h_out", "cum", "halted", "loops_used")
 
 
@@ -278,56 +278,6 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
     return _finish(nodes, inits, vinfo, contract, _opsets(*stepped.values()), f"mythos_{mode}")
 
 
-def prune_initializers(model) -> None:
-    """Drop initializers no node (in any subgraph) reads."""
-    used = {i for g in iter_graphs(model.graph) for node in g.node for i in node.input}
-    used.update(o.name for o in model.graph.output)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-def dedupe_initializers(model) -> int:
-    """Keep one copy of initializers with the same dtype, shape and bytes (the prelude, step
-    and coda graphs each bring their own RoPE tables) and point every reader, subgraphs
-    included, at it. Returns the number of copies removed."""
-    import hashlib
-
-    from onnx import numpy_helper
-    first: dict[tuple, str] = {}
-    alias: dict[str, str] = {}
-    for init in model.graph.initializer:
-        digest = hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest()
-        key = (init.data_type, tuple(init.dims), digest)
-        if key in first:
-            alias[init.name] = first[key]
-        else:
-            first[key] = init.name
-    if not alias:
-        return 0
-    for g in iter_graphs(model.graph):
-        local = set() if g is model.graph else {i.name for i in g.input} | {t.name for t in g.initializer}
-        for node in g.node:
-            for k, name in enumerate(node.input):
-                if name in alias and name not in local:
-                    node.input[k] = alias[name]
-    prune_initializers(model)
-    return len(alias)
-
-
-def strip_metadata(graph) -> None:
-    """Drop per-node doc strings and metadata (the torch exporter records Python stack traces
-    and module paths there: local file paths, and most of the bytes of an unrolled graph)."""
-    for node in graph.node:
-        node.doc_string = ""
-        del node.metadata_props[:]
-        for g in subgraphs(node):
-            strip_metadata(g)
-    for vi in (*graph.input, *graph.output, *graph.value_info):
-        vi.doc_string = ""
-        del vi.metadata_props[:]
-
-
 def share_tied_embedding(model) -> bool:
     """The tied embedding appears twice after export: [V, D] for the prelude's Gather and
     transposed [D, V] for the head's MatMul. Keep only [D, V]: the embedding becomes
@@ -361,71 +311,8 @@ def share_tied_embedding(model) -> bool:
             new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    prune_initializers(model)
+    prune(model)
     return True
-
-
-def name_nodes(graph, prefix: str = "") -> None:
-    """Give every node (subgraphs included) a unique, stable name: tools such as
-    onnxruntime's quantizers select and exclude nodes by name."""
-    seen: set[str] = set()
-
-    def walk(g, scope: str):
-        for i, node in enumerate(g.node):
-            if not node.name or node.name in seen:
-                node.name = f"{scope}{node.op_type}_{i}"
-            while node.name in seen:
-                node.name += "_"
-            seen.add(node.name)
-            for attr in node.attribute:
-                subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-                for j, sub in enumerate(subs):
-                    walk(sub, f"{node.name}/{attr.name}{j if len(subs) > 1 else ''}/")
-    walk(graph, prefix)
-
-
-def _outer_refs(node) -> set[str]:
-    """Names a node's subgraphs read from enclosing scopes."""
-    refs: set[str] = set()
-    for g in subgraphs(node):
-        local = {i.name for i in g.input} | {t.name for t in g.initializer}
-        for n in g.node:
-            local.update(n.output)
-        for n in g.node:
-            refs.update(i for i in n.input if i and i not in local)
-            refs.update(r for r in _outer_refs(n) if r not in local)
-    return refs
-
-
-def toposort(graph, outer: frozenset = frozenset()) -> None:
-    """Order nodes (recursively) so each value, including those subgraphs read from outer
-    scopes, is produced before use. Stable: already-ordered graphs are unchanged."""
-    available = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    produced_here = {o for n in graph.node for o in n.output}
-    needs = [({i for i in n.input} | _outer_refs(n)) & (produced_here | {""}) for n in graph.node]
-    pending = list(range(len(graph.node)))
-    ordered = []
-    while pending:
-        rest = []
-        for k in pending:
-            if needs[k] <= available:
-                ordered.append(graph.node[k])
-                available.update(graph.node[k].output)
-            else:
-                rest.append(k)
-        if len(rest) == len(pending):
-            missing = sorted(set().union(*(needs[k] for k in rest)) - available)[:5]
-            raise InternalError(f"graph {graph.name!r} has a cycle or dangling inputs: {missing}")
-        pending = rest
-    nodes = [type(n)() for n in ordered]
-    for dst, src in zip(nodes, ordered):
-        dst.CopyFrom(src)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    scope = frozenset(available)
-    for n in graph.node:
-        for g in subgraphs(n):
-            toposort(g, scope)
 
 
 def slice_pasts(model, contract: GraphContract) -> int:

@@ -8,11 +8,10 @@ atomic write with manifest.json and validation.json. Any failure leaves no OUT_D
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,80 +19,35 @@ import numpy as np
 
 from mythos_deploy.checkpoint import checkpoint_sha256, load_checkpoint
 from mythos_deploy.config import MythosConfig
-from mythos_deploy.contract import LOOP_MODES, GraphContract, contracts_for
+from mythos_deploy.contract import GraphContract, contracts_for
 from mythos_deploy.errors import InputError, InternalError, MissingDependencyError, ParityError
 from mythos_deploy.manifest import atomic_output_dir, check_writable, write_manifest
+from mythos_deploy.options import ExportDtype, LoopExport, LoopMode, MoeLowering, OnnxExportOptions
 
-MOE_LOWERINGS = ("plugin", "ort", "standard")
-MLA_FORMS = ("absorbed", "expanded")
-PAST_FORMS = ("sliced", "masked")
-LOOP_EXPORTS = ("compose", "while_loop")
-DTYPES = ("fp32", "fp16")
 MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
 MAX_UNROLL = 256
 MAX_LOOPS = 4096
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs above this keep their weights in <graph>.onnx.data
 
 
-@dataclass(frozen=True)
-class OnnxExportOptions:
-    loop: str = "unroll"
-    loops: int | None = None  # default: the config's max_loop_iters
-    moe: str = "standard"
-    opset: int = MIN_OPSET
-    dtype: str = "fp32"
-    validate: bool = True
-    mla: str = "absorbed"  # MLA attention form in the graph (ignored for GQA)
-    # past rows read: "sliced" (only [0, past_len): cost follows the context, not the buffer;
-    # a data-dependent shape) or "masked" (the whole buffer, unfilled rows masked: static
-    # shapes, as TensorRT engines captured in CUDA graphs need). None: masked for the plugin
-    # lowering (the TensorRT path), sliced otherwise.
-    past: str | None = None
-    # how a `loop` graph is built: "compose" (the exported step graph placed in an ONNX Loop at
-    # the ONNX level, shared with unroll/stepped) or "while_loop" (the whole model through
-    # torch.export while_loop, lowered to an ONNX Loop by torch.onnx)
-    loop_export: str = "compose"
-
-    @classmethod
-    def from_manifest(cls, options: dict) -> "OnnxExportOptions":
-        """The options an artifact was exported with (its manifest's `options`). Manifests
-        written before `past` existed describe graphs that read the whole buffer: masked."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{"past": "masked", **{k: v for k, v in options.items() if k in known}})
-
-    def resolved(self, cfg: MythosConfig) -> "OnnxExportOptions":
-        loops = cfg.max_loop_iters if self.loops is None else self.loops
-        past = self.past or ("masked" if self.moe == "plugin" else "sliced")
-        return dataclasses.replace(self, loops=loops, past=past)
-
-    def check(self, cfg: MythosConfig) -> None:
-        import onnx
-        if self.loop not in LOOP_MODES:
-            raise InputError(f"--loop must be one of {', '.join(LOOP_MODES)}, got {self.loop!r}")
-        if self.moe not in MOE_LOWERINGS:
-            raise InputError(f"--moe must be one of {', '.join(MOE_LOWERINGS)}, got {self.moe!r}")
-        if self.mla not in MLA_FORMS:
-            raise InputError(f"--mla must be one of {', '.join(MLA_FORMS)}, got {self.mla!r}")
-        if self.loop_export not in LOOP_EXPORTS:
-            raise InputError(f"--loop-export must be one of {', '.join(LOOP_EXPORTS)}, got {self.loop_export!r}")
-        if self.loop_export == "while_loop" and self.loop != "loop":
-            raise InputError(f"--loop-export while_loop builds a --loop loop graph; it does not apply to --loop {self.loop}")
-        if self.past not in (None, *PAST_FORMS):
-            raise InputError(f"--past must be one of {', '.join(PAST_FORMS)}, got {self.past!r}")
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if isinstance(self.loops, bool) or not isinstance(self.loops, int) or not 1 <= self.loops <= MAX_LOOPS:
-            raise InputError(f"--loops must be an integer in [1, {MAX_LOOPS}], got {self.loops!r}")
-        if self.loop == "unroll" and self.loops > MAX_UNROLL:
-            raise InputError(f"--loops {self.loops} is too deep to unroll (max {MAX_UNROLL}); use --loop loop")
-        newest = onnx.defs.onnx_opset_version()
-        if self.opset < MIN_OPSET:
-            raise InputError(f"--opset {self.opset} is too old for --moe {self.moe}: the exporter needs opset >= {MIN_OPSET}")
-        if self.opset > newest:
-            raise InputError(f"--opset {self.opset} is newer than this onnx ({onnx.__version__}) knows (max {newest})")
-        if self.moe == "ort" and self.dtype == "fp16" and self.validate:
-            raise InputError("--moe ort with --dtype fp16 cannot be validated here: onnxruntime's CPU MoE "
-                             "kernel is fp32 only (use --dtype fp32, or --no-validate for a CUDA EP target)")
+def check_export_options(opts: OnnxExportOptions, cfg: MythosConfig) -> None:
+    """What the options' own coercion cannot know: loop-count limits, the opset against this
+    onnx, and combinations that cannot be exported or validated here. `opts` is resolved."""
+    import onnx
+    if opts.loop_export == LoopExport.WHILE_LOOP and opts.loop != LoopMode.LOOP:
+        raise InputError(f"--loop-export while_loop builds a --loop loop graph; it does not apply to --loop {opts.loop}")
+    if isinstance(opts.loops, bool) or not isinstance(opts.loops, int) or not 1 <= opts.loops <= MAX_LOOPS:
+        raise InputError(f"--loops must be an integer in [1, {MAX_LOOPS}], got {opts.loops!r}")
+    if opts.loop == LoopMode.UNROLL and opts.loops > MAX_UNROLL:
+        raise InputError(f"--loops {opts.loops} is too deep to unroll (max {MAX_UNROLL}); use --loop loop")
+    newest = onnx.defs.onnx_opset_version()
+    if opts.opset < MIN_OPSET:
+        raise InputError(f"--opset {opts.opset} is too old for --moe {opts.moe}: the exporter needs opset >= {MIN_OPSET}")
+    if opts.opset > newest:
+        raise InputError(f"--opset {opts.opset} is newer than this onnx ({onnx.__version__}) knows (max {newest})")
+    if opts.moe == MoeLowering.ORT and opts.dtype == ExportDtype.FP16 and opts.validate:
+        raise InputError("--moe ort with --dtype fp16 cannot be validated here: onnxruntime's CPU MoE "
+                         "kernel is fp32 only (use --dtype fp32, or --no-validate for a CUDA EP target)")
 
 
 @dataclass
@@ -171,13 +125,12 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
                  stepped: dict | None = None) -> dict:
     """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    from mythos_deploy.exporters.onnx_compose import IR_VERSION, compose, share_tied_embedding, strip_metadata
+    from mythos_deploy.exporters.graph_passes import clear_metadata
+    from mythos_deploy.exporters.onnx_compose import compose, share_tied_embedding
     from mythos_deploy.exporters.torch_to_onnx import export_stepped, export_while_loop
 
     def clean(g):  # no exporter metadata (it carries local paths); our IR version
-        strip_metadata(g.graph)
-        del g.metadata_props[:]
-        g.ir_version = IR_VERSION
+        clear_metadata(g)
         return g
 
     contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype)}
@@ -207,16 +160,15 @@ def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage
     """Lower the MoE placeholder, slice the pasts, keep one copy of identical initializers,
     prune, name and check every graph."""
     from mythos_deploy.exporters.moe_lowering import lower_moe
-    from mythos_deploy.exporters.onnx_compose import dedupe_initializers, name_nodes, prune_initializers, slice_pasts
+    from mythos_deploy.exporters.graph_passes import finish
+    from mythos_deploy.exporters.onnx_compose import slice_pasts
 
     stage(f"lower MoE ({opts.moe})")
     for name, g in graphs.items():
         lower_moe(g, opts.moe)
         if opts.past == "sliced":
             slice_pasts(g, contracts[name])
-        dedupe_initializers(g)  # a composed graph brings the prelude's, step's and coda's RoPE tables
-        prune_initializers(g)
-        name_nodes(g.graph)
+        finish(g)  # one copy of repeated initializers, no dead code, unique names, sorted
     stage("onnx.checker + shape inference + contract")
     for name, g in graphs.items():
         _check_graph(g, contracts[name])
@@ -239,14 +191,14 @@ def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOpti
     with tempfile.TemporaryDirectory() as scratch:
         paths = {}
         for name, g in graphs.items():  # via files: graphs over 2 GB cannot be serialised in memory
-            paths[name] = _save(g, Path(scratch), f"{name}.onnx")
-        runner = OnnxModelRunner(paths, opts.loop, opts.loops, cfg.prelude_layers, cfg.coda_layers)
+            paths[name] = save_graph(g, Path(scratch), f"{name}.onnx")
+        runner = OnnxModelRunner(paths, opts.loop, opts.loops)
         scenarios = default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len)
         return validate(model, runner, opts.loop, opts.dtype, scenarios, note,
                         progress=lambda s: stage(f"validate: {s}"))
 
 
-def _save(model, directory: Path, filename: str, external_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
+def save_graph(model, directory: Path, filename: str, external_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
     import onnx
     path = directory / filename
     if model.ByteSize() > external_bytes:
@@ -270,7 +222,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
     model = load_checkpoint(ckpt_dir)
     cfg = model.cfg
     opts = options.resolved(cfg)
-    opts.check(cfg)
+    check_export_options(opts, cfg)
     out_dir = Path(out_dir)
     check_writable(out_dir, overwrite)  # fail before minutes of work, not after
     graphs = build_graphs(model, cfg, opts, stage, stepped=stepped)
@@ -286,11 +238,11 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
     contracts = contracts_for(cfg, opts.loop, opts.loops, opts.dtype)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for name, g in graphs.items():
-            _save(g, tmp, files[name], external_bytes)
+            save_graph(g, tmp, files[name], external_bytes)
         if report is not None:
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
         manifest = write_manifest(
-            tmp, "onnx", options=asdict(opts), config=cfg.to_dict(),
+            tmp, "onnx", options=opts.to_dict(), config=cfg.to_dict(),
             source={"checkpoint": str(ckpt_dir), "sha256": checkpoint_sha256(ckpt_dir)},
             graphs=files, contract=[c.to_dict() for c in contracts],
             validation=None if report is None else {k: report[k] for k in ("passed", "note", "greedy_agreement")},

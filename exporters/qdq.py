@@ -33,12 +33,17 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr, prune_initializers, toposort
+from mythos_deploy.exporters import graph_passes
+from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
 
-QDQ_MODES = ("qdq-int8", "qdq-int4", "fp8")
 TRT_DOMAIN, TRT_INT4_DQ = "trt", "TRT_INT4DequantizeLinear"
+if TYPE_CHECKING:
+    from mythos_deploy.manifest import Manifest
+
 INT8_MAX, INT4_MAX, FP8_MAX = 127.0, 7.0, 448.0
 FP8_OPSET = 19
 
@@ -141,8 +146,7 @@ def insert_qdq(model, uses: list[WeightUse], amax: dict[str, float], kind: str) 
     model.graph.node.extend(new_nodes)
     if kind == "fp8":
         _raise_opset(model, FP8_OPSET)
-    toposort(model.graph)
-    prune_initializers(model)
+    graph_passes.prune(model)
     return {"weights": len(done_w), "activations": len(done_x), "matmuls": len(uses)}
 
 
@@ -185,8 +189,7 @@ def insert_int4(model, uses: list[WeightUse], block_size: int) -> dict:
     model.graph.node.extend(new_nodes)
     if new_nodes and not any(i.domain == TRT_DOMAIN for i in model.opset_import):
         model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
-    toposort(model.graph)
-    prune_initializers(model)
+    graph_passes.prune(model)
     return {"weights": len(done), "matmuls": len(uses) - len(skipped), "skipped_not_divisible": skipped}
 
 
@@ -228,14 +231,11 @@ def ort_copy(model):
         del m.graph.node[:]
         m.graph.node.extend(keep)
         m.graph.initializer.extend(new)
-        prune_initializers(m)
-        kept = [i for i in m.opset_import if i.domain != TRT_DOMAIN]
-        del m.opset_import[:]
-        m.opset_import.extend(kept)
+        graph_passes.prune(m)  # the trt opset goes with its last node
     return m
 
 
-def calibrate(graphs: dict, names: dict[str, list[str]], manifest: dict, n_prompts: int = 8,
+def calibrate(graphs: dict, names: dict[str, list[str]], manifest: Manifest, n_prompts: int = 8,
               prompt_len: int = 16, new_tokens: int = 16, seed: int = 0) -> dict[str, dict[str, float]]:
     """max |x| of each tensor in `names[graph]` over generated data: seeded random prompts, each
     prefilled on an empty cache and continued greedily (the model's own tokens) through the
@@ -243,8 +243,8 @@ def calibrate(graphs: dict, names: dict[str, list[str]], manifest: dict, n_promp
     from mythos_deploy.exporters.onnx_validate import append_new_rows, empty_pasts
     from mythos_deploy.config import MythosConfig
     from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner
-    cfg = MythosConfig.from_dict(manifest["config"])
-    opts = manifest["options"]
+    cfg = MythosConfig.from_dict(manifest.config)
+    opts = manifest.options
     amax: dict[str, dict[str, float]] = {g: {} for g in graphs}
     inputs = {g: {i.name for i in m.graph.input} for g, m in graphs.items()}
 
@@ -257,15 +257,15 @@ def calibrate(graphs: dict, names: dict[str, list[str]], manifest: dict, n_promp
             return out
 
     runner = Tracking({g: with_outputs(m, [t for t in names[g] if t not in inputs[g]]) for g, m in graphs.items()},
-                      opts["loop"], opts["loops"], cfg.prelude_layers, cfg.coda_layers)
+                      opts.loop, opts.loops)
     prompt_len = max(1, min(prompt_len, cfg.max_seq_len // 2))
     new_tokens = max(0, min(new_tokens, cfg.max_seq_len - prompt_len))
     rng = np.random.default_rng(seed)
     for _ in range(n_prompts):
-        pasts = empty_pasts(cfg, 1, opts["loops"], "fp32")
+        pasts = empty_pasts(cfg, 1, opts.loops, "fp32")
         ids, pos = rng.integers(0, cfg.vocab_size, (1, prompt_len)), 0
         for _ in range(new_tokens + 1):
-            out = runner.forward(ids, pos, pasts, opts["loops"], cfg.act_threshold)
+            out = runner.forward(ids, pos, pasts, opts.loops, cfg.act_threshold)
             append_new_rows(pasts, out)
             pos += ids.shape[1]
             ids = out["logits"][:, -1:].argmax(-1)

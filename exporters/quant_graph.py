@@ -344,7 +344,7 @@ def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int
     what was done (recorded in the manifest)."""
     import onnx
 
-    from mythos_deploy.exporters.onnx_compose import IR_VERSION, prune_initializers, toposort
+    from mythos_deploy.exporters import graph_passes
     model = onnx.load(str(src))
     info: dict = {"mode": mode}
     with _quiet_quantizers():
@@ -371,9 +371,7 @@ def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int
                         accuracy_level=accuracy_level)
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
-    prune_initializers(model)
-    toposort(model.graph)  # the quantizers reorder nodes without regard to If/Loop bodies
-    model.ir_version = IR_VERSION
+    graph_passes.prune(model)  # the quantizers reorder nodes without regard to If/Loop bodies
     onnx.save(model, str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return info

@@ -41,12 +41,10 @@ from typing import Callable
 import numpy as np
 
 from mythos_deploy.exporters.quant_graph import quantize_graph
-from mythos_deploy.exporters.qdq import QDQ_MODES
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
-from mythos_deploy.manifest import atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
+from mythos_deploy.manifest import Manifest, atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
+from mythos_deploy.options import ExportDtype, LoopMode, MoeLowering, QuantMode, choose
 
-ORT_MODES = ("int8", "int4", "fp16")
-MODES = (*ORT_MODES, *QDQ_MODES)
 MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99, "qdq-int8": 0.98, "qdq-int4": 0.90, "fp8": 0.98}
 # on a model trained on the multi-hop task (the demo checkpoint): largest allowed drop in task
 # accuracy (hops 1-4 at the trained depth, 100 problems each), in percentage points
@@ -54,9 +52,9 @@ MAX_TASK_DROP = {"int8": 1.0, "int4": 3.0, "fp16": 0.5, "qdq-int8": 1.0, "qdq-in
 TASK_HOPS, TASK_COUNT = (1, 2, 3, 4), 100
 
 
-def _trained_on_hops(manifest: dict) -> bool:
+def _trained_on_hops(manifest: Manifest) -> bool:
     """Whether the export's source checkpoint is a train-demo checkpoint (task accuracy applies)."""
-    ckpt = Path(manifest.get("source", {}).get("checkpoint", ""))
+    ckpt = Path(manifest.source.get("checkpoint", ""))
     try:
         src = read_manifest(ckpt)
     except Exception:  # missing or unreadable: no task gate, the logit gate still applies
@@ -79,7 +77,7 @@ def task_gate(base, quant, mode: str) -> dict:
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    mode: str = "int8"
+    mode: QuantMode = QuantMode.INT8
     block_size: int = 32  # int4
     accuracy_level: int = 4  # int4: 4 = int8 compute (fast); 0 = fp32 compute
     exclude: tuple[str, ...] = ()  # node names (or substrings) left in float
@@ -87,9 +85,13 @@ class QuantizeOptions:
     calib_prompts: int = 8  # qdq-int8 / fp8 activation calibration
     accept_accuracy_loss: bool = False  # record and skip the gate
 
+    def __post_init__(self):
+        object.__setattr__(self, "mode", choose(QuantMode, self.mode, "--mode"))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mode": str(self.mode)}
+
     def check(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise InputError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -100,8 +102,16 @@ class QuantizeOptions:
             raise InputError(f"--calib must be in 1..1024 prompts, got {self.calib_prompts}")
 
 
+@dataclass(frozen=True)
+class QuantizeResult:
+    manifest: dict  # the quantized artifact's manifest, as written
+    gate: dict  # the accuracy gate: agreement, task accuracy, passed / overridden
+    sizes: dict  # source_bytes, quantized_bytes (graph files)
+    seconds: float
+
+
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
-                      overwrite: bool = False, stage: Callable[[str], None] | None = None) -> dict:
+                      overwrite: bool = False, stage: Callable[[str], None] | None = None) -> QuantizeResult:
     from mythos_deploy.runtimes.loader import load
     from mythos_deploy.runtimes.onnx_runner import graph_files, open_onnx_artifact
     from mythos_deploy.runtimes.parity import compare
@@ -109,39 +119,39 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     opts.check()
     manifest, _ = open_onnx_artifact(src_dir, "quantize")
-    if manifest.get("quantization"):
-        raise InputError(f"{src_dir} is already quantized ({manifest['quantization']['mode']}); quantize the fp32 export")
-    options = manifest["options"]
-    if opts.mode in QDQ_MODES:
-        if options["loop"] == "loop" and opts.mode != "qdq-int4":
+    if manifest.quantization:
+        raise InputError(f"{src_dir} is already quantized ({manifest.quantization['mode']}); quantize the fp32 export")
+    options = manifest.options
+    if opts.mode.is_qdq:
+        if options.loop == LoopMode.LOOP and opts.mode != QuantMode.QDQ_INT4:
             raise InputError(f"{opts.mode} takes a --loop unroll or --loop stepped export: activations inside an ONNX "
                              "Loop body cannot be calibrated (qdq-int4, weight-only, takes loop exports too)")
-        if options["moe"] == "ort":
+        if options.moe == MoeLowering.ORT:
             raise InputError(f"{opts.mode} is for TensorRT, which cannot parse the ort lowering's com.microsoft::MoE; "
                              "export with --moe plugin (or standard)")
-    elif options["moe"] == "plugin":
+    elif options.moe == MoeLowering.PLUGIN:
         raise InputError(f"this artifact uses the TensorRT MoE plugin; {opts.mode} is an onnxruntime mode and needs a "
                          "--moe standard or ort export (the TensorRT modes are qdq-int8, qdq-int4, fp8)")
-    if options["dtype"] != "fp32":
-        raise InputError(f"quantize an fp32 export (this one is {options['dtype']})")
+    if options.dtype != ExportDtype.FP32:
+        raise InputError(f"quantize an fp32 export (this one is {options.dtype})")
     check_writable(out_dir, overwrite)
     t0 = time.perf_counter()
-    if opts.mode == "fp16":
+    if opts.mode == QuantMode.FP16:
         return _fp16_reexport(src_dir, out_dir, manifest, opts, overwrite, stage, t0)
-    files = graph_files(options["loop"])
+    files = graph_files(options.loop)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
-        if opts.mode in QDQ_MODES:
+        if opts.mode.is_qdq:
             info, base, quant = _qdq_graphs(src_dir, work, files, manifest, opts, stage)
         else:
             info = {}
             for name, f in files.items():
                 stage(f"quantize {f} ({opts.mode})")
-                info[name] = quantize_graph(src_dir / f, work / f, opts.mode, options["moe"], block_size=opts.block_size,
+                info[name] = quantize_graph(src_dir / f, work / f, opts.mode, options.moe, block_size=opts.block_size,
                                          accuracy_level=opts.accuracy_level, exclude=opts.exclude)
             base = load(src_dir, verify=False)
-            quant = OrtBackend(work, {**manifest, "quantization": {**asdict(opts), "graphs": info}})
+            quant = OrtBackend(work, manifest.with_fields(quantization={**opts.to_dict(), "graphs": info}))
         for f in files.values():
             if (work / f).stat().st_size == 0:
                 raise ParityError(f"quantized {f} is empty")
@@ -150,20 +160,19 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         per = min(64, cfg.max_seq_len - 8)
         n_prompts = max(1, -(-opts.gate_tokens // per))
         prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(n_prompts, 8)).tolist()
-        report = compare(base, quant, prompts, per, tolerance=float("inf"), min_agreement=MIN_AGREEMENT[opts.mode])
-        finite = all(np.isfinite(r["max_abs_logit_error"]) for r in report["prompts"])
-        report["passed"] = bool(report["passed"] and finite)
+        parity = compare(base, quant, prompts, per, tolerance=float("inf"), min_agreement=MIN_AGREEMENT[opts.mode])
+        report = {**parity.to_dict(), "passed": bool(parity.passed and parity.all_finite)}
         task = None
         if _trained_on_hops(manifest):
             stage("accuracy gate: task accuracy")
             task = task_gate(base, quant, opts.mode)
         passed = report["passed"] and (task is None or task["passed"])
-        gate = {"positions": n_prompts * per, "greedy_agreement": report["greedy_agreement"],
-                "min_agreement": MIN_AGREEMENT[opts.mode], "max_abs_logit_error": report["max_abs_logit_error"],
+        gate = {"positions": n_prompts * per, "greedy_agreement": parity.greedy_agreement,
+                "min_agreement": MIN_AGREEMENT[opts.mode], "max_abs_logit_error": parity.max_abs_logit_error,
                 "task": task, "passed": passed, "overridden": bool(opts.accept_accuracy_loss and not passed)}
         if not passed and not opts.accept_accuracy_loss:
-            why = (f"greedy agreement {report['greedy_agreement']:.4f} < {MIN_AGREEMENT[opts.mode]} over "
-                   f"{gate['positions']} positions (max abs logit error {report['max_abs_logit_error']:.3g})"
+            why = (f"greedy agreement {parity.greedy_agreement:.4f} < {MIN_AGREEMENT[opts.mode]} over "
+                   f"{gate['positions']} positions (max abs logit error {parity.max_abs_logit_error:.3g})"
                    if not report["passed"] else
                    f"task accuracy {task['accuracy']:.3f} vs fp32 {task['accuracy_fp32']:.3f}: a drop of "
                    f"{task['drop_points']} points > {task['max_drop_points']}")
@@ -174,16 +183,16 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
             for f in files.values():
                 shutil.copyfile(work / f, tmp / f)
             (tmp / "validation.json").write_text(json.dumps({"quantization_gate": gate, "report": report}, indent=2) + "\n")
-            fields = carried_fields(manifest)
-            fields["quantization"] = {**asdict(opts), "graphs": info, "gate": gate,
+            fields = carried_fields(manifest.data)
+            fields["quantization"] = {**opts.to_dict(), "graphs": info, "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
             out_manifest = write_manifest(tmp, "onnx", **fields)
     sizes = {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
              "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
-    return {"manifest": out_manifest, "gate": gate, "sizes": sizes, "seconds": time.perf_counter() - t0}
+    return QuantizeResult(out_manifest, gate, sizes, time.perf_counter() - t0)
 
 
-def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: QuantizeOptions, stage):
+def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts: QuantizeOptions, stage):
     """TensorRT Q/DQ: quantize each graph into `work` (the artifact's files), lint it, and
     return what was done plus two onnxruntime backends for the gate: the fp32 source and the
     quantized graphs, both with plugin nodes in their standard form (int4 weights dequantized)."""
@@ -193,13 +202,13 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
 
     from mythos_deploy.exporters import qdq
     from mythos_deploy.exporters.moe_lowering import lower_moe
-    from mythos_deploy.exporters.onnx_compose import IR_VERSION
+    from mythos_deploy.exporters.graph_passes import IR_VERSION
     from mythos_deploy.exporters.onnx_ops import register_schemas
-    from mythos_deploy.exporters.trt_lint import _zero_points, lint_model
+    from mythos_deploy.exporters.trt_lint import quant_param_findings, lint_model
     from mythos_deploy.errors import InternalError
     from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
     register_schemas()
-    plugin = manifest["options"]["moe"] == "plugin"
+    plugin = manifest.options.moe == MoeLowering.PLUGIN
     runnable = (lambda m: lower_moe(copy.deepcopy(m), "standard")) if plugin else (lambda m: m)
     models = {name: onnx.load(str(src_dir / f)) for name, f in files.items()}
     uses = {name: qdq.weight_matmuls(m, opts.exclude, subgraphs=opts.mode == "qdq-int4") for name, m in models.items()}
@@ -210,7 +219,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
         stage(f"calibrate activations ({opts.calib_prompts} generated prompts)")
         amax = qdq.calibrate(fp32, {n: qdq.activations(u) for n, u in uses.items()}, manifest,
                              n_prompts=opts.calib_prompts)
-    std_manifest = {**manifest, "options": {**manifest["options"], "moe": "standard"}}
+    std_manifest = manifest.with_options(moe=MoeLowering.STANDARD)
     (work / "ort").mkdir()
     if plugin:
         (work / "base").mkdir()
@@ -224,7 +233,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
                 else qdq.insert_int4(m, uses[name], opts.block_size))
         m.ir_version = IR_VERSION
         onnx.checker.check_model(m, full_check=True)
-        findings = [x for x in lint_model(m, name) + _zero_points(m) if x.severity == "error"]
+        findings = [x for x in lint_model(m, name) + quant_param_findings(m) if x.severity == "error"]
         if findings:
             raise InternalError(f"{opts.mode} graph {f} fails the TensorRT lint: " + "; ".join(x.message for x in findings[:3]))
         onnx.save(m, str(work / f))
@@ -235,35 +244,34 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: dict, opts: Qu
                       **({"block_size": opts.block_size} if opts.mode == "qdq-int4" else
                          {"calibration": f"max |x| over {opts.calib_prompts} generated prompts"})}
     base = OrtBackend(work / "base" if plugin else src_dir, std_manifest if plugin else manifest)
-    return info, base, OrtBackend(work / "ort", {**std_manifest, "quantization": {"mode": opts.mode}})
+    return info, base, OrtBackend(work / "ort", std_manifest.with_fields(quantization={"mode": str(opts.mode)}))
 
 
-def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeOptions, overwrite: bool,
+def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: Manifest, opts: QuantizeOptions, overwrite: bool,
                    stage, t0: float) -> dict:
     """Re-export the source checkpoint in fp16 into scratch space (the export's fp16 parity gate
     runs there), add the task gate for train-demo checkpoints, then write OUT_DIR atomically."""
-    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
+    from mythos_deploy.exporters.onnx_export import export_onnx
     from mythos_deploy.checkpoint import checkpoint_sha256
     from mythos_deploy.runtimes.loader import load
     from mythos_deploy.runtimes.onnx_runner import graph_files
     from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
-    source = manifest.get("source", {})
+    source = manifest.source
     ckpt = Path(source.get("checkpoint", ""))
     if not (ckpt / "model.safetensors").is_file():
         raise InputError(f"--mode fp16 re-exports from the source checkpoint, which is not at {ckpt}; "
                          "run: mythos-export onnx CKPT --dtype fp16")
     if checkpoint_sha256(ckpt) != source.get("sha256"):
         raise CheckpointError(f"{ckpt} changed since {src_dir} was exported (sha256 differs)")
-    o = manifest["options"]
-    if o["moe"] == "ort":
+    if manifest.options.moe == MoeLowering.ORT:
         raise InputError("fp16 with the ort MoE lowering cannot be validated on onnxruntime CPU (fp32-only MoE kernel)")
-    files = graph_files(o["loop"])
+    files = graph_files(manifest.options.loop)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch) / "fp16"
         # the same export in fp16; its fp16 parity gate always runs
-        again = dataclasses.replace(OnnxExportOptions.from_manifest(o), dtype="fp16", validate=True)
+        again = dataclasses.replace(manifest.options, dtype=ExportDtype.FP16, validate=True)
         result = export_onnx(ckpt, work, again, stage=stage)
-        exported = read_manifest(work)
+        exported = Manifest.read(work)
         task = None
         if _trained_on_hops(manifest):
             stage("accuracy gate: task accuracy")
@@ -279,12 +287,12 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: dict, opts: QuantizeO
                               {"task": task})
         stage("write artifact")
         with atomic_output_dir(out_dir, overwrite) as tmp:
-            for f in exported["files"]:  # graphs, external weights, validation.json
+            for f in exported.files:  # graphs, external weights, validation.json
                 shutil.copyfile(work / f, tmp / f)
-            fields = carried_fields(exported)
-            fields["quantization"] = {**asdict(opts), "method": "native fp16 re-export", "gate": gate,
+            fields = carried_fields(exported.data)
+            fields["quantization"] = {**opts.to_dict(), "method": "native fp16 re-export", "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
             out_manifest = write_manifest(tmp, "onnx", **fields)
-    return {"manifest": out_manifest, "gate": gate, "seconds": time.perf_counter() - t0,
-            "sizes": {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
-                      "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}}
+    sizes = {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
+             "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
+    return QuantizeResult(out_manifest, gate, sizes, time.perf_counter() - t0)

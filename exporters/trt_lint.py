@@ -146,7 +146,8 @@ def _restrictions(node, consts: set[str], add) -> None:
             add("warning", node, "zero point is computed, not a constant: TensorRT needs it to be exactly 0")
 
 
-def _zero_points(model) -> list[Finding]:
+def quant_param_findings(model) -> list[Finding]:
+    """Q/DQ scales and zero points TensorRT's parser rejects (nonzero zero point, scale <= 0)."""
     from onnx import numpy_helper
     inits = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
     out = []
@@ -161,22 +162,43 @@ def _zero_points(model) -> list[Finding]:
     return out
 
 
-def lint_artifact(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class LintReport:
+    target: str
+    artifact: str
+    options: dict
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> int:
+        return sum(f.severity == "error" for f in self.findings)
+
+    @property
+    def warnings(self) -> int:
+        return sum(f.severity == "warning" for f in self.findings)
+
+    @property
+    def passed(self) -> bool:
+        return self.errors == 0
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "artifact": self.artifact, "options": self.options, "passed": self.passed,
+                "errors": self.errors, "warnings": self.warnings, "findings": [asdict(f) for f in self.findings]}
+
+
+def lint_artifact(path: str | Path) -> LintReport:
     import onnx
 
     from mythos_deploy.errors import InputError
-    from mythos_deploy.manifest import read_manifest
+    from mythos_deploy.manifest import Manifest
     from mythos_deploy.runtimes.onnx_runner import artifact_graphs
     path = Path(path)
-    manifest = read_manifest(path)
-    if manifest["kind"] != "onnx":
-        raise InputError(f"{path} is a {manifest['kind']!r} artifact; lint takes an ONNX export")
+    manifest = Manifest.read(path)
+    if manifest.kind != "onnx":
+        raise InputError(f"{path} is a {manifest.kind!r} artifact; lint takes an ONNX export")
     findings: list[Finding] = []
     for name, f in artifact_graphs(path, manifest).items():
         model = onnx.load(str(f), load_external_data=False)
         findings += lint_model(model, name)
-        findings += [Finding(x.severity, name, x.node, x.op, x.message) for x in _zero_points(model)]
-    errors = sum(f.severity == "error" for f in findings)
-    return {"target": f"tensorrt {TRT_VERSION}", "artifact": str(path), "options": manifest["options"],
-            "passed": errors == 0, "errors": errors,
-            "warnings": sum(f.severity == "warning" for f in findings), "findings": [asdict(f) for f in findings]}
+        findings += [Finding(x.severity, name, x.node, x.op, x.message) for x in quant_param_findings(model)]
+    return LintReport(f"tensorrt {TRT_VERSION}", str(path), manifest.options.to_dict(), tuple(findings))

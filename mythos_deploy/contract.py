@@ -20,7 +20,6 @@ from typing import Any
 
 from mythos_deploy.config import MythosConfig
 
-LOOP_MODES = ("unroll", "loop", "stepped")
 # the MoE custom node: the placeholder the torch exporter emits, and the TensorRT plugin node of the
 # `plugin` lowering (op type, domain, and the plugin registry namespace/version TensorRT looks up)
 PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "mythos_deploy", "MoEExperts"

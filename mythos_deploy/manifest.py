@@ -8,15 +8,18 @@ renamed into place only when complete, so a failed stage leaves nothing that loo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mythos_deploy.errors import CheckpointError, MythosError
+from mythos_deploy.errors import CheckpointError, InputError, MythosError
+from mythos_deploy.options import OnnxExportOptions, QuantMode
 from mythos_deploy.version import __version__
 
 MANIFEST = "manifest.json"
@@ -63,7 +66,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return data
 
 
-def check_manifest_version(manifest: dict[str, Any], path: Path) -> None:
+def check_manifest_version(manifest: "Manifest | dict[str, Any]", path: Path) -> None:
+    manifest = manifest.data if isinstance(manifest, Manifest) else manifest
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
                               "re-export with this version of mythos-deploy")
@@ -73,8 +77,74 @@ def check_manifest_version(manifest: dict[str, Any], path: Path) -> None:
                               "(or pass verify=False / --no-verify to load it anyway)")
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest.json, parsed and checked once when its artifact is opened. `data` is the
+    JSON as written (what a derived artifact carries on); ONNX and TensorRT artifacts also
+    have their export options, typed."""
+    data: dict[str, Any]
+    options: OnnxExportOptions | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], where: str | Path = "manifest") -> "Manifest":
+        if not isinstance(data, dict) or "files" not in data or "kind" not in data:
+            raise CheckpointError(f"{where}: not a mythos-deploy manifest")
+        options = None
+        if data["kind"] in ("onnx", "tensorrt"):
+            raw = data.get("options")
+            if not isinstance(raw, dict) or "loop" not in raw or "loops" not in raw:
+                raise CheckpointError(f"{where}: the manifest records no export options")
+            try:
+                options = OnnxExportOptions.from_manifest(raw)
+            except (InputError, TypeError) as exc:
+                raise CheckpointError(f"{where}: the manifest's export options are invalid ({exc})") from None
+        return cls(data, options)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Manifest":
+        return cls.parse(read_manifest(Path(directory)), Path(directory) / MANIFEST)
+
+    @property
+    def kind(self) -> str:
+        return self.data["kind"]
+
+    @property
+    def files(self) -> dict[str, str]:
+        return self.data["files"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.data["config"]
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.data.get("source") or {}
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.data.get("quantization") or None
+
+    @property
+    def quant_mode(self) -> QuantMode | None:
+        q = self.quantization
+        return QuantMode(q["mode"]) if q and q.get("mode") in tuple(QuantMode) else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def with_options(self, **changes: Any) -> "Manifest":
+        """A copy whose export options differ (for instance the standard-lowering twin of a
+        plugin export, which onnxruntime can run)."""
+        options = dataclasses.replace(self.options, **changes)
+        return Manifest({**self.data, "options": options.to_dict()}, options)
+
+    def with_fields(self, **fields: Any) -> "Manifest":
+        return Manifest({**self.data, **fields}, self.options)
+
+
+def verify_files(directory: Path, manifest: "Manifest | dict[str, Any]") -> None:
     """Check every file listed in the manifest exists and has the recorded sha256."""
+    manifest = manifest.data if isinstance(manifest, Manifest) else manifest
     bad = []
     for rel, digest in manifest["files"].items():
         path = Path(directory) / rel

@@ -59,7 +59,7 @@ def compile_fused(dtype: str, cc: int):
     """Compile the single-launch kernel for one dtype (fp32/fp16/bf16) and compute capability."""
     triton, _, GPUTarget = _triton()
     from mythos_deploy import moe_kernel as mk
-    src = _source(mk._fused_kernel, fused_signature(f"*{DTYPES[dtype]}"), fused_constexprs())
+    src = _source(mk.fused_kernel, fused_signature(f"*{DTYPES[dtype]}"), fused_constexprs())
     return triton.compile(src, target=GPUTarget("cuda", cc, 32))
 
 
@@ -76,18 +76,18 @@ def compile_kernels(out_dir: str | Path, dtypes=("fp32", "fp16", "bf16"), target
         per_token = {"BLOCK_F": mk.BLOCK_F, "BLOCK_D": mk.BLOCK_D}
         grouped = {"BLOCK_M": mk.BLOCK_M, **per_token, "IEEE": dt == "fp32"}
         sigs = {
-            "up": (mk._up_kernel, {"x_ptr": t, "idx_ptr": "*i32", "gate_ptr": t, "wg_ptr": t, "wu_ptr": t,
+            "up": (mk.up_kernel, {"x_ptr": t, "idx_ptr": "*i32", "gate_ptr": t, "wg_ptr": t, "wu_ptr": t,
                                    "hg_ptr": "*fp32", "D": "i32", "F": "i32", "K": "i32"},
                    "grid = (N*K, ceil(F/BLOCK_F))", per_token),
-            "down": (mk._down_kernel, {"hg_ptr": "*fp32", "idx_ptr": "*i32", "wd_ptr": t, "y_ptr": t,
+            "down": (mk.down_kernel, {"hg_ptr": "*fp32", "idx_ptr": "*i32", "wd_ptr": t, "y_ptr": t,
                                        "D": "i32", "F": "i32", "K": "i32"}, "grid = (N, ceil(D/BLOCK_D))", per_token),
-            "up_grouped": (mk._up_grouped, {"x_ptr": t, **tiles, "gate_ptr": t, "wg_ptr": t, "wu_ptr": t,
+            "up_grouped": (mk.up_grouped_kernel, {"x_ptr": t, **tiles, "gate_ptr": t, "wg_ptr": t, "wu_ptr": t,
                                             "hg_ptr": "*fp32", "D": "i32", "F": "i32", "K": "i32"},
                            "grid = (tiles, ceil(F/BLOCK_F)); tiles from expert_tiles()", grouped),
-            "down_grouped": (mk._down_grouped, {"hg_ptr": "*fp32", **tiles, "wd_ptr": t, "yp_ptr": "*fp32",
+            "down_grouped": (mk.down_grouped_kernel, {"hg_ptr": "*fp32", **tiles, "wd_ptr": t, "yp_ptr": "*fp32",
                                                 "D": "i32", "F": "i32"},
                              "grid = (tiles, ceil(D/BLOCK_D)); y = yp.view(N, K, D).sum(1)", grouped),
-            "fused": (mk._fused_kernel, fused_signature(t), "grid = (N, ceil(D/BLOCK_DY)); the TensorRT AOT plugin's kernel",
+            "fused": (mk.fused_kernel, fused_signature(t), "grid = (N, ceil(D/BLOCK_DY)); the TensorRT AOT plugin's kernel",
                       fused_constexprs()),
         }
         for name, (kernel, sig, grid, consts) in sigs.items():

@@ -1,8 +1,8 @@
 """The MoE plugin's kernel, in Triton: routing results in, gate-weighted SwiGLU experts out.
 
 Two launches, both over (token, chosen expert) pairs, so work scales with N*K, not with E:
-1. `_up_kernel`:   hg[n,k,f] = gate[n,k] * silu(x[n] . Wg[e,f]) * (x[n] . Wu[e,f]),  e = idx[n,k]
-2. `_down_kernel`: y[n,d]    = sum_k sum_f hg[n,k,f] * Wd[e,d,f]
+1. `up_kernel`:   hg[n,k,f] = gate[n,k] * silu(x[n] . Wg[e,f]) * (x[n] . Wu[e,f]),  e = idx[n,k]
+2. `down_kernel`: y[n,d]    = sum_k sum_f hg[n,k,f] * Wd[e,d,f]
 Accumulation is fp32 whatever the storage type (fp32, fp16, bf16). That is the per-token
 path (decode and short prompts): each program reads its expert's weights alone.
 
@@ -10,11 +10,11 @@ The grouped path (long prefills, N*K >= GROUPED_MIN_PAIRS): the (token, expert) 
 sorted by expert on the host (torch ops), cut into tiles of BLOCK_M pairs that share one
 expert, and each program multiplies a tile with `tl.dot` (tensor cores on GPU), so one read
 of an expert's weight tile serves up to BLOCK_M tokens:
-3. `_up_grouped`:   hg[tile rows, f-block] as above, via [BLOCK_M, D] x [D, BLOCK_F] dots
-4. `_down_grouped`: yp[pair, d-block] = hg[pair] . Wd[e, d-block]; y = sum over k (torch)
+3. `up_grouped_kernel`:   hg[tile rows, f-block] as above, via [BLOCK_M, D] x [D, BLOCK_F] dots
+4. `down_grouped_kernel`: yp[pair, d-block] = hg[pair] . Wd[e, d-block]; y = sum over k (torch)
 fp32 inputs use IEEE fp32 dots (no TF32), so both paths give the same numbers to ~1e-6.
 
-The single-launch path (`_fused_kernel`): a TensorRT AOT plugin runs exactly one kernel, so
+The single-launch path (`fused_kernel`): a TensorRT AOT plugin runs exactly one kernel, so
 this one does both projections: program (token, block of output channels) recomputes its
 token's SwiGLU hidden block by block and accumulates the down projection (the up projection
 is recomputed once per output block: ceil(D / BLOCK_DY) times). It takes int64 routing
@@ -49,7 +49,7 @@ def _gated_swiglu(x_ptr, wg_ptr, wu_ptr, n, e, g, offs_f, mask_f, D, F,
 
 
 @triton.jit
-def _up_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
+def up_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
                BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
     pair = tl.program_id(0)  # n * K + k
     fblk = tl.program_id(1)
@@ -63,7 +63,7 @@ def _up_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
 
 
 @triton.jit
-def _down_kernel(hg_ptr, idx_ptr, wd_ptr, y_ptr, D, F, K,
+def down_kernel(hg_ptr, idx_ptr, wd_ptr, y_ptr, D, F, K,
                  BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
     n = tl.program_id(0)
     dblk = tl.program_id(1)
@@ -94,7 +94,7 @@ def _tile(order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _up_grouped(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
+def up_grouped_kernel(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gate_ptr, wg_ptr, wu_ptr, hg_ptr, D, F, K,
                 BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     e, pair, mask_m = _tile(order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     fblk = tl.program_id(1)
@@ -123,7 +123,7 @@ def _up_grouped(x_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gate_ptr
 
 
 @triton.jit
-def _down_grouped(hg_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, wd_ptr, yp_ptr, D, F,
+def down_grouped_kernel(hg_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, wd_ptr, yp_ptr, D, F,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, IEEE: tl.constexpr):
     e, pair, mask_m = _tile(order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, BLOCK_M)
     dblk = tl.program_id(1)
@@ -144,7 +144,7 @@ def _down_grouped(hg_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, wd_pt
 
 
 @triton.jit
-def _fused_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, wd_ptr, D, F, K, y_ptr,
+def fused_kernel(x_ptr, idx_ptr, gate_ptr, wg_ptr, wu_ptr, wd_ptr, D, F, K, y_ptr,
                   BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DY: tl.constexpr):
     n = tl.program_id(0)
     yblk = tl.program_id(1)
@@ -193,9 +193,9 @@ def _grouped(x, idx, g, w_gate, w_up, w_down):
     ieee = x.dtype == torch.float32
     hg = torch.empty(N * K, F, dtype=torch.float32, device=x.device)
     yp = torch.empty(N * K, D, dtype=torch.float32, device=x.device)
-    _up_grouped[(T, triton.cdiv(F, BLOCK_F))](x, order, tile_e, lo, hi, g, w_gate, w_up, hg, D, F, K,
+    up_grouped_kernel[(T, triton.cdiv(F, BLOCK_F))](x, order, tile_e, lo, hi, g, w_gate, w_up, hg, D, F, K,
                                                BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D, IEEE=ieee)
-    _down_grouped[(T, triton.cdiv(D, BLOCK_D))](hg, order, tile_e, lo, hi, w_down, yp, D, F,
+    down_grouped_kernel[(T, triton.cdiv(D, BLOCK_D))](hg, order, tile_e, lo, hi, w_down, yp, D, F,
                                                  BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F, IEEE=ieee)
     return yp.view(N, K, D).sum(1).to(x.dtype)
 
@@ -208,7 +208,7 @@ def moe_experts_fused(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tens
     if N == 0:
         return y
     args = [t.contiguous() for t in (x, topk_idx.to(torch.int64), gates, w_gate, w_up, w_down)]
-    _fused_kernel[(N, triton.cdiv(D, BLOCK_DY))](*args, D, w_gate.shape[1], topk_idx.shape[1], y,
+    fused_kernel[(N, triton.cdiv(D, BLOCK_DY))](*args, D, w_gate.shape[1], topk_idx.shape[1], y,
                                                  BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D, BLOCK_DY=BLOCK_DY)
     return y
 
@@ -232,7 +232,7 @@ def moe_experts_triton(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Ten
     if grouped if grouped is not None else N * K >= GROUPED_MIN_PAIRS:
         return _grouped(x, idx, g, w_gate, w_up, w_down)
     hg = torch.empty(N * K, F, dtype=torch.float32, device=x.device)
-    _up_kernel[(N * K, triton.cdiv(F, BLOCK_F))](x, idx, g, w_gate, w_up, hg, D, F, K,
+    up_kernel[(N * K, triton.cdiv(F, BLOCK_F))](x, idx, g, w_gate, w_up, hg, D, F, K,
                                                  BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D)
-    _down_kernel[(N, triton.cdiv(D, BLOCK_D))](hg, idx, w_down, y, D, F, K, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F)
+    down_kernel[(N, triton.cdiv(D, BLOCK_D))](hg, idx, w_down, y, D, F, K, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F)
     return y

@@ -4,10 +4,11 @@ TensorRT backend), and the shared generation loop (sampling, stop tokens, stream
 control, cache management). Nothing here imports the exporters. onnxruntime and tensorrt are
 imported only when an artifact that needs them is opened."""
 
-from mythos_deploy.runtimes.base import EXIT_MODES, Backend, Session, StepOutput
+from mythos_deploy.options import DecodeOptions, ExitMode
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput
 from mythos_deploy.runtimes.generation import GenerationResult, TokenEvent, generate, stream_generate
 from mythos_deploy.runtimes.loader import load
 from mythos_deploy.runtimes.sampling import SamplingParams
 
-__all__ = ["Backend", "Session", "StepOutput", "EXIT_MODES", "GenerationResult", "TokenEvent",
+__all__ = ["Backend", "Session", "StepOutput", "DecodeOptions", "ExitMode", "GenerationResult", "TokenEvent",
            "SamplingParams", "generate", "stream_generate", "load"]

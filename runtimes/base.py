@@ -2,7 +2,7 @@
 preallocated latent cache of one generation and advances it one call at a time.
 
     backend = mythos_deploy.runtimes.load("out/tiny-onnx")           # or an eager checkpoint directory
-    session = backend.start(batch=1, budget=96, n_loops=8, act_threshold=0.99, exit="none")
+    session = backend.start(batch=1, budget=96, decode=DecodeOptions(n_loops=8, exit=ExitMode.NONE))
     out = session.step(prompt_ids)                     # prefill (any T, chunks allowed)
     out = session.step(next_ids)                       # decode, written in place
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from mythos_deploy.config import MythosConfig
 from mythos_deploy.errors import CacheError, InputError, NumericalError
-
-EXIT_MODES = ("none", "fill-forward")
+from mythos_deploy.manifest import Manifest
+from mythos_deploy.options import DecodeOptions, ExitMode, LoopMode, OnnxExportOptions
 
 
 @dataclass
@@ -54,17 +54,14 @@ def check_ids(ids, cfg: MythosConfig) -> np.ndarray:
 class Session(ABC):
     backend_name = "runtime"
 
-    def __init__(self, cfg: MythosConfig, batch: int, budget: int, n_loops: int, act_threshold: float, exit: str):
-        if exit not in EXIT_MODES:
-            raise InputError(f"exit must be one of {', '.join(EXIT_MODES)}, got {exit!r}")
-        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
-            raise InputError(f"n_loops must be an integer >= 1, got {n_loops!r}")
-        if not 0.0 < float(act_threshold) <= 1.0:
-            raise InputError(f"act_threshold must be in (0, 1], got {act_threshold}")
+    def __init__(self, cfg: MythosConfig, batch: int, budget: int, decode: DecodeOptions):
+        """`decode` is resolved (Backend.start): n_loops and act_threshold are set."""
+        if decode.n_loops is None or decode.act_threshold is None:
+            raise InputError("a session needs resolved decode options (start it with Backend.start)")
         if not 1 <= budget <= cfg.max_seq_len:
             raise CacheError(f"sequence budget must be in [1, max_seq_len={cfg.max_seq_len}], got {budget}")
-        self.cfg, self.batch, self.budget = cfg, batch, budget
-        self.n_loops, self.act_threshold, self.exit = n_loops, float(act_threshold), exit
+        self.cfg, self.batch, self.budget, self.decode = cfg, batch, budget, decode
+        self.n_loops, self.act_threshold, self.exit = decode.n_loops, float(decode.act_threshold), decode.exit
         self.length = 0
 
     def _check_step(self, ids: np.ndarray) -> None:
@@ -102,33 +99,34 @@ class Backend(ABC):
     variable_depth: bool = True  # n_loops may differ from default_loops
     fill_forward: bool = True  # exit="fill-forward" supported
 
-    def _read_manifest(self, path, manifest: dict) -> dict:
+    def _read_manifest(self, path, manifest: Manifest) -> OnnxExportOptions:
         """The fields every exported-artifact backend takes from its manifest; returns its
         export options."""
+        if not isinstance(manifest, Manifest):
+            raise InputError(f"expected a Manifest (Manifest.read(path)), got {type(manifest).__name__}")
         self.path, self.manifest = Path(path), manifest
-        self.cfg = MythosConfig.from_dict(manifest["config"])
-        opts = manifest["options"]
-        self.loop_mode, self.default_loops = opts["loop"], opts["loops"]
-        self.variable_depth = self.fill_forward = self.loop_mode != "unroll"
+        self.cfg = MythosConfig.from_dict(manifest.config)
+        opts = manifest.options
+        self.loop_mode, self.default_loops = opts.loop, opts.loops
+        self.variable_depth = self.fill_forward = self.loop_mode != LoopMode.UNROLL
         return opts
 
-    def start(self, batch: int, budget: int, n_loops: int | None = None,
-              act_threshold: float | None = None, exit: str = "none") -> Session:
-        n_loops = self.default_loops if n_loops is None else n_loops
+    def start(self, batch: int, budget: int, decode: DecodeOptions = DecodeOptions()) -> Session:
+        """A session of `batch` rows and `budget` positions; `decode`'s None fields take this
+        artifact's defaults (its trained depth, the config's threshold)."""
+        if not isinstance(decode, DecodeOptions):
+            raise InputError(f"decode must be DecodeOptions, got {type(decode).__name__}")
+        n_loops = self.default_loops if decode.n_loops is None else decode.n_loops
         if not self.variable_depth and n_loops != self.default_loops:
             raise InputError(f"this {self.name} artifact runs exactly n_loops={self.default_loops} (unrolled "
                              f"export); re-export with --loop loop or --loop stepped to vary depth")
-        if exit == "fill-forward" and not self.fill_forward:
+        if decode.exit == ExitMode.FILL_FORWARD and not self.fill_forward:
             raise InputError(f"exit=fill-forward needs a --loop loop or --loop stepped export ({self.name} "
                              f"artifact is unrolled)")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise InputError(f"batch must be an integer >= 1, got {batch!r}")
-        threshold = self.cfg.act_threshold if act_threshold is None else act_threshold
-        return self._start(batch, budget, n_loops, threshold, exit)
+        threshold = self.cfg.act_threshold if decode.act_threshold is None else decode.act_threshold
+        return self._start(batch, budget, DecodeOptions(n_loops, threshold, decode.exit))
 
     @abstractmethod
-    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session: ...
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "default_loops": self.default_loops,
-                "variable_depth": self.variable_depth, "fill_forward": self.fill_forward}
+    def _start(self, batch: int, budget: int, decode: DecodeOptions) -> Session: ...

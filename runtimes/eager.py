@@ -6,22 +6,23 @@ import numpy as np
 import torch
 
 from mythos_deploy.model import ACTState, MythosModel
+from mythos_deploy.options import ExitMode
 from mythos_deploy.runtimes.base import Backend, Session, StepOutput
 
 
 class EagerSession(Session):
     backend_name = "eager"
 
-    def __init__(self, model: MythosModel, batch, budget, n_loops, act_threshold, exit):
-        super().__init__(model.cfg, batch, budget, n_loops, act_threshold, exit)
+    def __init__(self, model: MythosModel, batch, budget, decode):
+        super().__init__(model.cfg, batch, budget, decode)
         self.model = model
-        self.cache = model.new_cache(batch, budget, n_loops)
+        self.cache = model.new_cache(batch, budget, self.n_loops)
 
     @torch.no_grad()
     def _step(self, ids: np.ndarray) -> StepOutput:
         m = self.model
         x = torch.from_numpy(ids).to(m.embed.weight.device)
-        if self.exit == "none":
+        if self.exit == ExitMode.NONE:
             out = m(x, cache=self.cache, n_loops=self.n_loops, act_threshold=self.act_threshold)
             return StepOutput(out.logits.float().cpu().numpy(), out.loops_used.cpu().numpy(),
                               out.halt_prob.cpu().numpy(), self.n_loops)
@@ -61,5 +62,5 @@ class EagerBackend(Backend):
         self.cfg = model.cfg
         self.default_loops = model.cfg.max_loop_iters
 
-    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
-        return EagerSession(self.model, batch, budget, n_loops, act_threshold, exit)
+    def _start(self, batch, budget, decode) -> Session:
+        return EagerSession(self.model, batch, budget, decode)

@@ -12,6 +12,7 @@ import torch
 
 from mythos_deploy.errors import InputError
 from mythos_deploy.model import MythosModel
+from mythos_deploy.options import DecodeOptions
 from mythos_deploy.runtimes.base import Backend, check_ids
 from mythos_deploy.runtimes.sampling import SamplingParams, sample
 
@@ -68,10 +69,9 @@ def _as_batch(prompt) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
-def stream_generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
-                    stop_tokens: Sequence[int] = (), n_loops: int | None = None,
-                    act_threshold: float | None = None, max_length: int | None = None,
-                    exit: str = "none", return_logits: bool = False) -> Iterator[TokenEvent]:
+def stream_generate(model, prompt, max_new_tokens: int = 32, *, sampling: SamplingParams = SamplingParams(),
+                    stop_tokens: Sequence[int] = (), decode: DecodeOptions = DecodeOptions(),
+                    max_length: int | None = None, return_logits: bool = False) -> Iterator[TokenEvent]:
     """Yield one TokenEvent per generated position. Step 0 is the prefill."""
     backend = _as_backend(model)
     cfg = backend.cfg
@@ -86,7 +86,7 @@ def stream_generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingP
         raise InputError(f"prompt of {T} tokens leaves no room under the length limit {limit} "
                          f"(max_seq_len {cfg.max_seq_len})")
     budget = min(limit, T + max_new_tokens)
-    session = backend.start(B, budget, n_loops, act_threshold, exit)
+    session = backend.start(B, budget, decode)
     gen = torch.Generator().manual_seed(sampling.seed)
     stops = set(int(s) for s in stop_tokens)
     finished = [False] * B
@@ -112,10 +112,9 @@ def stream_generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingP
         seen = torch.cat([seen, nxt[:, None]], dim=1)
 
 
-def generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
-             stop_tokens: Sequence[int] = (), n_loops: int | None = None, act_threshold: float | None = None,
-             max_length: int | None = None, exit: str = "none",
-             on_event: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+def generate(model, prompt, max_new_tokens: int = 32, *, sampling: SamplingParams = SamplingParams(),
+             stop_tokens: Sequence[int] = (), decode: DecodeOptions = DecodeOptions(),
+             max_length: int | None = None, on_event: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
     """Run stream_generate to the end and collect the result; `on_event` sees each TokenEvent
     as it arrives (the CLI streams text with it)."""
     ids = _as_batch(prompt)
@@ -124,8 +123,8 @@ def generate(model, prompt, max_new_tokens: int = 32, sampling: SamplingParams =
     done = [False] * B
     stops = set(int(s) for s in stop_tokens)
     n_events = 0
-    for ev in stream_generate(model, ids, max_new_tokens, sampling, stop_tokens, n_loops, act_threshold,
-                              max_length, exit):
+    for ev in stream_generate(model, ids, max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
+                              decode=decode, max_length=max_length):
         n_events += 1
         if on_event is not None:
             on_event(ev)

@@ -8,12 +8,14 @@ exactly, not just by their accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
 from mythos_deploy import hops
 from mythos_deploy.errors import InputError
+from mythos_deploy.options import DecodeOptions
 from mythos_deploy.runtimes.base import Backend
 
 DEFAULT_HOPS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -31,8 +33,9 @@ def check_task_model(backend: Backend) -> None:
 def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
              loops: Sequence[int] = (1, 2, 4, 6, 8, 12), count: int = 100, seed: int = 1234,
              n_statements: int = 8, progress: Callable[[int, int], None] | None = None,
-             act_threshold: float | None = None) -> dict:
-    """Returns {"cells": [{hops, n_loops, accuracy, mean_loops_used, predictions}], ...}."""
+             decode: DecodeOptions = DecodeOptions()) -> dict:
+    """Returns {"cells": [{hops, n_loops, accuracy, mean_loops_used, predictions}], ...}.
+    Each cell runs at its own loop count (`loops`), with `decode`'s threshold and exit mode."""
     check_task_model(backend)
     if count < 1:
         raise InputError(f"count must be >= 1, got {count}")
@@ -50,8 +53,7 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
                               for p, env in zip(problems, envs)])
         value_pos = np.arange(n_statements) * hops.STATEMENT + 1
         for n in loops:
-            session = backend.start(batch=count, budget=ids.shape[1], n_loops=n, exit="none",
-                                    act_threshold=act_threshold)
+            session = backend.start(batch=count, budget=ids.shape[1], decode=dataclasses.replace(decode, n_loops=n))
             out = session.step(ids)
             pred = out.logits[:, -1].argmax(-1)
             at_values = out.loops_used[:, value_pos]
@@ -64,17 +66,17 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
             if progress:
                 progress(done, total)
     return {"hops": list(hop_counts), "loops": list(loops), "count": count, "seed": seed,
-            "act_threshold": backend.cfg.act_threshold if act_threshold is None else act_threshold,
+            "act_threshold": backend.cfg.act_threshold if decode.act_threshold is None else decode.act_threshold,
+            "exit": str(decode.exit),
             "n_statements": n_statements, "trained_loops": backend.default_loops, "cells": cells}
 
 
-def token_depths(backend: Backend, text: str = SAMPLE_PROMPT, n_loops: int | None = None,
-                 act_threshold: float | None = None) -> dict:
+def token_depths(backend: Backend, text: str = SAMPLE_PROMPT, decode: DecodeOptions = DecodeOptions()) -> dict:
     """Per-token ACT depth (loops until halting) for one prompt, prefilled in one call."""
     check_task_model(backend)
     ids = np.array([hops.encode(text)], dtype=np.int64)
-    n = backend.default_loops if n_loops is None else n_loops
-    out = backend.start(batch=1, budget=ids.shape[1], n_loops=n, act_threshold=act_threshold).step(ids)
+    n = backend.default_loops if decode.n_loops is None else decode.n_loops
+    out = backend.start(batch=1, budget=ids.shape[1], decode=dataclasses.replace(decode, n_loops=n)).step(ids)
     return {"text": text, "n_loops": n, "loops_used": out.loops_used[0].tolist(),
             "halt_prob": [round(float(p), 4) for p in out.halt_prob[0]],
             "predicted_next": hops.decode(out.logits[0].argmax(-1))}

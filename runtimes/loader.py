@@ -5,57 +5,57 @@ from __future__ import annotations
 from pathlib import Path
 
 from mythos_deploy.errors import CheckpointError, InputError
-from mythos_deploy.manifest import check_manifest_version, read_manifest, verify_files
+from mythos_deploy.manifest import Manifest, check_manifest_version, verify_files
+from mythos_deploy.options import BackendName, MoeLowering, Provider, QuantMode, WeightDtype, choose
 from mythos_deploy.runtimes.base import Backend
 
-BACKENDS = ("auto", "eager", "onnxruntime", "tensorrt")
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {Provider.CPU: ["CPUExecutionProvider"], Provider.CUDA: ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def load(path: str | Path, backend: str = "auto", provider: str = "cpu", threads: int = 0,
-         verify: bool = True, dtype: str = "fp32") -> Backend:
+def load(path: str | Path, backend: BackendName | str = BackendName.AUTO, provider: Provider | str = Provider.CPU,
+         threads: int = 0, verify: bool = True, dtype: WeightDtype | str = WeightDtype.FP32) -> Backend:
     """A checkpoint directory opens with the eager backend, an ONNX directory with
-    onnxruntime. `verify` checks the manifest's version and every file's sha256."""
+    onnxruntime, an engine directory with TensorRT. `verify` checks the manifest's version
+    and every file's sha256."""
     path = Path(path)
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if provider not in PROVIDERS:
-        raise InputError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    backend = choose(BackendName, backend, "backend")
+    provider = choose(Provider, provider, "provider")
+    dtype = choose(WeightDtype, dtype, "dtype")
     if not path.is_dir():
         raise CheckpointError(f"artifact directory not found: {path}")
-    manifest = read_manifest(path)
+    manifest = Manifest.read(path)
     if verify:
-        check_manifest_version(manifest, path)
-        verify_files(path, manifest)
-    kind = manifest["kind"]
-    if backend == "tensorrt" and kind != "tensorrt":
+        check_manifest_version(manifest.data, path)
+        verify_files(path, manifest.data)
+    kind = manifest.kind
+    if backend == BackendName.TENSORRT and kind != "tensorrt":
         raise InputError(f"{path} is a {kind!r} artifact; build TensorRT engines first: mythos-export build {path} -o OUT")
-    if dtype != "fp32" and kind != "checkpoint":
-        raise InputError(f"--dtype applies to checkpoints; {path} was exported as {manifest['options']['dtype']}")
+    if dtype != WeightDtype.FP32 and kind != "checkpoint":
+        raise InputError(f"--dtype applies to checkpoints; {path} was exported as {manifest.options.dtype}")
     if kind == "checkpoint":
-        if backend == "onnxruntime":
+        if backend == BackendName.ONNXRUNTIME:
             raise InputError(f"{path} is a checkpoint; export it first: mythos-export onnx {path} -o OUT")
         from mythos_deploy.checkpoint import load_checkpoint
         from mythos_deploy.runtimes.eager import EagerBackend
-        device = "cuda" if provider == "cuda" else "cpu"
+        device = "cuda" if provider == Provider.CUDA else "cpu"
         if device == "cuda":  # the torch-on-CUDA path: MoE through the Triton kernel when installed
             from mythos_deploy.moe import use_triton_kernel
             use_triton_kernel()
-        return EagerBackend(load_checkpoint(path, dtype=dtype, device=device, verify=False))
+        return EagerBackend(load_checkpoint(path, dtype=str(dtype), device=device, verify=False))
     if kind == "onnx":
-        if backend == "eager":
+        if backend == BackendName.EAGER:
             raise InputError(f"{path} is an ONNX artifact; the eager backend needs its checkpoint "
-                             f"({manifest.get('source', {}).get('checkpoint', '?')})")
-        if manifest["options"]["moe"] == "plugin":
+                             f"({manifest.source.get('checkpoint', '?')})")
+        if manifest.options.moe == MoeLowering.PLUGIN:
             raise InputError(f"{path} uses the TensorRT MythosMoE plugin, which onnxruntime cannot run; "
                              "build a TensorRT engine from it or re-export with --moe standard or --moe ort")
-        if (manifest.get("quantization") or {}).get("mode") == "qdq-int4":
+        if manifest.quant_mode == QuantMode.QDQ_INT4:
             raise InputError(f"{path} holds TensorRT int4 weights (trt::TRT_INT4DequantizeLinear), which onnxruntime "
                              "cannot run; build a TensorRT engine from it, or quantize with --mode int4 for onnxruntime")
         from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
         return OrtBackend(path, manifest, PROVIDERS[provider], threads)
     if kind == "tensorrt":
-        if backend not in ("auto", "tensorrt"):
+        if backend not in (BackendName.AUTO, BackendName.TENSORRT):
             raise InputError(f"{path} holds TensorRT engines; only the tensorrt backend runs them")
         from mythos_deploy.runtimes.tensorrt_backend import TensorRTBackend
         return TensorRTBackend(path, manifest)

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from mythos_deploy.manifest import Manifest
+from mythos_deploy.options import QuantMode
+
 from mythos_deploy.errors import CheckpointError, InputError, MissingDependencyError
 
 
@@ -47,10 +50,9 @@ def make_session(model: Any, providers: list[str] | None = None, threads: int = 
 class OnnxModelRunner:
     """Sessions for one artifact's graphs. `graphs` maps graph name -> ModelProto or path."""
 
-    def __init__(self, graphs: dict[str, Any], loop_mode: str, n_loops: int, prelude_layers: int,
-                 coda_layers: int, providers: list[str] | None = None, threads: int = 0, basic_only: bool = False):
+    def __init__(self, graphs: dict[str, Any], loop_mode: str, n_loops: int, providers: list[str] | None = None,
+                 threads: int = 0, basic_only: bool = False):
         self.loop_mode, self.n_loops = loop_mode, n_loops
-        self.prelude_layers, self.coda_layers = prelude_layers, coda_layers
         self.sessions = {name: make_session(g, providers, threads, basic_only) for name, g in graphs.items()}
         self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
 
@@ -127,38 +129,35 @@ def graph_files(loop_mode: str) -> dict[str, str]:
     return {"model": "model.onnx"}
 
 
-def artifact_graphs(path: str | Path, manifest: dict) -> dict[str, Path]:
+def artifact_graphs(path: str | Path, manifest: Manifest) -> dict[str, Path]:
     """Graph name -> file of an ONNX artifact, each checked for external-data locations that
     escape the directory. Always checked, even without manifest verification: hashes do not
     stop a hostile author."""
     from mythos_deploy.safety import check_external_data
-    paths = {name: Path(path) / f for name, f in graph_files(manifest["options"]["loop"]).items()}
+    paths = {name: Path(path) / f for name, f in graph_files(manifest.options.loop).items()}
     for p in paths.values():
         check_external_data(p, path)
     return paths
 
 
-def open_onnx_artifact(path: str | Path, command: str) -> tuple[dict, dict[str, Path]]:
+def open_onnx_artifact(path: str | Path, command: str) -> tuple[Manifest, dict[str, Path]]:
     """The manifest and graph files of the ONNX artifact a command (`quantize`, `build`) reads:
     the directory exists, is an ONNX export of this version, and every file matches its sha256."""
-    from mythos_deploy.manifest import check_manifest_version, read_manifest, verify_files
+    from mythos_deploy.manifest import check_manifest_version, verify_files
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"ONNX artifact directory not found: {path}")
-    manifest = read_manifest(path)
-    if manifest["kind"] != "onnx":
-        raise InputError(f"{path} is a {manifest['kind']!r} artifact; {command} takes an ONNX export "
+    manifest = Manifest.read(path)
+    if manifest.kind != "onnx":
+        raise InputError(f"{path} is a {manifest.kind!r} artifact; {command} takes an ONNX export "
                          "(mythos-export onnx CKPT -o DIR)")
     check_manifest_version(manifest, path)
     verify_files(path, manifest)
     return manifest, artifact_graphs(path, manifest)
 
 
-def runner_from_dir(path: str | Path, manifest: dict, providers: list[str] | None = None,
+def runner_from_dir(path: str | Path, manifest: Manifest, providers: list[str] | None = None,
                     threads: int = 0) -> OnnxModelRunner:
-    opts = manifest["options"]
-    cfg = manifest["config"]
     graphs = artifact_graphs(path, manifest)
-    fp8 = (manifest.get("quantization") or {}).get("mode") == "fp8"
-    return OnnxModelRunner(graphs, opts["loop"], opts["loops"], cfg["prelude_layers"], cfg["coda_layers"],
-                           providers, threads, basic_only=fp8)
+    return OnnxModelRunner(graphs, manifest.options.loop, manifest.options.loops, providers, threads,
+                           basic_only=manifest.quant_mode == QuantMode.FP8)

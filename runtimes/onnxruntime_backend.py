@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mythos_deploy.manifest import Manifest
+from mythos_deploy.options import ExitMode, ExportDtype
 from mythos_deploy.runtimes.base import Backend, Session, StepOutput
 from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 
@@ -18,18 +20,18 @@ from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 class OrtSession(Session):
     backend_name = "onnxruntime"
 
-    def __init__(self, backend: "OrtBackend", batch, budget, n_loops, act_threshold, exit):
-        super().__init__(backend.cfg, batch, budget, n_loops, act_threshold, exit)
+    def __init__(self, backend: "OrtBackend", batch, budget, decode):
+        super().__init__(backend.cfg, batch, budget, decode)
         self.runner: OnnxModelRunner = backend.runner
         cfg, W, dt = backend.cfg, backend.cfg.cache_width, backend.np_dtype
         self.buffers = {f"past_prelude_{i}": np.zeros((batch, budget, W), dt) for i in range(cfg.prelude_layers)}
-        self.buffers["past_recurrent"] = np.zeros((n_loops, batch, budget, W), dt)
+        self.buffers["past_recurrent"] = np.zeros((self.n_loops, batch, budget, W), dt)
         self.buffers.update({f"past_coda_{i}": np.zeros((batch, budget, W), dt) for i in range(cfg.coda_layers)})
 
     def _step(self, ids: np.ndarray) -> StepOutput:
         pos, T = self.length, ids.shape[1]
         out = self.runner.forward(ids, pos, self.buffers, self.n_loops, self.act_threshold,
-                                  early_exit=self.exit == "fill-forward")
+                                  early_exit=self.exit == ExitMode.FILL_FORWARD)
         for name, buf in self.buffers.items():
             new = out[name.replace("past_", "new_")]
             if name == "past_recurrent":
@@ -48,15 +50,11 @@ class OrtSession(Session):
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, manifest: dict, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, path: str | Path, manifest: Manifest, providers: list[str] | None = None, threads: int = 0):
         opts = self._read_manifest(path, manifest)
-        self.np_dtype = np.float16 if opts["dtype"] == "fp16" else np.float32
+        self.np_dtype = np.float16 if opts.dtype == ExportDtype.FP16 else np.float32
         self.runner = runner_from_dir(path, manifest, providers, threads)
-        self.name = f"onnxruntime[{self.loop_mode},{opts['moe']},{opts['dtype']}]"
+        self.name = f"onnxruntime[{self.loop_mode},{opts.moe},{opts.dtype}]"
 
-    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
-        return OrtSession(self, batch, budget, n_loops, act_threshold, exit)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "options": self.manifest["options"],
-                "providers": next(iter(self.runner.sessions.values())).get_providers()}
+    def _start(self, batch, budget, decode) -> Session:
+        return OrtSession(self, batch, budget, decode)

@@ -2,27 +2,66 @@
 
 Backend A generates greedily; B is fed A's tokens (teacher forcing), so every step compares
 logits for the same context. Reported per prompt: max abs logit error, greedy agreement,
-loops_used agreement. Plain data; the CLI renders it."""
+loops_used agreement. Plain data (`ParityReport.to_dict()` is the JSON); the CLI renders it."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 
+from mythos_deploy.errors import InputError
+from mythos_deploy.options import DecodeOptions
 from mythos_deploy.runtimes.base import Backend
 
 
-def compare(a: Backend, b: Backend, prompts: list[list[int]], new_tokens: int = 32,
-            n_loops: int | None = None, act_threshold: float | None = None, exit_a: str = "none",
-            exit_b: str = "none", tolerance: float = 1e-4, min_agreement: float = 1.0) -> dict:
+@dataclass(frozen=True)
+class PromptParity:
+    prompt_len: int
+    steps: int
+    max_abs_logit_error: float
+    mean_abs_logit_error_per_step_max: float
+    greedy_agreement: float
+    loops_used_agreement: float
+    loops_run_a: float
+    loops_run_b: float
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    a: str
+    b: str
+    exit_a: str
+    exit_b: str
+    tolerance: float
+    min_agreement: float
+    max_abs_logit_error: float
+    greedy_agreement: float
+    passed: bool
+    prompts: tuple[PromptParity, ...]
+
+    @property
+    def all_finite(self) -> bool:
+        return all(np.isfinite(p.max_abs_logit_error) for p in self.prompts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"prompts": [dataclasses.asdict(p) for p in self.prompts]}
+
+
+def compare(a: Backend, b: Backend, prompts: list[list[int]], new_tokens: int = 32, *,
+            decode_a: DecodeOptions = DecodeOptions(), decode_b: DecodeOptions | None = None,
+            tolerance: float = 1e-4, min_agreement: float = 1.0) -> ParityReport:
+    """`decode_b` defaults to `decode_a` (for instance to compare an exit mode against none,
+    give both)."""
     if a.cfg.to_dict() != b.cfg.to_dict():
-        from mythos_deploy.errors import InputError
         raise InputError("the two artifacts have different model configs; they are not the same model")
+    decode_b = decode_a if decode_b is None else decode_b
     rows = []
     for prompt in prompts:
         prompt = np.asarray(prompt, np.int64)[None, :]
         budget = prompt.shape[1] + new_tokens
-        sa = a.start(1, budget, n_loops, act_threshold, exit_a)
-        sb = b.start(1, budget, n_loops, act_threshold, exit_b)
+        sa, sb = a.start(1, budget, decode_a), b.start(1, budget, decode_b)
         feed = prompt
         errs, agree, loops_same, loops_a, loops_b = [], 0, 0, [], []
         for _ in range(new_tokens):
@@ -33,12 +72,10 @@ def compare(a: Backend, b: Backend, prompts: list[list[int]], new_tokens: int = 
             loops_a.append(oa.loops_run)
             loops_b.append(ob.loops_run)
             feed = np.array([[int(oa.logits[0, -1].argmax())]], np.int64)
-        rows.append({"prompt_len": int(prompt.shape[1]), "steps": new_tokens, "max_abs_logit_error": max(errs),
-                     "mean_abs_logit_error_per_step_max": float(np.mean(errs)),
-                     "greedy_agreement": agree / new_tokens, "loops_used_agreement": loops_same / new_tokens,
-                     "loops_run_a": float(np.mean(loops_a)), "loops_run_b": float(np.mean(loops_b))})
-    worst = max(r["max_abs_logit_error"] for r in rows)
-    agreement = min(r["greedy_agreement"] for r in rows)
-    return {"a": a.name, "b": b.name, "exit_a": exit_a, "exit_b": exit_b, "tolerance": tolerance,
-            "min_agreement": min_agreement, "max_abs_logit_error": worst, "greedy_agreement": agreement,
-            "passed": bool(worst <= tolerance and agreement >= min_agreement), "prompts": rows}
+        rows.append(PromptParity(int(prompt.shape[1]), new_tokens, max(errs), float(np.mean(errs)),
+                                 agree / new_tokens, loops_same / new_tokens, float(np.mean(loops_a)),
+                                 float(np.mean(loops_b))))
+    worst = max(r.max_abs_logit_error for r in rows)
+    agreement = min(r.greedy_agreement for r in rows)
+    return ParityReport(a.name, b.name, str(decode_a.exit), str(decode_b.exit), tolerance, min_agreement, worst,
+                        agreement, bool(worst <= tolerance and agreement >= min_agreement), tuple(rows))

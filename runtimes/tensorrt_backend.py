@@ -27,6 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
+from mythos_deploy.manifest import Manifest
+from mythos_deploy.options import ExitMode, ExportDtype, MoeLowering
 from mythos_deploy.runtimes.base import Backend, Session, StepOutput
 from mythos_deploy.runtimes.onnx_runner import drive_stepped
 
@@ -88,14 +90,14 @@ class TrtEngine:
 class TrtSession(Session):
     backend_name = "tensorrt"
 
-    def __init__(self, backend: "TensorRTBackend", batch, budget, n_loops, act_threshold, exit):
-        super().__init__(backend.cfg, batch, budget, n_loops, act_threshold, exit)
+    def __init__(self, backend: "TensorRTBackend", batch, budget, decode):
+        super().__init__(backend.cfg, batch, budget, decode)
         torch = backend.torch
         self.b = backend
         cfg, W, dt = backend.cfg, backend.cfg.cache_width, backend.cache_dtype
         mk = lambda *shape: torch.zeros(shape, dtype=dt, device=backend.device)  # noqa: E731
         self.buffers = {f"past_prelude_{i}": mk(batch, budget, W) for i in range(cfg.prelude_layers)}
-        self.buffers["past_recurrent"] = mk(n_loops, batch, budget, W)
+        self.buffers["past_recurrent"] = mk(self.n_loops, batch, budget, W)
         self.buffers.update({f"past_coda_{i}": mk(batch, budget, W) for i in range(cfg.coda_layers)})
         self.graph = None  # captured decode call
 
@@ -104,7 +106,7 @@ class TrtSession(Session):
         return {"past_len": torch.tensor(pos, dtype=torch.int64, device=dev),
                 "act_threshold": torch.tensor(self.act_threshold, dtype=torch.float32, device=dev),
                 "n_loops": torch.tensor(self.n_loops, dtype=torch.int64, device=dev),
-                "early_exit": torch.tensor(self.exit == "fill-forward", device=dev)}
+                "early_exit": torch.tensor(self.exit == ExitMode.FILL_FORWARD, device=dev)}
 
     def _forward(self, ids, pos: int) -> dict:
         b, torch, dev = self.b, self.b.torch, self.b.device
@@ -116,7 +118,7 @@ class TrtSession(Session):
             return b.engines["model"].run({"input_ids": x, **self._scalars(pos), **self.buffers}, b.stream, T)
         return drive_stepped(lambda name, feeds: b.engines[name].run(feeds, b.stream, T),
                              {"input_ids": x, **self._scalars(pos), **self.buffers}, self.n_loops,
-                             self.exit == "fill-forward", b.ops)
+                             self.exit == ExitMode.FILL_FORWARD, b.ops)
 
     def _decode_graph(self, x, pos: int) -> dict:
         """Capture the engine's one-token call once, then replay it with new inputs."""
@@ -166,7 +168,7 @@ class _HostStream:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, manifest: dict, cuda_graph: bool = False, device: str = "cuda",
+    def __init__(self, path: str | Path, manifest: Manifest, cuda_graph: bool = False, device: str = "cuda",
                  modules: tuple | None = None):
         """`modules` = (tensorrt, tensorrt.plugin) stand-ins, with device="cpu", for tests."""
         from mythos_deploy.runtimes.trt_plugin import import_tensorrt, register
@@ -176,9 +178,9 @@ class TensorRTBackend(Backend):
             raise InputError("the TensorRT backend needs a CUDA GPU; none is visible")
         self.trt, self.torch, self.device = trt, torch, device
         opts = self._read_manifest(path, manifest)
-        self.cache_dtype = torch.float16 if opts["dtype"] == "fp16" else torch.float32
+        self.cache_dtype = torch.float16 if opts.dtype == ExportDtype.FP16 else torch.float32
         self.cuda_graph = cuda_graph
-        if opts["moe"] == "plugin":
+        if opts.moe == MoeLowering.PLUGIN:
             register(trtp, trt, mode=manifest.get("build", {}).get("plugin", "aot"))
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
@@ -187,12 +189,12 @@ class TensorRTBackend(Backend):
             zeros=lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device),
             index=lambda t: torch.tensor(t, dtype=torch.int64, device=device), stack=torch.stack,
             float32=torch.float32, bool=torch.bool, int32=torch.int32)
-        self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest["profiles"][name]), device)
-                        for name, f in manifest["engines"].items()}
+        self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest.data["profiles"][name]), device)
+                        for name, f in manifest.data["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
 
     def stream_context(self):
         return self.torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()
 
-    def _start(self, batch, budget, n_loops, act_threshold, exit) -> Session:
-        return TrtSession(self, batch, budget, n_loops, act_threshold, exit)
+    def _start(self, batch, budget, decode) -> Session:
+        return TrtSession(self, batch, budget, decode)

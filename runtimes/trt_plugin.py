@@ -8,7 +8,7 @@ expert_dim; one output y [N, D] like x.
 
 - shape and type inference (`register`): y is x's shape and type;
 - formats (`autotune`): fp32, fp16 or bf16 for every float input and the output, int64 indices;
-- AOT implementation (`aot_impl`): the single-launch Triton kernel (`_fused_kernel`) compiled
+- AOT implementation (`aot_impl`): the single-launch Triton kernel (`fused_kernel`) compiled
   to PTX for the build GPU's compute capability; the engine then runs it without Python;
 - JIT fallback (`impl`): the Triton kernels through torch (grouped by expert for long
   inputs), used when the engine is built without AOT (`build --plugin jit`).

@@ -12,7 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from mythos_deploy.cli.app import app, out, err, handle_errors, parse_ids
-from mythos_deploy.errors import InputError, MythosError
+from mythos_deploy.errors import InputError
+from mythos_deploy.options import DecodeOptions
 
 
 @app.command("train-demo", epilog="Example: mythos-export train-demo -o checkpoints/hops --seed 0")
@@ -91,9 +92,9 @@ def eval_hops(
                 task = progress.add_task(f"evaluating {name}", total=len(hop_list) * len(loop_list))
                 results.append(hops_eval.evaluate(backend, hop_list, loop_list, count, seed,
                                                   progress=lambda d, t, task=task: progress.update(task, completed=d),
-                                                  act_threshold=act_threshold))
+                                                  decode=DecodeOptions(act_threshold=act_threshold)))
         result = results[0]
-        result["depths"] = hops_eval.token_depths(backends[0][1], act_threshold=act_threshold)
+        result["depths"] = hops_eval.token_depths(backends[0][1], decode=DecodeOptions(act_threshold=act_threshold))
         result["artifact"] = str(path)
         if compare:
             diffs = hops_eval.differences(results[0], results[1])

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from mythos_deploy.cli.app import app, out, err, handle_errors, fmt_bytes
 from mythos_deploy.errors import InputError
+from mythos_deploy.options import (ExportDtype, LoopExport, LoopMode, MlaForm, MoeLowering, PastForm, PluginMode,
+                                   Precision, QuantMode)
 
 
 def print_validation(report: dict) -> None:
@@ -40,20 +42,20 @@ def print_validation(report: dict) -> None:
 def onnx_cmd(
     path: Path = typer.Argument(..., help="A checkpoint directory."),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX artifact directory to create."),
-    loop: str = typer.Option("unroll", metavar="unroll|loop|stepped", help="unroll: n_loops fixed in the graph; loop: one ONNX Loop, n_loops and "
+    loop: LoopMode = typer.Option(LoopMode.UNROLL, help="unroll: n_loops fixed in the graph; loop: one ONNX Loop, n_loops and "
                                             "act_threshold are inputs; stepped: prelude/step/coda graphs for a runtime-driven loop."),
     loops: Optional[int] = typer.Option(None, help="Loop count (unroll) / default loop count recorded in the manifest. Default: max_loop_iters."),
-    moe: str = typer.Option("standard", metavar="standard|ort|plugin", help="MoE lowering. standard: plain ONNX ops (runs anywhere); ort: onnxruntime com.microsoft::MoE "
+    moe: MoeLowering = typer.Option(MoeLowering.STANDARD, help="MoE lowering. standard: plain ONNX ops (runs anywhere); ort: onnxruntime com.microsoft::MoE "
                                              "(fp32 on CPU); plugin: the TensorRT MythosMoE plugin node."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
-    dtype: str = typer.Option("fp32", metavar="fp32|fp16", help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
-    mla: str = typer.Option("absorbed", metavar="absorbed|expanded", help="MLA attention in the graph. absorbed: kv_up folded into query/output (DeepSeek-V2), "
+    dtype: ExportDtype = typer.Option(ExportDtype.FP32, help="fp32 or fp16 weights and activations (ACT accumulators stay fp32)."),
+    mla: MlaForm = typer.Option(MlaForm.ABSORBED, help="MLA attention in the graph. absorbed: kv_up folded into query/output (DeepSeek-V2), "
                                              "attention in latent space, fastest decode; expanded: OpenMythos's form."),
-    past: Optional[str] = typer.Option(None, metavar="sliced|masked", help="Cache rows the graph reads. sliced: only the filled ones, so decode cost follows "
+    past: Optional[PastForm] = typer.Option(None, help="Cache rows the graph reads. sliced: only the filled ones, so decode cost follows "
                                                   "the context, not the runtime's buffer (onnxruntime); masked: the whole buffer "
                                                   "with unfilled rows masked, static shapes (TensorRT, CUDA graphs). "
                                                   "Default: masked with --moe plugin, else sliced."),
-    loop_export: str = typer.Option("compose", "--loop-export", metavar="compose|while_loop",
+    loop_export: LoopExport = typer.Option(LoopExport.COMPOSE, "--loop-export",
                                     help="How a --loop loop graph is built. compose: the exported core-step graph placed "
                                          "in an ONNX Loop (the same step graph as --loop stepped); while_loop: the whole "
                                          "model through torch.export while_loop, lowered to an ONNX Loop by torch.onnx."),
@@ -105,7 +107,7 @@ def quantize(
     path: Path = typer.Argument(..., help="An fp32 ONNX artifact directory (onnxruntime modes: --moe standard or ort; "
                                           "TensorRT modes: --loop unroll or stepped, --moe plugin or standard)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized artifact directory to create."),
-    mode: str = typer.Option("int8", metavar="int8|int4|fp16|qdq-int8|qdq-int4|fp8", help="onnxruntime CPU: int8 (MatMulNBits int8 weight blocks, int8 activations quantized at run time; "
+    mode: QuantMode = typer.Option(QuantMode.INT8, help="onnxruntime CPU: int8 (MatMulNBits int8 weight blocks, int8 activations quantized at run time; "
                                           "embedding int8 too; int8 experts with --moe standard, QMoE with --moe ort), int4 (the same "
                                           "with int4 weights; Jetson-class memory savings), fp16 (native fp16 re-export; GPUs). TensorRT explicit Q/DQ: qdq-int8 "
                                           "(int8 weights + calibrated int8 activations; any NVIDIA GPU incl. Jetson Orin), "
@@ -139,9 +141,9 @@ def quantize(
                     print(json.dumps({"gate": exc.report}, indent=2))
                 raise
         if as_json:
-            print(json.dumps({k: result[k] for k in ("gate", "sizes", "seconds")}, indent=2))
+            print(json.dumps({"gate": result.gate, "sizes": result.sizes, "seconds": result.seconds}, indent=2))
             return
-        g, z = result["gate"], result["sizes"]
+        g, z = result.gate, result.sizes
         out.print(f"wrote {output} ({mode}): {fmt_bytes(z['quantized_bytes'])} vs {fmt_bytes(z['source_bytes'])} fp32 "
                   f"({z['source_bytes'] / max(z['quantized_bytes'], 1):.1f}x smaller); greedy agreement "
                   f"{g['greedy_agreement']:.4f}{' (gate overridden)' if g.get('overridden') else ''}")
@@ -149,7 +151,7 @@ def quantize(
             t = g["task"]
             out.print(f"task accuracy (multi-hop, hops 1-4, {t['problems']} problems): {t['accuracy']:.3f} vs fp32 "
                       f"{t['accuracy_fp32']:.3f} ({t['drop_points']:+.2f} points drop; gate {t['max_drop_points']})")
-        if mode == "int4" and result["manifest"]["options"].get("moe") == "standard":
+        if mode == QuantMode.INT4 and result.manifest["options"].get("moe") == MoeLowering.STANDARD:
             err.print("note: with the standard MoE lowering, int4 expert tables are dequantized on every call, so "
                       "CPU decode is slower than fp32; for speed, quantize an export made with --moe ort (QMoE)")
 
@@ -169,20 +171,20 @@ def lint(
             raise InputError(f"--target must be trt, got {target!r}")
         report = lint_artifact(path)
         if as_json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report.to_dict(), indent=2))
         else:
-            shown = [f for f in report["findings"] if show_info or f["severity"] != "info"]
+            shown = [f for f in report.findings if show_info or f.severity != "info"]
             if shown:
-                t = Table(title=f"{escape(report['target'])} lint: {escape(str(path))}")
+                t = Table(title=f"{escape(report.target)} lint: {escape(str(path))}")
                 for col in ("severity", "graph", "node", "op", "message"):
                     t.add_column(col)
                 for f in shown:
-                    color = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
-                    t.add_row(f"[{color}]{f['severity']}[/{color}]", f["graph"], escape(f["node"]), f["op"], escape(f["message"]))
+                    color = {"error": "red", "warning": "yellow"}.get(f.severity, "dim")
+                    t.add_row(f"[{color}]{f.severity}[/{color}]", f.graph, escape(f.node), f.op, escape(f.message))
                 out.print(t)
-            verdict = "[green]passes[/green]" if report["passed"] else "[bold red]fails[/bold red]"
-            out.print(f"{verdict}: {report['errors']} error(s), {report['warnings']} warning(s)")
-        if not report["passed"]:
+            verdict = "[green]passes[/green]" if report.passed else "[bold red]fails[/bold red]"
+            out.print(f"{verdict}: {report.errors} error(s), {report.warnings} warning(s)")
+        if not report.passed:
             raise typer.Exit(1)
 
 
@@ -194,7 +196,7 @@ def build(
     path: Path = typer.Argument(..., help="An ONNX artifact: --loop unroll or stepped, --moe plugin (or standard); "
                                           "Q/DQ-quantized ones too."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to create (engines + manifest.json)."),
-    precision: str = typer.Option("fp16", metavar="fp32|fp16|bf16|int8|fp8", help="fp32 | fp16 | bf16 | int8 (needs a qdq-int8 artifact) | fp8 (needs an fp8 "
+    precision: Precision = typer.Option(Precision.FP16, help="fp32 | fp16 | bf16 | int8 (needs a qdq-int8 artifact) | fp8 (needs an fp8 "
                                                "artifact; Hopper/Ada). Jetson Orin: fp16, int8."),
     profile: List[str] = typer.Option([], "--profile", metavar="AXIS=MIN:OPT:MAX", help="AXIS=MIN:OPT:MAX for batch, seq, past or loops (repeatable). "
                                                             "Defaults: batch=1:1:4, seq=1:32:max_seq_len, past=0:64:max_seq_len."),
@@ -203,7 +205,7 @@ def build(
     workspace: int = typer.Option(4096, "--workspace", help="Builder workspace limit, MiB."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Read and update this timing cache file "
                                                                               "(faster rebuilds)."),
-    plugin: str = typer.Option("aot", metavar="aot|jit", help="aot: the MoE kernel is compiled into the engine (runs without Python); "
+    plugin: PluginMode = typer.Option(PluginMode.AOT, help="aot: the MoE kernel is compiled into the engine (runs without Python); "
                                            "jit: the plugin's Python implementation runs at inference time."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the artifact, lint it and print the optimization "
                                                           "profiles; build nothing (works without TensorRT)."),
@@ -222,15 +224,13 @@ def build(
                             workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, plugin=plugin)
         if dry_run:
             p = plan(path, opts)
-            summary = {"artifact": p["artifact"], "precision": precision, "quantization": p["quantization"],
-                       "graphs": list(p["graphs"]), "ranges": p["ranges"], "profiles": p["profiles"]}
             if as_json:
-                print(json.dumps(summary, indent=2))
+                print(json.dumps(p.to_dict(), indent=2))
                 return
             t = Table(title=f"TensorRT build plan: {escape(str(path))} ({precision})")
             for col in ("graph", "profile", "input", "min", "opt", "max"):
                 t.add_column(col, no_wrap=col == "input")
-            for g, profs in p["profiles"].items():
+            for g, profs in p.profiles.items():
                 for pname, shapes in profs.items():
                     for name, (lo, opt, hi) in shapes.items():
                         t.add_row(g, pname, name, str(lo), str(opt), str(hi))
@@ -242,9 +242,9 @@ def build(
             task = progress.add_task("checking", total=None)
             result = build_engines(path, output, opts, overwrite=force, stage=lambda s: progress.update(task, description=s))
         if as_json:
-            print(json.dumps({"manifest": result["manifest"], "seconds": result["seconds"]}, indent=2))
+            print(json.dumps({"manifest": result.manifest, "seconds": result.seconds}, indent=2))
             return
-        out.print(f"wrote {output}: {', '.join(result['manifest']['engines'].values())} in {result['seconds']:.1f} s")
+        out.print(f"wrote {output}: {', '.join(result.manifest['engines'].values())} in {result.seconds:.1f} s")
 
 
 @app.command("plugin-kernels", epilog="Example: mythos-export plugin-kernels -o out/moe-kernels --sm 87 --sm 90 --dtype fp16")

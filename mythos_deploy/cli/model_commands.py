@@ -12,6 +12,7 @@ from rich.table import Table
 
 from mythos_deploy.cli.app import app, out, err, handle_errors, parse_ids, fmt_bytes
 from mythos_deploy.errors import InputError, MythosError
+from mythos_deploy.options import BackendName, DecodeOptions, ExitMode, Provider, WeightDtype
 
 
 @app.command(epilog="Example: mythos-export init --preset tiny --set max_loop_iters=6 --seed 1 -o ckpt/tiny")
@@ -144,15 +145,15 @@ def generate(
     seed: int = typer.Option(0, help="Sampling seed."),
     loops: Optional[int] = typer.Option(None, help="Recurrent loops per token (default max_loop_iters; may exceed it)."),
     act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold in (0, 1] (default from config)."),
-    exit_mode: str = typer.Option("none", "--exit", metavar="none|fill-forward", help="none: every loop for every token (exact); fill-forward: stop a "
+    exit_mode: ExitMode = typer.Option(ExitMode.NONE, "--exit", help="none: every loop for every token (exact); fill-forward: stop a "
                                                           "token's loop once halted (loop/stepped exports, and eager)."),
     stop_ids: Optional[str] = typer.Option(None, metavar="ID,ID", help="Comma-separated ids that end generation."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
-    backend: str = typer.Option("auto", metavar="auto|eager|onnxruntime|tensorrt", help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
+    backend: BackendName = typer.Option(BackendName.AUTO, help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
                                              "from mythos-export build)."),
-    provider: str = typer.Option("cpu", metavar="cpu|cuda", help="cpu or cuda (onnxruntime-gpu; for checkpoints the torch-on-CUDA path, with the "
+    provider: Provider = typer.Option(Provider.CPU, help="cpu or cuda (onnxruntime-gpu; for checkpoints the torch-on-CUDA path, with the "
                                              "Triton MoE kernel when triton is installed)."),
-    dtype: str = typer.Option("fp32", metavar="fp32|fp16|bf16", help="Checkpoints only: fp32, fp16 or bf16."),
+    dtype: WeightDtype = typer.Option(WeightDtype.FP32, help="Checkpoints only: fp32, fp16 or bf16."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the manifest version and sha256 checks."),
     as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
 ) -> None:
@@ -187,8 +188,9 @@ def generate(
             piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
             out.print(piece, end="", markup=False, highlight=False)
 
-        result = run_generation(engine, ids, max_new_tokens, params, stops, loops, act_threshold, max_length,
-                                exit_mode, on_event=None if as_json else show)
+        result = run_generation(engine, ids, max_new_tokens, sampling=params, stop_tokens=stops,
+                                decode=DecodeOptions(loops, act_threshold, exit_mode), max_length=max_length,
+                                on_event=None if as_json else show)
         if as_json:
             data = {"backend": engine.name, **result.to_dict()}
             data["text"] = tok.decode(result.tokens[0]) if tok else None
@@ -221,8 +223,8 @@ def parity(
     prompts: int = typer.Option(3, help="Number of random prompts (seeded)."),
     prompt_len: int = typer.Option(8, help="Prompt length."),
     loops: Optional[int] = typer.Option(None, help="Loop count for both (default: each artifact's default)."),
-    exit_a: str = typer.Option("none", metavar="none|fill-forward", help="A's exit mode: none or fill-forward."),
-    exit_b: str = typer.Option("none", metavar="none|fill-forward", help="B's exit mode: none or fill-forward."),
+    exit_a: ExitMode = typer.Option(ExitMode.NONE, help="A's exit mode: none or fill-forward."),
+    exit_b: ExitMode = typer.Option(ExitMode.NONE, help="B's exit mode: none or fill-forward."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit error allowed."),
     min_agreement: float = typer.Option(1.0, help="Minimum greedy-token agreement."),
     seed: int = typer.Option(0, help="Prompt seed."),
@@ -239,19 +241,20 @@ def parity(
         ea, eb = load(a), load(b)
         rng = np.random.default_rng(seed)
         plist = rng.integers(0, ea.cfg.vocab_size, size=(prompts, prompt_len)).tolist()
-        report = compare(ea, eb, plist, tokens, loops, None, exit_a, exit_b, tolerance, min_agreement)
+        report = compare(ea, eb, plist, tokens, decode_a=DecodeOptions(loops, None, exit_a),
+                         decode_b=DecodeOptions(loops, None, exit_b), tolerance=tolerance, min_agreement=min_agreement)
         if as_json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report.to_dict(), indent=2))
         else:
-            t = Table(title=f"parity: {escape(report['a'])} ({exit_a}) vs {escape(report['b'])} ({exit_b})")
+            t = Table(title=f"parity: {escape(report.a)} ({exit_a}) vs {escape(report.b)} ({exit_b})")
             for col in ("prompt", "steps", "max abs logit err", "greedy agree", "loops_used agree", "loops run A/B"):
                 t.add_column(col, justify="right")
-            for i, r in enumerate(report["prompts"]):
-                t.add_row(str(i), str(r["steps"]), f"{r['max_abs_logit_error']:.2e}", f"{r['greedy_agreement']:.3f}",
-                          f"{r['loops_used_agreement']:.3f}", f"{r['loops_run_a']:.2f}/{r['loops_run_b']:.2f}")
+            for i, r in enumerate(report.prompts):
+                t.add_row(str(i), str(r.steps), f"{r.max_abs_logit_error:.2e}", f"{r.greedy_agreement:.3f}",
+                          f"{r.loops_used_agreement:.3f}", f"{r.loops_run_a:.2f}/{r.loops_run_b:.2f}")
             out.print(t)
-            verdict = "[green]PASS[/green]" if report["passed"] else "[bold red]FAIL[/bold red]"
-            out.print(f"{verdict}: max abs logit error {report['max_abs_logit_error']:.2e} (tolerance {tolerance:g}), "
-                      f"greedy agreement {report['greedy_agreement']:.3f} (min {min_agreement:g})")
-        if not report["passed"]:
+            verdict = "[green]PASS[/green]" if report.passed else "[bold red]FAIL[/bold red]"
+            out.print(f"{verdict}: max abs logit error {report.max_abs_logit_error:.2e} (tolerance {tolerance:g}), "
+                      f"greedy agreement {report.greedy_agreement:.3f} (min {min_agreement:g})")
+        if not report.passed:
             raise ParityError(f"{b} differs from {a} beyond tolerance")

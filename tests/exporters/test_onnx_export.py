@@ -16,6 +16,7 @@ from mythos_deploy.cli import app
 from mythos_deploy.contract import contracts_for
 from mythos_deploy.manifest import check_writable, read_manifest, verify_files
 from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
+from mythos_deploy.manifest import Manifest
 
 MODES = ("unroll", "loop", "stepped")
 LOWERINGS = ("standard", "ort", "plugin")
@@ -53,7 +54,7 @@ def test_loop_mode_varies_depth_and_matches_openmythos(om_pair, stepped_fp32):
     om, model = om_pair["mla"]
     opts = OnnxExportOptions(loop="loop").resolved(model.cfg)
     graphs = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])
-    runner = OnnxModelRunner(graphs, "loop", 4, 1, 1)
+    runner = OnnxModelRunner(graphs, "loop", 4)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
     W = model.cfg.cache_width
     for n in (1, 4, 8, 12):
@@ -83,7 +84,7 @@ def test_sliced_past_never_reads_unfilled_rows(om_pair, stepped_fp32, loop):
         graphs = build_graphs(model, cfg, opts, _quiet, stepped=stepped_fp32["mla"])
         slices = [n for g in graphs.values() for n in g.graph.node if n.name.startswith("past_rows/")]
         assert len(slices) == (3 if past == "sliced" else 0)
-        runner = OnnxModelRunner(graphs, loop, opts.loops, 1, 1)
+        runner = OnnxModelRunner(graphs, loop, opts.loops)
         ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1)).numpy()
         exact = {"past_prelude_0": np.zeros((2, 0, W), np.float32), "past_coda_0": np.zeros((2, 0, W), np.float32),
                  "past_recurrent": np.zeros((opts.loops, 2, 0, W), np.float32)}
@@ -152,7 +153,7 @@ def test_while_loop_export_matches_the_composed_loop(om_pair, stepped_fp32, attn
         return  # the graphs cannot run in onnxruntime; the gate above ran its lowered form
     composed = build_graphs(model, cfg, OnnxExportOptions(loop="loop", moe=moe).resolved(cfg), _quiet,
                             stepped=stepped_fp32[attn])
-    runners = [OnnxModelRunner(g, "loop", opts.loops, 1, 1) for g in (wl, composed)]
+    runners = [OnnxModelRunner(g, "loop", opts.loops) for g in (wl, composed)]
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 256, (2, 5), generator=g).numpy()
     for n, early in ((1, False), (4, False), (9, False), (9, True)):
@@ -215,7 +216,7 @@ def test_cli_export_end_to_end(tiny_ckpt, tmp_path):
     assert [c["name"] for c in manifest["contract"]] == ["prelude", "step", "coda"]
     for f in ("prelude.onnx", "step.onnx", "coda.onnx"):
         onnx.checker.check_model(str(out / f), full_check=True)
-    runner = runner_from_dir(out, manifest)
+    runner = runner_from_dir(out, Manifest.read(out))
     assert runner.loop_mode == "stepped"
 
 
@@ -228,11 +229,11 @@ def test_fp16_export_validates(tiny_ckpt, tmp_path):
 
 
 def test_external_data_for_large_graphs(om_pair, stepped_fp32, tmp_path):
-    from mythos_deploy.exporters.onnx_export import _save
+    from mythos_deploy.exporters.onnx_export import save_graph
     _, model = om_pair["mla"]
     opts = OnnxExportOptions(loop="loop").resolved(model.cfg)
     g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
-    path = _save(g, tmp_path, "model.onnx", external_bytes=1000)
+    path = save_graph(g, tmp_path, "model.onnx", external_bytes=1000)
     assert (tmp_path / "model.onnx.data").stat().st_size > 0.9 * g.ByteSize()
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -293,7 +294,7 @@ def test_weights_are_stored_once(om_pair, stepped_fp32, moe):
 def test_dedupe_initializers_repoints_readers_in_subgraphs():
     from onnx import TensorProto, helper, numpy_helper
 
-    from mythos_deploy.exporters.onnx_compose import dedupe_initializers
+    from mythos_deploy.exporters.graph_passes import finish
     table = np.arange(12, dtype=np.float32).reshape(3, 4)
     body = helper.make_graph(
         [helper.make_node("Add", ["x_in", "b"], ["x_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
@@ -312,7 +313,9 @@ def test_dedupe_initializers_repoints_readers_in_subgraphs():
                      numpy_helper.from_array(table + 1, "c_differs")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
-    assert dedupe_initializers(model) == 1
+    before = len(model.graph.initializer)
+    finish(model)
+    assert before - len(model.graph.initializer) == 2  # one duplicate merged, one unused pruned
     assert [t.name for t in model.graph.initializer] == ["a"]  # b merged into a; c unused, pruned
     onnx.checker.check_model(model, full_check=True)
     import onnxruntime as ort

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mythos_deploy.exporters import qdq
 from mythos_deploy.exporters.onnx_ops import register_schemas
 from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
-from mythos_deploy.exporters.trt_lint import _zero_points, lint_artifact, lint_model
+from mythos_deploy.exporters.trt_lint import quant_param_findings, lint_artifact, lint_model
 from mythos_deploy import ParityError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, verify_files
@@ -63,7 +63,7 @@ def test_qdq_numerics_equal_a_fake_quantized_reference(kind):
     info = qdq.insert_qdq(m, qdq.weight_matmuls(m), amax, kind)
     assert info == {"weights": 2, "activations": 2, "matmuls": 2}
     onnx.checker.check_model(m, full_check=True)
-    assert not [f for f in lint_model(m, "g") + _zero_points(m) if f.severity == "error"]
+    assert not [f for f in lint_model(m, "g") + quant_param_findings(m) if f.severity == "error"]
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     assert "W1" not in inits and "W2" not in inits  # the fp32 weights are gone
     for n in m.graph.node:
@@ -137,7 +137,7 @@ def test_lint_rejects_what_tensorrt_rejects():
     for t in bad.graph.initializer:
         if t.name.endswith("act/s"):
             t.CopyFrom(numpy_helper.from_array(np.array(-1.0, np.float32), t.name))
-    assert any("scale not strictly positive" in f.message for f in _zero_points(bad))
+    assert any("scale not strictly positive" in f.message for f in quant_param_findings(bad))
     m4 = _graph()
     qdq.insert_int4(m4, qdq.weight_matmuls(m4), 16)
     for n in m4.graph.node:
@@ -149,7 +149,7 @@ def test_lint_rejects_what_tensorrt_rejects():
 @pytest.mark.parametrize("mode", ["qdq-int8", "qdq-int4", "fp8"])
 def test_tensorrt_modes_on_the_demo_plugin_export(demo_exports, tmp_path, mode):
     res = quantize_artifact(demo_exports["unroll-plugin"], tmp_path / mode, QuantizeOptions(mode=mode, calib_prompts=4))
-    gate = res["gate"]
+    gate = res.gate
     assert gate["passed"] and gate["greedy_agreement"] >= 0.98 and gate["task"]["drop_points"] <= gate["task"]["max_drop_points"]
     out = tmp_path / mode
     m = read_manifest(out)
@@ -157,7 +157,7 @@ def test_tensorrt_modes_on_the_demo_plugin_export(demo_exports, tmp_path, mode):
     info = m["quantization"]["graphs"]["model"]
     assert m["options"]["moe"] == "plugin" and "plugin" in info["experts"] and info["weights"] > 0
     lint = lint_artifact(out)
-    assert lint["passed"], lint["findings"]
+    assert lint.passed, lint.findings
     model = onnx.load(str(out / "model.onnx"))
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     assert ("trt.plugins", "MythosMoE") in ops
@@ -167,7 +167,7 @@ def test_tensorrt_modes_on_the_demo_plugin_export(demo_exports, tmp_path, mode):
         assert r.exit_code == 2 and "TensorRT" in r.output
     else:
         assert ("", "QuantizeLinear") in ops and ("", "DequantizeLinear") in ops
-    assert res["sizes"]["quantized_bytes"] < res["sizes"]["source_bytes"]
+    assert res.sizes["quantized_bytes"] < res.sizes["source_bytes"]
 
 
 def test_stepped_standard_export_calibrates_every_graph(artifacts, tmp_path):
@@ -175,7 +175,7 @@ def test_stepped_standard_export_calibrates_every_graph(artifacts, tmp_path):
     res = quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="qdq-int8", calib_prompts=2))
     info = read_manifest(tmp_path / "q")["quantization"]["graphs"]
     assert set(info) == {"prelude", "step", "coda"} and all(i["activations"] > 0 for i in info.values())
-    assert res["gate"]["passed"] and lint_artifact(tmp_path / "q")["passed"]
+    assert res.gate["passed"] and lint_artifact(tmp_path / "q").passed
     # qdq-int8 with the standard lowering is plain ONNX: onnxruntime runs it directly
     assert len(generate(load(tmp_path / "q"), [1, 2, 3], 4).tokens[0]) == 4
 
@@ -207,9 +207,9 @@ def test_qdq_int4_reaches_into_loop_bodies(artifacts, tmp_path):
     from mythos_deploy.exporters.onnx_compose import iter_graphs
     _, src = artifacts[("mla", "loop")]
     res = quantize_artifact(src, tmp_path / "q4", QuantizeOptions(mode="qdq-int4", block_size=16))
-    assert res["gate"]["passed"] and lint_artifact(tmp_path / "q4")["passed"]
+    assert res.gate["passed"] and lint_artifact(tmp_path / "q4").passed
     m = onnx.load(str(tmp_path / "q4" / "model.onnx"))
     dq_out = {n.output[0] for n in m.graph.node if n.op_type == qdq.TRT_INT4_DQ}
     body_uses = [n for g in iter_graphs(m.graph) if g is not m.graph for n in g.node
                  if n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_out]
-    assert body_uses and res["sizes"]["quantized_bytes"] < 0.8 * res["sizes"]["source_bytes"]  # experts stay float
+    assert body_uses and res.sizes["quantized_bytes"] < 0.8 * res.sizes["source_bytes"]  # experts stay float

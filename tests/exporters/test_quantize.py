@@ -95,7 +95,7 @@ def test_int8(artifacts, tmp_path, loop):
     _, src = artifacts[("mla", loop)]
     out = tmp_path / "q8"
     res = quantize_artifact(src, out, QuantizeOptions(mode="int8"))
-    assert res["gate"]["passed"] and res["gate"]["greedy_agreement"] >= 0.98 and res["gate"]["positions"] >= 256
+    assert res.gate["passed"] and res.gate["greedy_agreement"] >= 0.98 and res.gate["positions"] >= 256
     manifest = read_manifest(out)
     verify_files(out, manifest)
     info = manifest["quantization"]["graphs"]
@@ -119,7 +119,7 @@ def test_int8(artifacts, tmp_path, loop):
         int8_rows = {n.output[0] for n in nodes if n.op_type == "Gather" and n.input[0].endswith("::q8")}
         casts = [n for n in nodes if n.op_type == "Cast" and (n.input[0].endswith("::q8") or n.input[0] in int8_rows)]
         assert not casts
-        assert res["sizes"]["quantized_bytes"] < 0.7 * res["sizes"]["source_bytes"]  # tiny: small tensors stay fp32
+        assert res.sizes["quantized_bytes"] < 0.7 * res.sizes["source_bytes"]  # tiny: small tensors stay fp32
     ref = generate(load(src), [5, 6, 7], 16).tokens
     assert len(generate(load(out), [5, 6, 7], 16).tokens[0]) == 16
     assert ref  # both run through the same runtime API
@@ -139,7 +139,7 @@ def test_int4(artifacts, tmp_path):
 def test_fp16_reexports_from_the_source_checkpoint(artifacts, tmp_path):
     ck, src = artifacts[("mla", "loop")]
     res = quantize_artifact(src, tmp_path / "h", QuantizeOptions(mode="fp16"))
-    assert res["gate"]["passed"]
+    assert res.gate["passed"]
     m = read_manifest(tmp_path / "h")
     assert m["options"]["dtype"] == "fp16" and m["quantization"]["method"] == "native fp16 re-export"
 
@@ -147,7 +147,6 @@ def test_fp16_reexports_from_the_source_checkpoint(artifacts, tmp_path):
 def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypatch):
     """The fp16 re-export repeats the source export's options (loop, lowering, MLA form, past
     form, loop build, ...) and changes only the dtype (and always runs the parity gate)."""
-    import dataclasses
 
     import mythos_deploy.exporters.onnx_export
     import mythos_deploy.runtimes.onnx_runner
@@ -159,7 +158,7 @@ def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypa
 
     def open_changed(path, what):
         manifest, rest = real_open(path, what)
-        return {**manifest, "options": {**manifest["options"], **changed}}, rest
+        return manifest.with_options(**changed), rest
 
     def capture(ckpt, work, options, stage=None):
         seen["options"] = options
@@ -169,7 +168,7 @@ def test_fp16_reexport_carries_every_export_option(artifacts, tmp_path, monkeypa
     with pytest.raises(InputError, match="captured"):
         quantize_artifact(src, tmp_path / "h", QuantizeOptions(mode="fp16"))
     source = {**read_manifest(src)["options"], **changed}
-    again = dataclasses.asdict(seen["options"])
+    again = seen["options"].to_dict()
     assert again["dtype"] == "fp16" and again["validate"]  # the export's fp16 parity gate always runs
     same = lambda o: {k: v for k, v in o.items() if k not in ("dtype", "validate")}  # noqa: E731
     assert same(again) == same(source)
@@ -183,7 +182,7 @@ def test_gate_failure_writes_nothing_unless_overridden(artifacts, tmp_path, monk
         quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8"))
     assert not (tmp_path / "q").exists()
     res = quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8", accept_accuracy_loss=True))
-    assert res["gate"]["overridden"] and read_manifest(tmp_path / "q")["quantization"]["gate"]["overridden"]
+    assert res.gate["overridden"] and read_manifest(tmp_path / "q")["quantization"]["gate"]["overridden"]
 
 
 def test_bad_input(artifacts, tmp_path, tiny_ckpt):
@@ -209,9 +208,9 @@ def test_bad_input(artifacts, tmp_path, tiny_ckpt):
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
 def test_task_accuracy_gate_on_the_demo_checkpoint(demo_exports, tmp_path, mode, monkeypatch):
     res = quantize_artifact(demo_exports["unroll"], tmp_path / mode, QuantizeOptions(mode=mode, block_size=32))
-    task = res["gate"]["task"]
+    task = res.gate["task"]
     assert task is not None and task["problems"] == 400 and task["accuracy_fp32"] >= 0.95
-    assert task["passed"] == (task["drop_points"] <= task["max_drop_points"]) and res["gate"]["passed"]
+    assert task["passed"] == (task["drop_points"] <= task["max_drop_points"]) and res.gate["passed"]
     assert read_manifest(tmp_path / mode)["quantization"]["gate"]["task"]["accuracy"] == task["accuracy"]
     # the same gate fails loudly, and writes nothing, when the allowed drop is negative
     monkeypatch.setattr("mythos_deploy.exporters.quantize.MAX_TASK_DROP", {"int8": -1.0, "int4": -1.0, "fp16": -1.0})
@@ -223,7 +222,7 @@ def test_task_accuracy_gate_on_the_demo_checkpoint(demo_exports, tmp_path, mode,
 def test_no_task_gate_for_an_untrained_model(artifacts, tmp_path):
     _, src = artifacts[("gqa", "unroll")]
     res = quantize_artifact(src, tmp_path / "q", QuantizeOptions(mode="int8"))
-    assert res["gate"]["task"] is None
+    assert res.gate["task"] is None
 
 
 def test_qmoe_weight_layout_roundtrips():
@@ -255,4 +254,4 @@ def test_ort_lowering_experts_become_qmoe(om_pair, stepped_fp32, tmp_path, mode)
     assert "QMoE" in ops and "MoE" not in ops
     info = read_manifest(tmp_path / mode)["quantization"]["graphs"]["model"]
     assert info["experts"] == f"{mode} QMoE (blocks of 16)"  # blocked: the fast CPU kernel, for int8 too
-    assert res["gate"]["passed"] and res["gate"]["greedy_agreement"] >= (0.98 if mode == "int8" else 0.9)
+    assert res.gate["passed"] and res.gate["greedy_agreement"] >= (0.98 if mode == "int8" else 0.9)

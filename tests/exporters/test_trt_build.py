@@ -46,7 +46,7 @@ def test_plan_refuses_what_tensorrt_cannot_build(artifacts, masked_artifacts, de
         plan(artifacts[("mla", "loop")][1], BuildOptions())
     _, loop_src = masked_artifacts[("mla", "loop")]
     p = plan(loop_src, BuildOptions())
-    assert set(p["profiles"]["model"]) == {"decode", "prefill"}
+    assert set(p.profiles["model"]) == {"decode", "prefill"}
     with pytest.raises(InputError, match="qdq-int8"):
         plan(loop_src, BuildOptions(precision="int8"))
     with pytest.raises(InputError, match="fp8"):
@@ -57,7 +57,7 @@ def test_plan_refuses_what_tensorrt_cannot_build(artifacts, masked_artifacts, de
     quantize_artifact(artifacts[("gqa", "unroll")][1], q8, QuantizeOptions(mode="int8"))
     with pytest.raises(InputError, match="quantized for onnxruntime"):
         plan(q8, BuildOptions())
-    assert plan(demo_qdq8, BuildOptions(precision="int8"))["quantization"] == "qdq-int8"
+    assert plan(demo_qdq8, BuildOptions(precision="int8")).quantization == "qdq-int8"
     with pytest.raises(InputError, match="--precision int8"):
         plan(demo_qdq8, BuildOptions(precision="fp16"))
 
@@ -87,7 +87,7 @@ def test_builds_engines_with_tensorrt(masked_artifacts, tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
     _, src = masked_artifacts[("mla", "stepped")]
     res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
-    assert set(res["manifest"]["engines"]) == {"prelude", "step", "coda"}
+    assert set(res.manifest["engines"]) == {"prelude", "step", "coda"}
 
 
 def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8, tmp_path):
@@ -112,7 +112,7 @@ def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8,
         assert cfg.flags == {"FP16"} and cfg.pool == ("WORKSPACE", 64 << 20) and len(cfg.profiles) == 2
         assert [p.shapes for p in cfg.profiles] == list(m["profiles"][graph].values())  # decode, prefill
     assert rec.configs[0].profiles[0].shapes["input_ids"] == [[1, 1], [1, 1], [4, 1]]
-    assert cache.read_bytes() == b"old+" and res["manifest"]["build"]["precision"] == "fp16"
+    assert cache.read_bytes() == b"old+" and res.manifest["build"]["precision"] == "fp16"
     # int8 on a qdq-int8 plugin artifact: INT8 with FP16 fallback, and the plugin registered
     rec2 = trt_builder_standin.Recorder()
     trt, trtp, registry = trt_standins.make()

@@ -86,13 +86,13 @@ def test_crafted_problems(om_pair, stepped_fp32):
 
 
 def test_nonzero_qdq_zero_point_is_flagged(tmp_path):
-    from mythos_deploy.exporters.trt_lint import _zero_points
+    from mythos_deploy.exporters.trt_lint import quant_param_findings
     x = helper.make_tensor_value_info("x", onnx.TensorProto.INT8, [4])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(3, np.int8), "z")]
     g = helper.make_graph([helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], name="dq")], "g", [x], [y], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    assert any("zero point" in f.message for f in _zero_points(m))
+    assert any("zero point" in f.message for f in quant_param_findings(m))
 
 
 def test_lint_command(artifacts, tmp_path):
@@ -105,4 +105,4 @@ def test_lint_command(artifacts, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["lint", str(od), "--target", "tvm"])
     assert r.exit_code == 2
-    assert lint_artifact(od)["target"] == "tensorrt 10.1"
+    assert lint_artifact(od).target == "tensorrt 10.1"

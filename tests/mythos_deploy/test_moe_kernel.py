@@ -18,7 +18,7 @@ from mythos_deploy.moe import moe_experts, moe_experts_naive  # noqa: E402
 
 from mythos_deploy import moe_kernel as _mk  # noqa: E402
 
-if type(_mk._up_kernel).__name__ != "InterpretedFunction":
+if type(_mk.up_kernel).__name__ != "InterpretedFunction":
     pytest.skip("mythos_deploy.moe_kernel was imported before TRITON_INTERPRET=1 was set in this process", allow_module_level=True)
 
 

@@ -8,6 +8,7 @@ import pytest
 from mythos_deploy import CacheError, CheckpointError, InputError
 from mythos_deploy.runtimes import generate, load, stream_generate
 from mythos_deploy.runtimes.parity import compare
+from mythos_deploy.options import DecodeOptions
 
 LOOPS = ("unroll", "loop", "stepped")
 
@@ -21,8 +22,8 @@ def test_greedy_tokens_and_logits_match_eager(artifacts, attn, loop):
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, 256, size=(2, 6)).tolist()
     report = compare(eager, ort, prompts, new_tokens=32, tolerance=1e-4)
-    assert report["passed"], report
-    assert all(r["loops_used_agreement"] == 1.0 for r in report["prompts"])
+    assert report.passed, report
+    assert all(r.loops_used_agreement == 1.0 for r in report.prompts)
     a = generate(eager, prompts[0], 32)
     b = generate(ort, prompts[0], 32)
     assert a.tokens == b.tokens and a.loops_used == b.loops_used
@@ -31,8 +32,8 @@ def test_greedy_tokens_and_logits_match_eager(artifacts, attn, loop):
 @pytest.mark.parametrize("loop", ["loop", "stepped"])
 def test_depth_beyond_trained_max(artifacts, loop):
     ck, od = artifacts[("mla", loop)]
-    report = compare(load(ck), load(od), [[5, 6, 7, 8]], new_tokens=12, n_loops=9)  # max_loop_iters=4
-    assert report["passed"], report
+    report = compare(load(ck), load(od), [[5, 6, 7, 8]], new_tokens=12, decode_a=DecodeOptions(n_loops=9))  # max_loop_iters=4
+    assert report.passed, report
 
 
 @pytest.mark.parametrize("loop", ["loop", "stepped"])
@@ -40,12 +41,11 @@ def test_fill_forward_matches_eager_fill_forward(artifacts, loop):
     ck, od = artifacts[("mla", loop)]
     eager, ort = load(ck), load(od)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6]]
-    report = compare(eager, ort, prompts, new_tokens=24, n_loops=8, act_threshold=0.6,
-                     exit_a="fill-forward", exit_b="fill-forward")
-    assert report["passed"], report
-    row = report["prompts"][0]
-    assert row["loops_run_b"] < 8  # some calls stopped early
-    assert row["loops_run_a"] == row["loops_run_b"]
+    report = compare(eager, ort, prompts, new_tokens=24, decode_a=DecodeOptions(8, 0.6, "fill-forward"))
+    assert report.passed, report
+    row = report.prompts[0]
+    assert row.loops_run_b < 8  # some calls stopped early
+    assert row.loops_run_a == row.loops_run_b
 
 
 def test_fill_forward_changes_only_what_it_should(artifacts):
@@ -54,8 +54,8 @@ def test_fill_forward_changes_only_what_it_should(artifacts):
     ck, _ = artifacts[("mla", "stepped")]
     eager = load(ck)
     prompt = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
-    s_none = eager.start(1, 8, 8, None, "none")
-    s_ff = eager.start(1, 8, 8, None, "fill-forward")
+    s_none = eager.start(1, 8, DecodeOptions(8, None, "none"))
+    s_ff = eager.start(1, 8, DecodeOptions(8, None, "fill-forward"))
     a, b = s_none.step(prompt), s_ff.step(prompt)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)  # one call: exact
     assert (a.loops_used == b.loops_used).all()
@@ -66,14 +66,14 @@ def test_unrolled_artifact_rejects_other_depths(artifacts):
     _, od = artifacts[("mla", "unroll")]
     ort = load(od)
     with pytest.raises(InputError, match="re-export"):
-        generate(ort, [1, 2], 4, n_loops=7)
+        generate(ort, [1, 2], 4, decode=DecodeOptions(n_loops=7))
     with pytest.raises(InputError, match="fill-forward"):
-        generate(ort, [1, 2], 4, exit="fill-forward")
+        generate(ort, [1, 2], 4, decode=DecodeOptions(exit="fill-forward"))
 
 
 def test_cache_buffers_are_preallocated_and_written_in_place(artifacts):
     _, od = artifacts[("gqa", "loop")]
-    session = load(od).start(batch=2, budget=12, n_loops=4)
+    session = load(od).start(batch=2, budget=12, decode=DecodeOptions(n_loops=4))
     ptrs = {k: v.ctypes.data for k, v in session.buffers.items()}
     session.step(np.array([[1, 2, 3], [4, 5, 6]]))
     for _ in range(5):
@@ -100,13 +100,15 @@ def test_streaming_equals_generate(artifacts):
     (dict(prompt=[]), InputError, "empty"),
     (dict(prompt=[[1, 2], [3]]), InputError, "equal lengths"),
     (dict(prompt=list(range(100)) + list(range(28))), InputError, "no room"),
-    (dict(prompt=[1], exit="sometimes"), InputError, "exit"),
-    (dict(prompt=[1], act_threshold=2.0), InputError, "act_threshold"),
+    (dict(prompt=[1], decode=dict(exit="sometimes")), InputError, "exit"),
+    (dict(prompt=[1], decode=dict(act_threshold=2.0)), InputError, "act_threshold"),
     (dict(prompt=[1.5]), InputError, "integers"),
 ])
 def test_bad_runtime_input(artifacts, kwargs, err, match):
     _, od = artifacts[("mla", "loop")]
     with pytest.raises(err, match=match):
+        if "decode" in kwargs:
+            kwargs = {**kwargs, "decode": DecodeOptions(**kwargs["decode"])}
         generate(load(od), **{"max_new_tokens": 4, **kwargs})
 
 

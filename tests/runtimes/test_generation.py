@@ -4,11 +4,12 @@ import torch
 from mythos_deploy import InputError
 from mythos_deploy.runtimes import SamplingParams, generate, stream_generate
 from mythos_deploy.runtimes.sampling import filter_logits
+from mythos_deploy.options import DecodeOptions
 
 
 def test_greedy_equals_recomputing_the_full_sequence(tiny_model):
     prompt = [5, 9, 2, 7]
-    res = generate(tiny_model, prompt, max_new_tokens=12, n_loops=3)
+    res = generate(tiny_model, prompt, max_new_tokens=12, decode=DecodeOptions(n_loops=3))
     seq = list(prompt)
     with torch.no_grad():
         for tok in res.tokens[0]:
@@ -27,15 +28,15 @@ def test_batch_rows_match_single_rows(tiny_model):
 
 def test_sampling_is_deterministic_for_a_seed(tiny_model):
     params = SamplingParams(greedy=False, temperature=1.3, top_k=50, top_p=0.95, seed=3)
-    a = generate(tiny_model, [1, 2], 16, params).tokens
-    b = generate(tiny_model, [1, 2], 16, params).tokens
-    c = generate(tiny_model, [1, 2], 16, SamplingParams(greedy=False, temperature=1.3, seed=4)).tokens
+    a = generate(tiny_model, [1, 2], 16, sampling=params).tokens
+    b = generate(tiny_model, [1, 2], 16, sampling=params).tokens
+    c = generate(tiny_model, [1, 2], 16, sampling=SamplingParams(greedy=False, temperature=1.3, seed=4)).tokens
     assert a == b and a != c
 
 
 def test_temperature_zero_is_greedy(tiny_model):
     greedy = generate(tiny_model, [4, 4], 8).tokens
-    assert generate(tiny_model, [4, 4], 8, SamplingParams(greedy=False, temperature=0.0)).tokens == greedy
+    assert generate(tiny_model, [4, 4], 8, sampling=SamplingParams(greedy=False, temperature=0.0)).tokens == greedy
 
 
 def test_stop_tokens_and_max_length(tiny_model):
@@ -68,12 +69,14 @@ def test_filter_logits_top_k_and_top_p():
     (dict(prompt=[1, 999]), "out of range"),
     (dict(prompt=[1], max_new_tokens=0), "max_new_tokens"),
     (dict(prompt=list(range(128))), "no room"),
-    (dict(prompt=[1], n_loops=0), "n_loops"),
-    (dict(prompt=[1], act_threshold=0.0), "act_threshold"),
+    (dict(prompt=[1], decode=dict(n_loops=0)), "n_loops"),
+    (dict(prompt=[1], decode=dict(act_threshold=0.0)), "act_threshold"),
     (dict(prompt=[1], max_length=10_000), "max_length"),
 ])
 def test_bad_generation_input(tiny_model, kwargs, match):
     with pytest.raises(InputError, match=match):
+        if "decode" in kwargs:
+            kwargs = {**kwargs, "decode": DecodeOptions(**kwargs["decode"])}
         generate(tiny_model, **{"max_new_tokens": 4, **kwargs})
 
 

@@ -16,6 +16,7 @@ from mythos_deploy.errors import ConfigError, MythosError, NumericalError
 from mythos_deploy.runtimes import SamplingParams, generate
 from mythos_deploy.runtimes.base import check_ids
 from mythos_deploy.runtimes.eager import EagerBackend
+from mythos_deploy.options import DecodeOptions
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -55,7 +56,7 @@ def test_check_ids_accepts_or_refuses_cleanly(ids):
 def test_session_step_accepts_or_refuses_cleanly(backend, ids, n_loops, threshold):
     try:
         session = backend.start(batch=max(1, ids.shape[0] if ids.ndim == 2 else 1), budget=8,
-                                n_loops=n_loops, act_threshold=threshold)
+                                decode=DecodeOptions(n_loops, threshold))
         out = session.step(ids)
     except MythosError as exc:
         assert str(exc)

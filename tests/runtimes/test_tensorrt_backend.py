@@ -9,6 +9,8 @@ from mythos_deploy import InputError, MissingDependencyError
 from mythos_deploy.cli import app
 from mythos_deploy.manifest import read_manifest, write_manifest
 from mythos_deploy.runtimes import generate, load
+from mythos_deploy.options import DecodeOptions
+from mythos_deploy.manifest import Manifest
 
 
 def _fake_engine_dir(src, path):
@@ -51,8 +53,8 @@ def _standin_backend(src, out, engines):
     from mythos_deploy.runtimes.tensorrt_backend import TensorRTBackend
     from tests.runtimes import trt_runtime_standin
     p = plan(src, BuildOptions())
-    write_engine_dir(out, p, {name: open(path, "rb").read() for name, path in p["graphs"].items()}, "stand-in")
-    return TensorRTBackend(out, read_manifest(out), device="cpu", modules=trt_runtime_standin.make(engines))
+    write_engine_dir(out, p, {name: open(path, "rb").read() for name, path in p.graphs.items()}, "stand-in")
+    return TensorRTBackend(out, Manifest.read(out), device="cpu", modules=trt_runtime_standin.make(engines))
 
 
 @pytest.mark.parametrize("loop", ["unroll", "loop", "stepped"])
@@ -67,11 +69,12 @@ def test_backend_logic_through_a_standin_runtime(masked_artifacts, tmp_path, loo
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]
     exits = ["none"] if loop == "unroll" else ["none", "fill-forward"]
     for exit in exits:
-        ref = generate(ort_b, prompts, 12, exit=exit)
-        got = generate(trt_b, prompts, 12, exit=exit)
+        ref = generate(ort_b, prompts, 12, decode=DecodeOptions(exit=exit))
+        got = generate(trt_b, prompts, 12, decode=DecodeOptions(exit=exit))
         assert got.tokens == ref.tokens and got.loops_used == ref.loops_used, exit
     # logits step by step, and the cache the backend keeps, against onnxruntime's
-    sa, sb = ort_b.start(2, 16, trt_b.default_loops), trt_b.start(2, 16, trt_b.default_loops)
+    decode = DecodeOptions(trt_b.default_loops)
+    sa, sb = ort_b.start(2, 16, decode), trt_b.start(2, 16, decode)
     ids = np.array(prompts)
     for _ in range(4):
         a, b = sa.step(ids), sb.step(ids)
@@ -93,7 +96,7 @@ def test_standin_rejects_a_corrupt_engine(masked_artifacts, tmp_path):
     _, src = masked_artifacts[("mla", "unroll")]
     eng = _fake_engine_dir(src, tmp_path / "eng")
     with pytest.raises(Exception, match="cannot deserialize"):
-        TensorRTBackend(eng, read_manifest(eng), device="cpu", modules=trt_runtime_standin.make([]))
+        TensorRTBackend(eng, Manifest.read(eng), device="cpu", modules=trt_runtime_standin.make([]))
 
 
 def test_tensorrt_greedy_parity_with_eager(masked_artifacts, tmp_path):

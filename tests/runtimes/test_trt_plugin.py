@@ -72,7 +72,7 @@ print(json.dumps(out))
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for cc, k in out.items():
-        assert f".target sm_{cc}" in k["ptx"] and f".entry {k['name']}" in k["ptx"] and "_fused_kernel" in k["name"]
+        assert f".target sm_{cc}" in k["ptx"] and f".entry {k['name']}" in k["ptx"] and "fused_kernel" in k["name"]
         assert k["grid"] == [7, -(-96 // k["block_dy"])] and k["block"] % 32 == 0 and k["extra"] == [96, 64, 2]
         # the kernel's parameters: 6 input pointers, D, F, K, then the output pointer (TensorRT AOT order)
         entry = k["ptx"][k["ptx"].index(f".entry {k['name']}"):]
