@@ -33,9 +33,9 @@ class LoopExport(StrEnum):
 
 class MoeLowering(StrEnum):
     """What the MoE node becomes: the TensorRT plugin, com.microsoft::MoE, or plain ONNX ops."""
-    PLUGIN = "plugin"
-    ORT = "ort"
     STANDARD = "standard"
+    ORT = "ort"
+    PLUGIN = "plugin"
 
 
 class PastForm(StrEnum):
