@@ -22,6 +22,15 @@ class CacheView(Protocol):
         ...
 
 
+def tail_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x) as 1 / (1 + exp(-x)), exact to rounding far into the negative tail in every
+    runtime. A position that never halts gets the output sum_t p_t h_t with sum_t p_t ~ 1e-7,
+    which the coda's RMSNorm rescales: its logits hang on these tail values. onnxruntime's CPU
+    Sigmoid returns 0 below x ~ -18 and is ~18% off near -16; this form, exported as Neg, Exp,
+    Add and Reciprocal, is within 1e-7 relative over [-25, -5] (tests/exporters/test_tails.py)."""
+    return torch.reciprocal(1.0 + torch.exp(-x))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -15,7 +15,7 @@ from torch import nn
 from mythos_deploy.cache import KVCache
 from mythos_deploy.config import MythosConfig
 from mythos_deploy.errors import InputError
-from mythos_deploy.layers import Expert, RMSNorm, TransformerBlock, rope_tables
+from mythos_deploy.layers import Expert, RMSNorm, TransformerBlock, rope_tables, tail_sigmoid
 from mythos_deploy.moe import MoEFFN
 
 
@@ -73,7 +73,7 @@ class ACTHalting(nn.Module):
         self.halt = nn.Linear(dim, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # -> [B,T] fp32
-        return torch.sigmoid(self.halt(h).float()).squeeze(-1)
+        return tail_sigmoid(self.halt(h).float()).squeeze(-1)
 
 
 class ACTState(NamedTuple):

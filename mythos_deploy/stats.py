@@ -79,3 +79,25 @@ def check_fits(cfg: MythosConfig, dtype_bytes: int = 4, what: str = "this model"
         raise ConfigError(f"{what} needs {need['total'] / gib:.1f} GiB before it runs (weights "
                           f"{need['weights'] / gib:.1f} GiB, RoPE tables for max_seq_len={cfg.max_seq_len} "
                           f"{need['rope_tables'] / gib:.1f} GiB); this machine has {have / gib:.1f} GiB")
+
+
+@torch.no_grad()
+def halting_profile(model: MythosModel, n_prompts: int = 4, length: int = 32, n_loops: int | None = None,
+                    seed: int = 0, threshold: float = 1e-3) -> dict:
+    """How the model's ACT halting behaves on seeded random prompts: the fraction of positions
+    whose cumulative halting probability after the last loop is below `threshold` (they never
+    halt; their output is a near-zero vector that the coda's RMSNorm rescales, so their logits
+    hang on rounding and on the far tail of the halting sigmoid), the mean loops used and the
+    smallest final cumulative probability. A property of the model to know before deploying."""
+    cfg = model.cfg
+    n = cfg.max_loop_iters if n_loops is None else n_loops
+    length = max(1, min(length, cfg.max_seq_len))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (n_prompts, length), generator=g)
+    out = model(ids, n_loops=n)
+    cum = out.halt_prob.float()
+    return {"prompts": n_prompts, "length": length, "n_loops": n, "threshold": threshold,
+            "ill_conditioned_fraction": float((cum < threshold).float().mean()),
+            "never_halted_fraction": float((cum < cfg.act_threshold).float().mean()),
+            "min_cumulative_halt_prob": float(cum.min()),
+            "mean_loops_used": float(out.loops_used.float().mean())}

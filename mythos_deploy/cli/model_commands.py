@@ -70,9 +70,12 @@ def inspect(
     preset: Optional[str] = typer.Option(None, help="Inspect a preset's config instead of a directory."),
     loops: Optional[int] = typer.Option(None, help="Loop count for cache sizes (default max_loop_iters)."),
     dtype: str = typer.Option("fp32", metavar="fp32|fp16|bf16|int8", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
+    halting: bool = typer.Option(True, "--halting/--no-halting", help="Checkpoints: run 4 seeded random prompts and report "
+                                                                     "the ACT halting profile (ill-conditioned positions)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Parameters (total, active per token per loop), cache bytes per token and the config."""
+    """Parameters (total, active per token per loop), cache bytes per token and the config;
+    for checkpoints also how ACT halting behaves on sample prompts."""
     with handle_errors():
         from mythos_deploy.checkpoint import load_config
         from mythos_deploy.config import MythosConfig
@@ -95,6 +98,12 @@ def inspect(
             loops = loops or manifest.get("options", {}).get("loops")
         else:
             cfg = load_config(path)
+        profile = None
+        if halting and path is not None and artifact is None:
+            from mythos_deploy.checkpoint import load_checkpoint
+            from mythos_deploy.stats import halting_profile
+            with err.status("halting profile: 4 random prompts"):
+                profile = halting_profile(load_checkpoint(path), n_loops=loops)
         params = parameter_counts(cfg)
         cache = cache_bytes_per_token(cfg, loops, dtype)
         report = {"source": str(path) if path else f"preset:{preset}", "config": cfg.to_dict(),
@@ -103,6 +112,8 @@ def inspect(
                                       for k in ("openmythos", "equivalent_gqa", "equivalent_mha")}}
         if artifact:
             report["artifact"] = artifact
+        if profile:
+            report["halting"] = profile
         if as_json:
             print(json.dumps(report, indent=2))
             return
@@ -121,6 +132,16 @@ def inspect(
         for k, v in cfg.to_dict().items():
             g.add_row(k, str(v))
         out.print(g)
+        if profile:
+            p = profile
+            out.print(f"halting on {p['prompts']} random prompts x {p['length']} tokens, {p['n_loops']} loops: mean loops "
+                      f"used {p['mean_loops_used']:.2f}, never halted {p['never_halted_fraction']:.1%}, "
+                      f"ill-conditioned {p['ill_conditioned_fraction']:.1%} (cumulative halting probability "
+                      f"< {p['threshold']:g}; min {p['min_cumulative_halt_prob']:.2e})")
+            if p["ill_conditioned_fraction"] > 0:
+                out.print("[yellow]note:[/yellow] ill-conditioned positions output a near-zero vector that the coda's "
+                          "RMSNorm rescales: their logits depend on rounding, so an export or a quantization can "
+                          "disagree with eager there (check it with mythos-export parity)")
         if artifact:
             a = Table(title="artifact")
             a.add_column("field"), a.add_column("value")
