@@ -1,23 +1,25 @@
-"""What ACT early exit (fill-forward) costs on a model whose halting is trained.
+"""What ACT early exit costs on a model whose halting is trained: fill-forward against
+propagate (CALM's state propagation), with exit none as the reference.
 
-    python -m benchmarks.hops_fill_forward [--count 50] [--backend eager|onnx]
+    python -m benchmarks.hops_fill_forward [--count 100] [--hops 1,2,3,4,5,6]
 
 On the demo checkpoint (checkpoints/hops), each multi-hop problem is decoded token by token
-at batch 1 (so a token's early exit is its own, as in serving), at the trained depth:
+at batch 1 (so a token's early exit is its own, as in serving), at the trained depth, through
+the eager backend:
 
 - exit none: every loop for every token (OpenMythos's numbers);
 - exit fill-forward: a token's loop stops once it halts and its deeper recurrent cache slots
-  get its last latent (Huginn's approximation). The token's own output is exact; later tokens
-  read the filled slots.
+  get its last latent (computed from h_{ran-1}). The token's own output is exact; later
+  tokens read the filled slots;
+- exit propagate: the loop stops once it halts; its deeper slots get the latents those loops
+  compute from its halted state h_ran.
 
-Reports accuracy by hop count for both, and the fraction of loop iterations fill-forward
-skipped. The prompt-at-once accuracy (the README table) is included as a check: token by
-token with exit none must equal it.
+Reports accuracy by hop count for each, token by token and prompt at once (one prefill call,
+where a call's loop stops once all its positions halted), the loops computed per token, and
+decode ms per token. Token by token with exit none must equal the prompt-at-once table.
 """
 
 from __future__ import annotations
-
-from mythos_deploy.options import DecodeOptions
 
 import argparse
 import time
@@ -26,28 +28,33 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_json
+from mythos_deploy.options import DecodeOptions
 
+EXITS = ("none", "fill-forward", "propagate")
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "hops"
 
 
-def run(backend, problems, n_loops: int, exit: str) -> tuple[np.ndarray, float]:
-    """Greedy answer per problem, decoding the prompt one token at a time; mean loops run."""
+def run(backend, problems, n_loops: int, exit: str) -> tuple[np.ndarray, float, float]:
+    """Greedy answer per problem, decoding the prompt one token at a time; mean loops run per
+    token; mean ms per token."""
     from mythos_deploy import hops
-    preds, loops = [], []
+    preds, loops, seconds = [], [], []
     for p in problems:
         ids = hops.encode(p.prompt)
         session = backend.start(batch=1, budget=len(ids), decode=DecodeOptions(n_loops, None, exit))
         for tok in ids:
+            t0 = time.perf_counter()
             out = session.step([[tok]])
+            seconds.append(time.perf_counter() - t0)
             loops.append(out.loops_run)
         preds.append(int(out.logits[0, -1].argmax()))
-    return np.array(preds), float(np.mean(loops))
+    return np.array(preds), float(np.mean(loops)), float(np.mean(seconds)) * 1e3
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(DEMO))
-    ap.add_argument("--count", type=int, default=50)
+    ap.add_argument("--count", type=int, default=100)
     ap.add_argument("--hops", default="1,2,3,4,5,6")
     ap.add_argument("--loops", type=int, default=None, help="default: the trained depth")
     ap.add_argument("--out", default="benchmarks/results/hops_fill_forward.json")
@@ -60,27 +67,43 @@ def main(argv=None) -> dict:
     backend = mythos_deploy.runtimes.load(args.checkpoint)
     n_loops = args.loops or backend.default_loops
     hop_list = [int(h) for h in args.hops.split(",")]
-    at_once = hops_eval.evaluate(backend, hop_list, (n_loops,), args.count)
+    at_once = {mode: hops_eval.evaluate(backend, hop_list, (n_loops,), args.count, decode=DecodeOptions(exit=mode))
+               for mode in EXITS}
     rows = []
-    for k, cell in zip(hop_list, at_once["cells"]):
-        problems = hops.eval_set(k, args.count, at_once["seed"])
+    for i, k in enumerate(hop_list):
+        problems = hops.eval_set(k, args.count, at_once["none"]["seed"])
         answers = np.array([hops.encode(p.answers)[0] for p in problems])
         t0 = time.perf_counter()
-        none_pred, none_loops = run(backend, problems, n_loops, "none")
-        ff_pred, ff_loops = run(backend, problems, n_loops, "fill-forward")
-        row = {"hops": k, "accuracy_prompt_at_once": cell["accuracy"],
-               "accuracy_none": float((none_pred == answers).mean()),
-               "accuracy_fill_forward": float((ff_pred == answers).mean()),
-               "answers_changed_by_fill_forward": int((ff_pred != none_pred).sum()),
-               "token_by_token_equals_at_once": hops.decode(none_pred) == cell["predictions"],
-               "mean_loops_run_none": none_loops, "mean_loops_run_fill_forward": ff_loops,
-               "loop_iterations_skipped": 1 - ff_loops / none_loops, "seconds": round(time.perf_counter() - t0, 1)}
+        row = {"hops": k}
+        preds = {}
+        for mode in EXITS:
+            key = mode.replace("-", "_")
+            pred, loops, ms = run(backend, problems, n_loops, mode)
+            preds[mode] = pred
+            cell = at_once[mode]["cells"][i]
+            row.update({f"accuracy_{key}": float((pred == answers).mean()),
+                        f"accuracy_{key}_prompt_at_once": cell["accuracy"],
+                        f"loops_per_token_{key}": loops, f"ms_per_token_{key}": ms,
+                        f"loops_run_{key}_prompt_at_once": cell["loops_run"]})
+        row["token_by_token_equals_at_once"] = hops.decode(preds["none"]) == at_once["none"]["cells"][i]["predictions"]
+        for mode in EXITS[1:]:
+            key = mode.replace("-", "_")
+            row[f"answers_changed_by_{key}"] = int((preds[mode] != preds["none"]).sum())
+            row[f"loop_iterations_skipped_{key}"] = 1 - row[f"loops_per_token_{key}"] / row["loops_per_token_none"]
+        row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
-        print(f"hops {k}: accuracy none {row['accuracy_none']:.2f}, fill-forward {row['accuracy_fill_forward']:.2f} "
-              f"({row['answers_changed_by_fill_forward']} answers changed); loops run {ff_loops:.2f} of {none_loops:.0f} "
-              f"({row['loop_iterations_skipped']:.0%} skipped)", flush=True)
-    data = {"checkpoint": args.checkpoint, "n_loops": n_loops, "count": args.count, "batch": 1,
-            "decoding": "token by token", "rows": rows}
+        print(f"hops {k}: accuracy none {row['accuracy_none']:.2f}, fill-forward {row['accuracy_fill_forward']:.2f}, "
+              f"propagate {row['accuracy_propagate']:.2f} (prompt at once {row['accuracy_propagate_prompt_at_once']:.2f}); "
+              f"loops per token {row['loops_per_token_fill_forward']:.2f} / {row['loops_per_token_propagate']:.2f} of "
+              f"{row['loops_per_token_none']:.0f}; eager ms/token {row['ms_per_token_none']:.2f} none, "
+              f"{row['ms_per_token_propagate']:.2f} propagate", flush=True)
+    skipped = float(np.mean([r["loop_iterations_skipped_propagate"] for r in rows]))
+    speed = float(np.mean([r["ms_per_token_none"] for r in rows]) / np.mean([r["ms_per_token_propagate"] for r in rows]))
+    summary = {"propagate_equals_none_hops_1_5": all(r["accuracy_propagate"] == r["accuracy_none"]
+                                                     for r in rows if r["hops"] <= 5),
+               "loop_iterations_skipped_propagate": skipped, "eager_decode_speedup_propagate_vs_none": speed}
+    data = {"checkpoint": args.checkpoint, "n_loops": n_loops, "count": args.count, "batch": 1, "backend": "eager",
+            "decoding": "token by token (and prompt at once)", "summary": summary, "rows": rows}
     write_json(args.out, data)
     return data
 

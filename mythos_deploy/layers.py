@@ -115,15 +115,19 @@ class MLAttention(nn.Module):
         # numbers up to rounding; the exporter enables it, the eager reference keeps it off.
         self.absorb = False
 
+    def cache_entry(self, x, cos, sin) -> torch.Tensor:
+        """What this layer caches for the positions of x: [c_kv | rotated shared k_rope]."""
+        kv_raw = self.kv_down(x)  # [B,T,kv_lora_rank+rope]
+        k_rope = apply_rope(kv_raw[..., self.kv_lora_rank:], cos, sin)  # one shared key
+        return torch.cat([kv_raw[..., : self.kv_lora_rank], k_rope], dim=-1)
+
     def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         c_q = self.q_norm(self.q_down(x))
         q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim)
         q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, self.rope_dim), cos, sin)
-        kv_raw = self.kv_down(x)  # [B,T,kv_lora_rank+rope]
-        k_rope = apply_rope(kv_raw[..., self.kv_lora_rank:], cos, sin)  # one shared key
-        latent = torch.cat([kv_raw[..., : self.kv_lora_rank], k_rope], dim=-1)
+        latent = self.cache_entry(x, cos, sin)
         if cache is not None:
             latent = cache.update(latent)  # [B,S,W]
         if self.absorb:
@@ -170,12 +174,17 @@ class GQAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
+    def cache_entry(self, x, cos, sin) -> torch.Tensor:
+        """What this layer caches for the positions of x: [rotated k | v]."""
+        B, T, _ = x.shape
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        return torch.cat([k.reshape(B, T, -1), self.wv(x)], dim=-1)
+
     def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
         B, T, _ = x.shape
         hd, kvh = self.head_dim, self.n_kv_heads
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, hd), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, kvh, hd), cos, sin)
-        entry = torch.cat([k.reshape(B, T, kvh * hd), self.wv(x)], dim=-1)
+        entry = self.cache_entry(x, cos, sin)
         if cache is not None:
             entry = cache.update(entry)
         S = entry.shape[1]
@@ -199,3 +208,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, mask, cache: CacheView | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
+
+    def cache_entry(self, x, cos, sin) -> torch.Tensor:
+        """The cache row this block's attention writes for the positions of x (its input)."""
+        return self.attn.cache_entry(self.attn_norm(x), cos, sin)

@@ -111,13 +111,26 @@ class RecurrentCore(nn.Module):
         self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
         self.norm = RMSNorm(cfg.dim)
 
-    def step(self, t, h, e, cos, sin, mask, cache_view, state: ACTState, threshold):
-        """Loop t: returns the new h and ACT state. `t` may be an int or a 0-d tensor."""
+    def step(self, t, h, e, cos, sin, mask, cache_view, state: ACTState, threshold, freeze: bool = False):
+        """Loop t: returns the new h and ACT state. `t` may be an int or a 0-d tensor. With
+        `freeze` (exit=propagate), a position that has halted keeps its state h_ran; its cache
+        row for loop t is then what loop t's attention computes from that state."""
         x = self.norm(loop_index_embedding(h, t, self.cfg.loop_dim) + e)
         y = self.block(x, cos, sin, mask, cache_view)
         y = y + self.lora(y, t)
-        h = self.injection(h, e, y)
-        return h, act_update(state, h, self.act(h), threshold)
+        h_new = self.injection(h, e, y)
+        if freeze:
+            h_new = torch.where(state.halted.unsqueeze(-1), h, h_new)
+        return h_new, act_update(state, h_new, self.act(h_new), threshold)
+
+    def propagated_entries(self, h, e, loops: list[int], cos, sin) -> torch.Tensor:
+        """The cache rows loops `loops` would write for positions frozen at state h (exit
+        propagate: CALM's state propagation), all in one batched projection: with
+        x_t = RMSNorm_rec(h + L(t) + e), the recurrent block's attention entry of x_t.
+        Returns [len(loops), B, T, W]."""
+        B, T, D = h.shape
+        x = torch.stack([self.norm(loop_index_embedding(h, t, self.cfg.loop_dim) + e) for t in loops])
+        return self.block.cache_entry(x.reshape(len(loops) * B, T, D), cos, sin).reshape(len(loops), B, T, -1)
 
 
 class MythosModel(nn.Module):
@@ -243,10 +256,15 @@ class MythosModel(nn.Module):
             x = layer(x, cos, sin, mask, views.get(f"prelude_{i}"))
         return x
 
-    def run_step(self, t, h, e, state: ACTState, threshold, start_pos, view, past=None):
+    def run_step(self, t, h, e, state: ACTState, threshold, start_pos, view, past=None, freeze: bool = False):
         T = h.shape[1]
         cos, sin, mask = self.positions(T, start_pos, self._past(start_pos, {0: view} if view else {}, past), h.device)
-        return self.recurrent.step(t, h, e, cos, sin, mask, view, state, threshold)
+        return self.recurrent.step(t, h, e, cos, sin, mask, view, state, threshold, freeze)
+
+    def propagated_entries(self, h, e, start_pos, loops: list[int]) -> torch.Tensor:
+        """[len(loops), B, T, W]: the recurrent cache rows of `loops` for positions frozen at h."""
+        cos, sin, _ = self.positions(h.shape[1], start_pos, 0, h.device)
+        return self.recurrent.propagated_entries(h, e, loops, cos, sin)
 
     def run_coda(self, h_out, start_pos, views: dict, past=None) -> torch.Tensor:
         T = h_out.shape[1]

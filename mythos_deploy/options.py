@@ -51,9 +51,11 @@ class MlaForm(StrEnum):
 
 
 class ExitMode(StrEnum):
-    """ACT early exit (SEMANTICS.md): none is exact; fill-forward is approximate."""
+    """ACT early exit (SEMANTICS.md): none is exact (OpenMythos's numbers); fill-forward and
+    propagate stop a call's loop once every position has halted and are approximate."""
     NONE = "none"
     FILL_FORWARD = "fill-forward"
+    PROPAGATE = "propagate"
 
 
 class ExportDtype(StrEnum):

@@ -6,10 +6,13 @@ preallocated latent cache of one generation and advances it one call at a time.
     out = session.step(prompt_ids)                     # prefill (any T, chunks allowed)
     out = session.step(next_ids)                       # decode, written in place
 
-`exit="none"` runs every loop for every token (OpenMythos's numbers). `exit="fill-forward"`
+`exit="none"` runs every loop for every token (OpenMythos's numbers). `exit="propagate"`
+(eager so far) freezes a halted position's state and fills its later recurrent cache slots with
+the latents those loops compute from it (CALM's state propagation). `exit="fill-forward"`
 stops a call's loop once every position in it has halted and fills that call's remaining
-recurrent cache slots with the last computed latent (Huginn's approximation; measured, not
-assumed, in benchmarks/fill_forward.py).
+recurrent cache slots with the last computed latent (as Huginn's cache serves a skipped step
+from the deepest one computed); measured, not assumed, in benchmarks/fill_forward.py and
+benchmarks/hops_fill_forward.py.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Backend(ABC):
     default_loops: int
     variable_depth: bool = True  # n_loops may differ from default_loops
     fill_forward: bool = True  # exit="fill-forward" supported
+    propagate: bool = False  # exit="propagate" supported (the eager backend so far)
 
     def _read_manifest(self, path, manifest: Manifest) -> OnnxExportOptions:
         """The fields every exported-artifact backend takes from its manifest; returns its
@@ -120,6 +124,9 @@ class Backend(ABC):
         if not self.variable_depth and n_loops != self.default_loops:
             raise InputError(f"this {self.name} artifact runs exactly n_loops={self.default_loops} (unrolled "
                              f"export); re-export with --loop loop or --loop stepped to vary depth")
+        if decode.exit == ExitMode.PROPAGATE and not self.propagate:
+            raise InputError(f"exit=propagate runs in the eager backend only so far (a checkpoint directory); "
+                             f"{self.name} artifacts do not carry it yet: use exit none or fill-forward")
         if decode.exit == ExitMode.FILL_FORWARD and not self.fill_forward:
             raise InputError(f"exit=fill-forward needs a --loop loop or --loop stepped export ({self.name} "
                              f"artifact is unrolled)")

@@ -26,9 +26,13 @@ class EagerSession(Session):
             out = m(x, cache=self.cache, n_loops=self.n_loops, act_threshold=self.act_threshold)
             return StepOutput(out.logits.float().cpu().numpy(), out.loops_used.cpu().numpy(),
                               out.halt_prob.cpu().numpy(), self.n_loops)
-        return self._step_fill_forward(x)
+        return self._step_early_exit(x, propagate=self.exit == ExitMode.PROPAGATE)
 
-    def _step_fill_forward(self, x: torch.Tensor) -> StepOutput:
+    def _step_early_exit(self, x: torch.Tensor, propagate: bool) -> StepOutput:
+        """The loop stops once every position of the call has halted. fill-forward: the
+        remaining recurrent slots get the last computed latent. propagate: a halted position
+        keeps its state from its halting loop on (so its later slots inside the call come from
+        that state too), and the remaining slots get the latents loop t computes from it."""
         m, cache = self.model, self.cache
         start, T = cache.length, x.shape[1]
         m.check_inputs(x, start, self.n_loops, self.act_threshold)
@@ -38,13 +42,20 @@ class EagerSession(Session):
         state = ACTState.zeros(h)
         ran = 0
         for t in range(self.n_loops):
-            h, state = m.run_step(t, h, e, state, self.act_threshold, start, views[f"recurrent_loop_{t}"])
+            h, state = m.run_step(t, h, e, state, self.act_threshold, start, views[f"recurrent_loop_{t}"],
+                                  freeze=propagate)
             ran = t + 1
             if bool(state.halted.all()):
                 break
-        last = cache.buffers[f"recurrent_loop_{ran - 1}"][:, start:start + T]
-        for t in range(ran, self.n_loops):  # fill-forward: later slots get the last latent
-            cache.buffers[f"recurrent_loop_{t}"][:, start:start + T] = last
+        rest = list(range(ran, self.n_loops))
+        if rest and propagate:
+            rows = m.propagated_entries(h, e, start, rest)  # one batched projection
+            for k, t in enumerate(rest):
+                cache.buffers[f"recurrent_loop_{t}"][:, start:start + T] = rows[k]
+        elif rest:  # fill-forward: later slots get the last latent
+            last = cache.buffers[f"recurrent_loop_{ran - 1}"][:, start:start + T]
+            for t in rest:
+                cache.buffers[f"recurrent_loop_{t}"][:, start:start + T] = last
         logits = m.run_coda(state.h_out, start, views)
         cache.advance(start, T)
         return StepOutput(logits.float().cpu().numpy(), state.loops_used.cpu().numpy(),
@@ -56,6 +67,7 @@ class EagerSession(Session):
 
 class EagerBackend(Backend):
     name = "eager"
+    propagate = True
 
     def __init__(self, model: MythosModel):
         self.model = model.eval()

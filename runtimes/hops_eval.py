@@ -58,7 +58,7 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
             pred = out.logits[:, -1].argmax(-1)
             at_values = out.loops_used[:, value_pos]
             cells.append({"hops": k, "n_loops": n, "accuracy": float((pred == answers).mean()),
-                          "mean_loops_used": float(out.loops_used[:, -1].mean()),
+                          "mean_loops_used": float(out.loops_used[:, -1].mean()), "loops_run": int(out.loops_run),
                           "statement_loops_by_hop": {int(h): float(at_values[stmt_hops == h].mean())
                                                      for h in np.unique(stmt_hops)},
                           "predictions": hops.decode(pred)})

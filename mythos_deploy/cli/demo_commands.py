@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mythos_deploy.cli.app import app, out, err, handle_errors, parse_ids
 from mythos_deploy.errors import InputError
-from mythos_deploy.options import DecodeOptions
+from mythos_deploy.options import DecodeOptions, ExitMode
 
 
 @app.command("train-demo", epilog="Example: mythos-export train-demo -o checkpoints/hops --seed 0")
@@ -69,6 +69,8 @@ def eval_hops(
     seed: int = typer.Option(1234, help="Problem seed (the same problems for every backend)."),
     compare: Optional[Path] = typer.Option(None, help="A second artifact that must make exactly the same predictions (exit 4 otherwise)."),
     act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold (default: the checkpoint's, 0.99)."),
+    exit_mode: ExitMode = typer.Option(ExitMode.NONE, "--exit", help="ACT exit mode for every cell: none (exact), fill-forward "
+                                                                     "or propagate (eager only so far)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Task accuracy by hop count x n_loops, mean ACT loops at the answer, and the per-token
@@ -92,9 +94,10 @@ def eval_hops(
                 task = progress.add_task(f"evaluating {name}", total=len(hop_list) * len(loop_list))
                 results.append(hops_eval.evaluate(backend, hop_list, loop_list, count, seed,
                                                   progress=lambda d, t, task=task: progress.update(task, completed=d),
-                                                  decode=DecodeOptions(act_threshold=act_threshold)))
+                                                  decode=DecodeOptions(act_threshold=act_threshold, exit=exit_mode)))
         result = results[0]
-        result["depths"] = hops_eval.token_depths(backends[0][1], decode=DecodeOptions(act_threshold=act_threshold))
+        result["depths"] = hops_eval.token_depths(backends[0][1], decode=DecodeOptions(act_threshold=act_threshold,
+                                                                                        exit=exit_mode))
         result["artifact"] = str(path)
         if compare:
             diffs = hops_eval.differences(results[0], results[1])

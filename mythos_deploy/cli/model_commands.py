@@ -167,7 +167,9 @@ def generate(
     loops: Optional[int] = typer.Option(None, help="Recurrent loops per token (default max_loop_iters; may exceed it)."),
     act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold in (0, 1] (default from config)."),
     exit_mode: ExitMode = typer.Option(ExitMode.NONE, "--exit", help="none: every loop for every token (exact); fill-forward: stop a "
-                                                          "token's loop once halted (loop/stepped exports, and eager)."),
+                                                          "token's loop once halted, later cache slots copy the last latent "
+                                                          "(loop/stepped exports, and eager); propagate: stop once halted, "
+                                                          "later slots computed from the halted state (eager only so far)."),
     stop_ids: Optional[str] = typer.Option(None, metavar="ID,ID", help="Comma-separated ids that end generation."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
     backend: BackendName = typer.Option(BackendName.AUTO, help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
@@ -244,8 +246,8 @@ def parity(
     prompts: int = typer.Option(3, help="Number of random prompts (seeded)."),
     prompt_len: int = typer.Option(8, help="Prompt length."),
     loops: Optional[int] = typer.Option(None, help="Loop count for both (default: each artifact's default)."),
-    exit_a: ExitMode = typer.Option(ExitMode.NONE, help="A's exit mode: none or fill-forward."),
-    exit_b: ExitMode = typer.Option(ExitMode.NONE, help="B's exit mode: none or fill-forward."),
+    exit_a: ExitMode = typer.Option(ExitMode.NONE, help="A's exit mode: none, fill-forward or propagate (eager only)."),
+    exit_b: ExitMode = typer.Option(ExitMode.NONE, help="B's exit mode: none, fill-forward or propagate (eager only)."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit error allowed."),
     min_agreement: float = typer.Option(1.0, help="Minimum greedy-token agreement."),
     seed: int = typer.Option(0, help="Prompt seed."),

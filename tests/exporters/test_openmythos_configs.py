@@ -13,7 +13,6 @@ The suite draws MYTHOS_OM_EXAMPLES (default 1) example, derandomized; the wide s
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

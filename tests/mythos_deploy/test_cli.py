@@ -35,8 +35,14 @@ def test_init_generate_inspect(tmp_path):
     report = json.loads(r.stdout)
     assert report["parameters"]["total"] == sum(p.numel() for p in load_checkpoint(ck).parameters())
     assert report["cache_bytes_per_token"]["slots"] == 5
+    halting = report["halting"]
+    assert halting["prompts"] == 4 and 0.0 <= halting["ill_conditioned_fraction"] <= halting["never_halted_fraction"] <= 1.0
+    assert 1.0 <= halting["mean_loops_used"] <= 3
     r = run("inspect", ck)
-    assert r.exit_code == 0 and "cache per token" in r.stdout
+    assert r.exit_code == 0 and "cache per token" in r.stdout and "ill-conditioned" in r.stdout
+    r = run("generate", ck, "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--exit", "propagate", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["tokens"][0]) == 4
 
 
 def test_inspect_huge_preset_without_allocating():
