@@ -37,10 +37,15 @@ def _gate(model, cfg, opts, graph):
     return validate(model, runner, opts.loop, "fp32", scenarios)
 
 
-def _initializer(graph, pick):
-    found = [t for t in graph.graph.initializer if pick(t)]
+def _tampered(graph, pick, change):
+    """A copy of `graph` with `change(array)` applied to every initializer `pick` selects."""
+    bad = graph.__class__()
+    bad.CopyFrom(graph)
+    found = [t for t in bad.graph.initializer if pick(t)]
     assert found, "the initializer to tamper with is not in the graph"
-    return found
+    for t in found:
+        t.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(t)), t.name))
+    return bad
 
 
 def _worst(report):
@@ -61,30 +66,22 @@ def test_the_honest_export_passes(honest):
 
 def test_a_dropped_depth_lora_fails(honest):
     model, cfg, opts, graph = honest
-    bad = graph.__class__()
-    bad.CopyFrom(graph)
-    for t in _initializer(bad, lambda t: "lora.B" in t.name):
-        t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+    bad = _tampered(graph, lambda t: "lora.B" in t.name, np.zeros_like)
     report = _gate(model, cfg, opts, bad)
     assert not report.passed and _worst(report) > 10
 
 
 def test_a_rope_offset_of_one_position_fails(honest):
     model, cfg, opts, graph = honest
-    bad = graph.__class__()
-    bad.CopyFrom(graph)
-    tables = _initializer(bad, lambda t: len(t.dims) == 2 and t.dims[0] == cfg.max_seq_len)
-    for t in tables:  # every RoPE cos/sin table one row late: position m rotated as m - 1
-        t.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(t), 1, axis=0), t.name))
+    # every RoPE cos/sin table one row late: position m rotated as m - 1
+    bad = _tampered(graph, lambda t: len(t.dims) == 2 and t.dims[0] == cfg.max_seq_len,
+                    lambda a: np.roll(a, 1, axis=0))
     report = _gate(model, cfg, opts, bad)
     assert not report.passed and _worst(report) > 10
 
 
 def test_a_shifted_halting_bias_fails(honest):
     model, cfg, opts, graph = honest
-    bad = graph.__class__()
-    bad.CopyFrom(graph)
-    for t in _initializer(bad, lambda t: t.name.endswith("act.halt.bias")):
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 0.5, t.name))
+    bad = _tampered(graph, lambda t: t.name.endswith("act.halt.bias"), lambda a: a + 0.5)
     report = _gate(model, cfg, opts, bad)
     assert not report.passed
