@@ -34,7 +34,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +43,7 @@ import numpy as np
 from mythos_deploy.exporters.quant_graph import quantize_graph
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
 from mythos_deploy.manifest import Manifest, atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
-from mythos_deploy.options import ExportDtype, LoopMode, MoeLowering, QuantMode, choose
+from mythos_deploy.options import ExportDtype, LoopMode, MoeLowering, QuantMode, choose, plain_dict
 
 MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99, "qdq-int8": 0.98, "qdq-int4": 0.90, "fp8": 0.98}
 # on a model trained on the multi-hop task (the demo checkpoint): largest allowed drop in task
@@ -89,7 +89,7 @@ class QuantizeOptions:
         object.__setattr__(self, "mode", choose(QuantMode, self.mode, "--mode"))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mode": str(self.mode)}
+        return plain_dict(self)
 
     def check(self) -> None:
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -108,6 +108,12 @@ class QuantizeResult:
     gate: dict  # the accuracy gate: agreement, task accuracy, passed / overridden
     sizes: dict  # source_bytes, quantized_bytes (graph files)
     seconds: float
+
+
+def _sizes(src_dir: Path, out_dir: Path, files: dict[str, str]) -> dict[str, int]:
+    """Bytes of the source and the quantized graph files."""
+    return {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
+            "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
 
 
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
@@ -187,9 +193,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
             fields["quantization"] = {**opts.to_dict(), "graphs": info, "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
             out_manifest = write_manifest(tmp, "onnx", **fields)
-    sizes = {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
-             "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
-    return QuantizeResult(out_manifest, gate, sizes, time.perf_counter() - t0)
+    return QuantizeResult(out_manifest, gate, _sizes(src_dir, out_dir, files), time.perf_counter() - t0)
 
 
 def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts: QuantizeOptions, stage):
@@ -293,6 +297,4 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: Manifest, opts: Quant
             fields["quantization"] = {**opts.to_dict(), "method": "native fp16 re-export", "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
             out_manifest = write_manifest(tmp, "onnx", **fields)
-    sizes = {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
-             "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
-    return QuantizeResult(out_manifest, gate, sizes, time.perf_counter() - t0)
+    return QuantizeResult(out_manifest, gate, _sizes(src_dir, out_dir, files), time.perf_counter() - t0)

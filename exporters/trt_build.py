@@ -16,14 +16,14 @@ TensorRT cannot be installed here.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from mythos_deploy.contract import GraphContract
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
 from mythos_deploy.manifest import Manifest
-from mythos_deploy.options import ExportDtype, MoeLowering, PastForm, PluginMode, Precision, QuantMode, choose
+from mythos_deploy.options import ExportDtype, MoeLowering, PastForm, PluginMode, Precision, QuantMode, choose, plain_dict
 
 SYMBOLS = ("batch", "seq", "past", "loops")
 
@@ -42,7 +42,7 @@ class BuildOptions:
         object.__setattr__(self, "plugin", choose(PluginMode, self.plugin, "--plugin"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "precision": str(self.precision), "plugin": str(self.plugin)}
+        return plain_dict(self)
 
     def check(self) -> None:
         if not 16 <= self.workspace_mib <= 1 << 20:

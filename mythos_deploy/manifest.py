@@ -66,8 +66,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return data
 
 
+def _json(manifest: "Manifest | dict[str, Any]") -> dict[str, Any]:
+    return manifest.data if isinstance(manifest, Manifest) else manifest
+
+
 def check_manifest_version(manifest: "Manifest | dict[str, Any]", path: Path) -> None:
-    manifest = manifest.data if isinstance(manifest, Manifest) else manifest
+    manifest = _json(manifest)
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT_VERSION}; "
                               "re-export with this version of mythos-deploy")
@@ -144,7 +148,7 @@ class Manifest:
 
 def verify_files(directory: Path, manifest: "Manifest | dict[str, Any]") -> None:
     """Check every file listed in the manifest exists and has the recorded sha256."""
-    manifest = manifest.data if isinstance(manifest, Manifest) else manifest
+    manifest = _json(manifest)
     bad = []
     for rel, digest in manifest["files"].items():
         path = Path(directory) / rel

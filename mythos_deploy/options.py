@@ -115,6 +115,11 @@ class Provider(StrEnum):
 E = TypeVar("E", bound=StrEnum)
 
 
+def plain_dict(options: Any) -> dict[str, Any]:
+    """An options dataclass as plain JSON values (its enums as their strings)."""
+    return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in dataclasses.asdict(options).items()}
+
+
 def choose(enum: type[E], value: object, option: str) -> E:
     """`value` as a member of `enum`, or a one-line InputError naming `option` and the choices."""
     try:
@@ -182,5 +187,4 @@ class OnnxExportOptions:
         return dataclasses.replace(self, loops=loops, past=past)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (the enums as their strings)."""
-        return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in dataclasses.asdict(self).items()}
+        return plain_dict(self)
