@@ -22,6 +22,7 @@ from mythos_deploy.config import MythosConfig
 from mythos_deploy.contract import GraphContract, contracts_for
 from mythos_deploy.errors import InputError, InternalError, MissingDependencyError, ParityError
 from mythos_deploy.manifest import atomic_output_dir, check_writable, write_manifest
+from mythos_deploy.tokenizer import carry_tokenizer
 from mythos_deploy.options import ExportDtype, LoopExport, LoopMode, MoeLowering, OnnxExportOptions
 
 MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
@@ -239,6 +240,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for name, g in graphs.items():
             save_graph(g, tmp, files[name], external_bytes)
+        carry_tokenizer(ckpt_dir, tmp)
         if report is not None:
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
         manifest = write_manifest(

@@ -43,6 +43,7 @@ import numpy as np
 from mythos_deploy.exporters.quant_graph import quantize_graph
 from mythos_deploy.errors import CheckpointError, InputError, ParityError
 from mythos_deploy.manifest import Manifest, atomic_output_dir, carried_fields, check_writable, read_manifest, write_manifest
+from mythos_deploy.tokenizer import carry_tokenizer
 from mythos_deploy.options import ExportDtype, LoopMode, MoeLowering, QuantMode, choose, plain_dict
 
 MIN_AGREEMENT = {"int8": 0.98, "int4": 0.90, "fp16": 0.99, "qdq-int8": 0.98, "qdq-int4": 0.90, "fp8": 0.98}
@@ -192,6 +193,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
             fields = carried_fields(manifest.data)
             fields["quantization"] = {**opts.to_dict(), "graphs": info, "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
+            carry_tokenizer(src_dir, tmp)
             out_manifest = write_manifest(tmp, "onnx", **fields)
     return QuantizeResult(out_manifest, gate, _sizes(src_dir, out_dir, files), time.perf_counter() - t0)
 
@@ -296,5 +298,6 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: Manifest, opts: Quant
             fields = carried_fields(exported.data)
             fields["quantization"] = {**opts.to_dict(), "method": "native fp16 re-export", "gate": gate,
                                       "source": {"artifact": str(src_dir)}}
+            carry_tokenizer(src_dir, tmp)
             out_manifest = write_manifest(tmp, "onnx", **fields)
     return QuantizeResult(out_manifest, gate, _sizes(src_dir, out_dir, files), time.perf_counter() - t0)

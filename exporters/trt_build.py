@@ -217,9 +217,11 @@ def write_engine_dir(out_dir: str | Path, p: BuildPlan, engines: dict[str, bytes
     """Engines + manifest (the source artifact's options, config and contract, the plan's
     profiles, the build options), atomically."""
     from mythos_deploy.manifest import atomic_output_dir, sha256_file, write_manifest
+    from mythos_deploy.tokenizer import carry_tokenizer
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         for name, blob in engines.items():
             (tmp / f"{name}.engine").write_bytes(blob)
+        carry_tokenizer(p.artifact, tmp)
         src = p.manifest
         return write_manifest(
             tmp, "tensorrt", options=src.options.to_dict(), config=src.config, contract=src.data["contract"],

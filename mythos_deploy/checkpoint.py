@@ -1,4 +1,4 @@
-"""Checkpoint directories: config.json + model.safetensors (+ tokenizer.json) + manifest.json.
+"""Checkpoint directories: config.json + model.safetensors (+ tokenizer files) + manifest.json.
 
 Weights are read without pickle: safetensors, or a torch file through `weights_only=True`.
 Shapes are checked against the config before anything is assigned.
@@ -6,7 +6,6 @@ Shapes are checked against the config before anything is assigned.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from mythos_deploy.errors import MythosError, CheckpointError, ConfigError
 from mythos_deploy.manifest import atomic_output_dir, read_manifest, sha256_file, verify_files, write_manifest
 from mythos_deploy.model import MythosModel
 
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
 TIED = "head.weight"  # tied to embed.weight; never stored
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -104,7 +103,7 @@ def model_from_state(cfg: MythosConfig, state: dict[str, torch.Tensor], source: 
 
 
 def save_checkpoint(model: MythosModel, out_dir: str | Path, overwrite: bool = False,
-                    tokenizer: dict | None = None, extra_files: dict[str, str] | None = None,
+                    tokenizer: dict[str, str] | None = None, extra_files: dict[str, str] | None = None,
                     **provenance) -> Path:
     from safetensors.torch import save_file
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
@@ -116,10 +115,8 @@ def save_checkpoint(model: MythosModel, out_dir: str | Path, overwrite: bool = F
             if type(exc).__name__ != "SafetensorError":
                 raise
             raise MythosError(f"failed writing {out_dir}/{WEIGHTS}: {str(exc).strip()}") from None
-        if tokenizer is not None:
-            (tmp / TOKENIZER).write_text(json.dumps(tokenizer, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, text in {**(tokenizer or {}), **(extra_files or {})}.items():  # tokenizer: file name -> text
+            (tmp / name).write_text(text, encoding="utf-8")
         write_manifest(tmp, "checkpoint", config=model.cfg.to_dict(), **provenance)
     return Path(out_dir)
 

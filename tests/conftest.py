@@ -23,7 +23,7 @@ def tiny_ckpt(tmp_path, tiny_model):
     from mythos_deploy import save_checkpoint
     from mythos_deploy.tokenizer import ByteTokenizer
     path = tmp_path / "tiny"
-    save_checkpoint(tiny_model, path, tokenizer=ByteTokenizer().to_dict())
+    save_checkpoint(tiny_model, path, tokenizer=ByteTokenizer().files())
     return path
 
 
@@ -54,11 +54,12 @@ def artifacts(om_pair, stepped_fp32, tmp_path_factory):
     """Artifact directories: {(attn, loop): (checkpoint_dir, onnx_dir)} (standard MoE lowering)."""
     from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import save_checkpoint
+    from mythos_deploy.tokenizer import ByteTokenizer
     root = tmp_path_factory.mktemp("artifacts")
     out = {}
     for attn, (_, model) in om_pair.items():
         ck = root / f"ck-{attn}"
-        save_checkpoint(model, ck)
+        save_checkpoint(model, ck, tokenizer=ByteTokenizer().files())
         for loop in ("unroll", "loop", "stepped"):
             od = root / f"onnx-{attn}-{loop}"
             export_onnx(ck, od, OnnxExportOptions(loop=loop, validate=False), stepped=stepped_fp32[attn])

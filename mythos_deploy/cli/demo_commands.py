@@ -50,7 +50,7 @@ def train_demo_cmd(
                                 description=f"loss {row['loss']:.3f} acc {row['acc']:.3f} "
                                             f"answer loops {row['answer_loops']:.2f}")
             model, history = train_demo(opts, log)
-        save_checkpoint(model, output, overwrite=force, tokenizer=ByteTokenizer(n_bytes=128).to_dict(),
+        save_checkpoint(model, output, overwrite=force, tokenizer=ByteTokenizer(n_bytes=128).files(),
                         source={"kind": "train-demo", "task": "hops", "options": dataclasses.asdict(opts)},
                         extra_files={"train_log.json": json.dumps(history, indent=1) + "\n"})
         last = history[-1]

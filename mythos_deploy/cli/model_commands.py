@@ -15,12 +15,20 @@ from mythos_deploy.errors import InputError, MythosError
 from mythos_deploy.options import BackendName, DecodeOptions, ExitMode, Provider, WeightDtype
 
 
-@app.command(epilog="Example: mythos-export init --preset tiny --set max_loop_iters=6 --seed 1 -o ckpt/tiny")
+TOKENIZER_HELP = ("A Hugging Face tokenizer: a tokenizer.json, or a directory with tokenizer.json and "
+                  "tokenizer_config.json / special_tokens_map.json (BOS, EOS). Copied into the checkpoint; "
+                  "its vocabulary must fit vocab_size.")
+
+
+@app.command(epilog="Examples: mythos-export init --preset tiny --set max_loop_iters=6 --seed 1 -o ckpt/tiny\n\n"
+                    "mythos-export init --preset tiny --tokenizer my-tokenizer/ --set vocab_size=8000 -o ckpt/tok")
 def init(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
     preset: str = typer.Option("tiny", help="tiny, bench, 1b, 3b, 10b, 50b, 100b, 500b or 1t."),
     set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field: key=value (repeatable)."),
     seed: int = typer.Option(0, help="Seed for the random weights."),
+    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP + " Default: the byte tokenizer "
+                                                         "(when vocab_size >= 256)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Make a checkpoint with random weights (OpenMythos's initialisation) from a preset."""
@@ -29,7 +37,7 @@ def init(
         from mythos_deploy.config import MythosConfig, parse_overrides
         from mythos_deploy.model import MythosModel
         from mythos_deploy.stats import parameter_counts
-        from mythos_deploy.tokenizer import ByteTokenizer
+        from mythos_deploy.tokenizer import ByteTokenizer, tokenizer_files
 
         cfg = MythosConfig.from_name(preset).replace(**parse_overrides(set_))
         total = parameter_counts(cfg)["total"]
@@ -37,20 +45,23 @@ def init(
             raise MythosError(f"preset {preset!r} has {total / 1e9:.1f}B parameters "
                               f"({total * 4 / 2**30:.0f} GiB in fp32); too large to initialise here. "
                               "Use `mythos-export inspect --preset` to study it.")
+        files = (tokenizer_files(tokenizer, cfg.vocab_size) if tokenizer is not None
+                 else ByteTokenizer().files() if cfg.vocab_size >= 256 else None)
         with err.status(f"initialising {total / 1e6:.2f}M parameters"):
             model = MythosModel(cfg).init_weights(seed)
-            tokenizer = ByteTokenizer().to_dict() if cfg.vocab_size >= 256 else None
-            save_checkpoint(model, output, overwrite=force, tokenizer=tokenizer,
+            save_checkpoint(model, output, overwrite=force, tokenizer=files,
                             source={"kind": "init", "preset": preset, "seed": seed, "overrides": set_})
         out.print(f"wrote {output} ({total / 1e6:.2f}M parameters, preset {preset})")
 
 
 @app.command("import-openmythos",
-             epilog="Example: mythos-export import-openmythos om.pt --config om_config.json -o ckpt/om")
+             epilog="Example: mythos-export import-openmythos om.pt --config om_config.json --tokenizer om-tokenizer/ -o ckpt/om")
 def import_openmythos(
     path: Path = typer.Argument(..., help="OpenMythos weights: .safetensors, or a torch state dict (.pt/.pth/.bin; loaded with weights_only=True)."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
     config: Optional[Path] = typer.Option(None, help="JSON of OpenMythos MythosConfig fields (default: config.json beside PATH)."),
+    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP + " Without it, text prompts need "
+                                                         "--prompt-ids."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Convert OpenMythos 0.5.0 weights into a mythos-deploy checkpoint (no pickle is executed)."""
@@ -58,9 +69,11 @@ def import_openmythos(
         from mythos_deploy.checkpoint import save_checkpoint
         from mythos_deploy.manifest import sha256_file
         from mythos_deploy.openmythos_import import from_openmythos_file
+        from mythos_deploy.tokenizer import tokenizer_files
 
         model = from_openmythos_file(path, config)
-        save_checkpoint(model, output, overwrite=force,
+        files = None if tokenizer is None else tokenizer_files(tokenizer, model.cfg.vocab_size)
+        save_checkpoint(model, output, overwrite=force, tokenizer=files,
                         source={"kind": "openmythos", "file": path.name, "sha256": sha256_file(path)})
         out.print(f"imported {path} -> {output}")
 
@@ -155,7 +168,8 @@ def inspect(
                     "mythos-export generate out/tiny-loop --prompt 'x' --loops 8 --exit fill-forward")
 def generate(
     path: Path = typer.Argument(..., help="A checkpoint directory (eager) or an ONNX artifact directory (onnxruntime)."),
-    prompt: Optional[str] = typer.Option(None, help="Text prompt (needs tokenizer.json in the checkpoint)."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt, encoded with the artifact's tokenizer (BOS added "
+                                                    "when its config says so)."),
     prompt_ids: Optional[str] = typer.Option(None, metavar="1,2,3", help="Comma-separated token ids, e.g. 1,2,3."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default when no sampling option is given)."),
@@ -170,7 +184,8 @@ def generate(
                                                           "token's loop once halted, later cache slots copy the last latent "
                                                           "(loop/stepped exports, and eager); propagate: stop once halted, "
                                                           "later slots computed from the halted state (eager only so far)."),
-    stop_ids: Optional[str] = typer.Option(None, metavar="ID,ID", help="Comma-separated ids that end generation."),
+    stop_ids: Optional[str] = typer.Option(None, metavar="ID,ID", help="Comma-separated ids that end generation "
+                                                                        "(default: the tokenizer's EOS ids; 'none': no stop ids)."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
     backend: BackendName = typer.Option(BackendName.AUTO, help="auto (from the manifest), eager, onnxruntime or tensorrt (engine directories "
                                              "from mythos-export build)."),
@@ -182,7 +197,7 @@ def generate(
 ) -> None:
     """Generate from a checkpoint or an exported artifact, streaming tokens."""
     with handle_errors():
-        from mythos_deploy.tokenizer import load_tokenizer
+        from mythos_deploy.tokenizer import has_tokenizer, load_tokenizer
         from mythos_deploy.runtimes import load
         from mythos_deploy.runtimes.generation import generate as run_generation
         from mythos_deploy.runtimes.sampling import SamplingParams
@@ -196,19 +211,18 @@ def generate(
                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         engine = load(path, backend=backend, provider=provider, verify=not no_verify, dtype=dtype)
         tok_dir = _tokenizer_dir(path)
-        tok = None
-        if prompt is not None:
-            tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
-            ids = tok.encode(prompt)
-        else:
-            ids = parse_ids(prompt_ids, "--prompt-ids")
+        tok = load_tokenizer(tok_dir, engine.cfg.vocab_size) if prompt is not None or has_tokenizer(tok_dir) else None
+        ids = tok.encode(prompt) if prompt is not None else parse_ids(prompt_ids, "--prompt-ids")
         if not ids:
             raise InputError("the prompt is empty")
-        stops = parse_ids(stop_ids, "--stop-ids") if stop_ids else []
-        if tok is None and (tok_dir / "tokenizer.json").is_file():
-            tok = load_tokenizer(tok_dir, engine.cfg.vocab_size)
+        if stop_ids is not None:
+            stops = parse_ids(stop_ids, "--stop-ids") if stop_ids.strip().lower() != "none" else []
+        else:  # the tokenizer's EOS ids
+            stops = list(tok.eos_ids) if tok else []
+        stream = tok.stream(ids) if tok else None
+
         def show(ev) -> None:
-            piece = tok.decode([ev.tokens[0]]) if tok else f"{ev.tokens[0]} "
+            piece = stream.push(ev.tokens[0]) if stream else f"{ev.tokens[0]} "
             out.print(piece, end="", markup=False, highlight=False)
 
         result = run_generation(engine, ids, max_new_tokens, sampling=params, stop_tokens=stops,
@@ -219,7 +233,7 @@ def generate(
             data["text"] = tok.decode(result.tokens[0]) if tok else None
             print(json.dumps(data))
         else:
-            out.print()
+            out.print(stream.flush() if stream else "", markup=False, highlight=False)
             n = len(result.decode_seconds)
             rate = f", {n / sum(result.decode_seconds):.1f} tok/s decode" if n else ""
             err.print(f"[dim]{escape(engine.name)}: {len(result.tokens[0])} tokens, mean loops used "
@@ -228,7 +242,8 @@ def generate(
 
 
 def _tokenizer_dir(path: Path) -> Path:
-    """A checkpoint keeps tokenizer.json; an ONNX artifact names its source checkpoint."""
+    """Checkpoints and artifacts keep their tokenizer files; an artifact made before they were
+    carried on names its source checkpoint."""
     if (path / "tokenizer.json").is_file():
         return path
     try:

@@ -212,6 +212,8 @@ def test_task_accuracy_gate_on_the_demo_checkpoint(demo_exports, tmp_path, mode,
     assert task is not None and task["problems"] == 400 and task["accuracy_fp32"] >= 0.95
     assert task["passed"] == (task["drop_points"] <= task["max_drop_points"]) and res.gate["passed"]
     assert read_manifest(tmp_path / mode)["quantization"]["gate"]["task"]["accuracy"] == task["accuracy"]
+    # the quantized artifact carries the checkpoint's tokenizer, hashed in its manifest
+    assert read_manifest(tmp_path / mode)["files"]["tokenizer.json"] == read_manifest(demo_exports["unroll"])["files"]["tokenizer.json"]
     # the same gate fails loudly, and writes nothing, when the allowed drop is negative
     monkeypatch.setattr("mythos_deploy.exporters.quantize.MAX_TASK_DROP", {"int8": -1.0, "int4": -1.0, "fp16": -1.0})
     with pytest.raises(ParityError, match="task accuracy"):

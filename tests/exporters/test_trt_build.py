@@ -119,6 +119,8 @@ def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8,
     build_engines(demo_qdq8, tmp_path / "e8", BuildOptions(precision="int8"),
                   modules=trt_builder_standin.make(rec2, trtp))
     assert rec2.configs[0].flags == {"INT8", "FP16"} and {k for k, _ in registry} == {"register", "autotune", "aot_impl"}
+    # the engine directory carries the artifact's tokenizer (hashed in its manifest)
+    assert read_manifest(tmp_path / "e8")["files"]["tokenizer.json"] == read_manifest(demo_qdq8)["files"]["tokenizer.json"]
     # a parse error or a failed build: one clear error, nothing written
     rec.fail_parse = True
     with pytest.raises(CheckpointError, match="cannot parse prelude.onnx: In node 3"):
