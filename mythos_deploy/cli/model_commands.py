@@ -127,6 +127,10 @@ def inspect(
             report["artifact"] = artifact
         if profile:
             report["halting"] = profile
+        if path is not None:
+            from mythos_deploy.tokenizer import has_tokenizer, load_tokenizer
+            if has_tokenizer(path):
+                report["tokenizer"] = load_tokenizer(path, cfg.vocab_size).summary()
         if as_json:
             print(json.dumps(report, indent=2))
             return
@@ -155,6 +159,10 @@ def inspect(
                 out.print("[yellow]note:[/yellow] ill-conditioned positions output a near-zero vector that the coda's "
                           "RMSNorm rescales: their logits depend on rounding, so an export or a quantization can "
                           "disagree with eager there (check it with mythos-export parity)")
+        if "tokenizer" in report:
+            t = report["tokenizer"]
+            out.print(f"tokenizer: {t['vocab_size']} ids, BOS {t['bos_id']} ({'added' if t['add_bos'] else 'not added'}), "
+                      f"EOS {', '.join(map(str, t['eos_ids'])) or 'none'}")
         if artifact:
             a = Table(title="artifact")
             a.add_column("field"), a.add_column("value")

@@ -134,6 +134,8 @@ def test_generate_text_from_a_checkpoint_and_its_export(tok_ckpt, artifacts, tmp
     want = last_json(r)
     tok = read_tokenizer(tok_ckpt)
     assert want["prompt"] == [tok.encode(prompt)] and want["text"] == tok.decode(want["tokens"][0])
+    r = run("inspect", tok_ckpt, "--json", "--no-halting")
+    assert json.loads(r.stdout)["tokenizer"] == {"vocab_size": 300, "bos_id": 0, "add_bos": True, "eos_ids": [1]}
     # an export keeps its own copy (quantized artifacts and engine directories: test_quantize,
     # test_trt_build): it works with its source checkpoint gone
     ck, src = artifacts[("mla", "unroll")]
