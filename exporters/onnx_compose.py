@@ -168,6 +168,35 @@ def _ends(cfg_prelude: int, cfg_coda: int):
     return pre, coda
 
 
+def _propagate_fill(fill_model, inits: list) -> list:
+    """After the Loop: with `propagate`, rows from `loops_run` on are computed from the frozen
+    final state by the fill graph (one batched projection); otherwise `loop/rec` as it is.
+    The fill always computes at least one row, so no tensor has a zero-sized axis (ONNX
+    Reshape reads 0 as "copy"); rows it need not fill are taken from the Loop."""
+    from onnx import helper, numpy_helper
+    f = "fill/"
+    inits += [numpy_helper.from_array(np.array(0, np.int64), f"{f}zero"),
+              numpy_helper.from_array(np.array([0], np.int64), f"{f}axes0"),
+              numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), f"{f}col4")]
+    piece = _Piece(fill_model, f, {"h": "loop/h", "e": "pre/e_out", "loop_indices": f"{f}rest",
+                                    "past_len": "past_len"}, {"rows": f"{f}rows"})
+    inits += piece.initializers
+    return [
+        helper.make_node("Where", ["propagate", "loops_run", "n_loops"], [f"{f}start"]),  # first row to fill
+        helper.make_node("Sub", ["n_loops", "loop/one_i64"], [f"{f}last"]),
+        helper.make_node("Min", [f"{f}start", f"{f}last"], [f"{f}s1"]),
+        helper.make_node("Range", [f"{f}s1", "n_loops", "loop/one_i64"], [f"{f}rest"]),
+        *piece.nodes,
+        helper.make_node("Unsqueeze", [f"{f}s1", f"{f}axes0"], [f"{f}s1_1"]),
+        helper.make_node("Slice", ["loop/rec", f"{f}axes0", f"{f}s1_1", f"{f}axes0"], [f"{f}head"]),
+        helper.make_node("Concat", [f"{f}head", f"{f}rows"], [f"{f}all"], axis=0),
+        helper.make_node("Range", [f"{f}zero", "n_loops", "loop/one_i64"], [f"{f}idx"]),
+        helper.make_node("GreaterOrEqual", [f"{f}idx", f"{f}start"], [f"{f}take"]),
+        helper.make_node("Reshape", [f"{f}take", f"{f}col4"], [f"{f}take4"]),
+        helper.make_node("Where", [f"{f}take4", f"{f}all", "loop/rec"], ["new_recurrent"]),
+    ]
+
+
 def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
             prelude_layers: int, coda_layers: int):
     """Build the single `unroll` or `loop` graph named by `contract` from stepped graphs."""
@@ -207,18 +236,23 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
         step = _Piece(step_model, b, {
             "h": f"{b}h_in", "e": "pre/e_out", **{k: f"{b}{k}_in" for k in ACT_STATE},
             "loop_index": f"{b}iter", "act_threshold": "act_threshold", "past_len": "past_len",
-            "past_recurrent": f"{b}past"}, {}, shared_init_prefix="step/")
+            "past_recurrent": f"{b}past"}, {"h_next": f"{b}h_step"}, shared_init_prefix="step/")
         inits += step.initializers  # outer scope: the body reads them without copies
         _shapes_from(step.nodes, {f"{b}h_in": ("pre/e_out", 0), f"{b}past": ("past_recurrent", 1)})
         # continue = not early_exit or not every position halted
         body_nodes = [helper.make_node("Gather", ["past_recurrent", f"{b}iter"], [f"{b}past"], axis=0),
                       *step.nodes,
+                      # exit=propagate: a position halted before this loop keeps its state
+                      helper.make_node("And", [f"{b}halted_in", "propagate"], [f"{b}frozen"]),
+                      helper.make_node("Unsqueeze", [f"{b}frozen", "loop/axis2"], [f"{b}frozen3"]),
+                      helper.make_node("Where", [f"{b}frozen3", f"{b}h_in", f"{b}h_step"], [f"{b}h_next"]),
                       helper.make_node("Cast", [f"{b}halted_next"], [f"{b}halted_i"], to=TensorProto.INT32),
                       helper.make_node("ReduceMin", [f"{b}halted_i"], [f"{b}min_halted"], keepdims=0),
                       helper.make_node("Equal", [f"{b}min_halted", "loop/one_scalar"], [f"{b}all_halted"]),
                       helper.make_node("And", [f"{b}all_halted", "early_exit"], [f"{b}stop"]),
                       helper.make_node("Not", [f"{b}stop"], [f"{b}cond_out"])]
-        inits.append(numpy_helper.from_array(np.array(1, np.int32), "loop/one_scalar"))
+        inits += [numpy_helper.from_array(np.array(1, np.int32), "loop/one_scalar"),
+                  numpy_helper.from_array(np.array([2], np.int64), "loop/axis2")]
         sc = {s.name: s for s in step_model.graph.input}
         so = {s.name: s for s in step_model.graph.output}
         # The recurrent cache rows are loop-carried state of fixed shape [n_loops, B, T, W],
@@ -263,7 +297,8 @@ def compose(stepped: dict, contract: GraphContract, mode: str, n_loops: int,
         inits.append(numpy_helper.from_array(np.array(True), "loop/true"))
         nodes.append(helper.make_node(
             "Loop", ["n_loops", "loop/true", "pre/e_out", *[f"act0/{k}" for k in ACT_STATE], "loop/rec0", "loop/zero_i64"],
-            ["loop/h", *[f"loop/{k}" for k in ACT_STATE], "new_recurrent", "loops_run"], body=body, name="recurrent_core"))
+            ["loop/h", *[f"loop/{k}" for k in ACT_STATE], "loop/rec", "loops_run"], body=body, name="recurrent_core"))
+        nodes += _propagate_fill(stepped["fill"], inits)
         final = {"h": "loop/h", **{k: f"loop/{k}" for k in ACT_STATE}}
     else:
         raise InternalError(f"cannot compose mode {mode!r}")

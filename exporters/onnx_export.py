@@ -128,7 +128,7 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
     from mythos_deploy.exporters.graph_passes import clear_metadata
     from mythos_deploy.exporters.onnx_compose import compose, share_tied_embedding
-    from mythos_deploy.exporters.torch_to_onnx import export_stepped, export_while_loop
+    from mythos_deploy.exporters.torch_to_onnx import export_fill, export_stepped, export_while_loop
 
     def clean(g):  # no exporter metadata (it carries local paths); our IR version
         clear_metadata(g)
@@ -144,7 +144,9 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     if stepped is None:
         stage("torch export (prelude, core step, coda)")
         stepped = export_stepped(export_form(model, opts), opts.dtype, opts.opset)
-    stepped = {k: clean(copy.deepcopy(v)) for k, v in stepped.items()}
+    if opts.loop == "loop" and "fill" not in stepped:  # the exit=propagate fill, after the Loop
+        stepped = {**stepped, "fill": export_fill(export_form(model, opts), opts.dtype, opts.opset)}
+    stepped = {k: clean(copy.deepcopy(v)) for k, v in stepped.items() if opts.loop == "loop" or k != "fill"}
     if opts.loop == "stepped":
         graphs = stepped
         for name, g in graphs.items():

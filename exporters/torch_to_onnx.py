@@ -49,6 +49,18 @@ class StepGraph(nn.Module):
         return (h, state.h_out, state.cum, state.halted, state.loops_used, view.new)
 
 
+class FillGraph(nn.Module):
+    """exit=propagate: the recurrent cache rows of loops `loop_indices` for positions frozen at
+    h (see RecurrentCore.propagated_entries)."""
+
+    def __init__(self, model: MythosModel):
+        super().__init__()
+        self.m = model
+
+    def forward(self, h, e, loop_indices, past_len):
+        return self.m.propagated_entries(h, e, past_len, loop_indices)
+
+
 class CodaGraph(nn.Module):
     def __init__(self, model: MythosModel):
         super().__init__()
@@ -71,7 +83,7 @@ class WhileLoopGraph(nn.Module):
         super().__init__()
         self.m = model
 
-    def forward(self, input_ids, past_len, n_loops, early_exit, act_threshold, pasts: list[torch.Tensor]):
+    def forward(self, input_ids, past_len, n_loops, early_exit, propagate, act_threshold, pasts: list[torch.Tensor]):
         from torch._higher_order_ops.while_loop import while_loop
 
         P = self.m.cfg.prelude_layers
@@ -87,13 +99,20 @@ class WhileLoopGraph(nn.Module):
 
         def body(t, h, h_out, cum, halted, loops_used, new_rec):
             view = ConcatView(rec.index_select(0, t.reshape(1)).squeeze(0))
-            h, s = self.m.run_step(t, h, e, ACTState(h_out, cum, halted, loops_used), act_threshold, past_len,
-                                   view, past)
-            return t + 1, h, s.h_out, s.cum, s.halted, s.loops_used, new_rec.index_copy(0, t.reshape(1), view.new[None])
+            h_new, s = self.m.run_step(t, h, e, ACTState(h_out, cum, halted, loops_used), act_threshold, past_len,
+                                       view, past)
+            h_new = torch.where((halted & propagate).unsqueeze(-1), h, h_new)  # exit=propagate: frozen
+            return (t + 1, h_new, s.h_out, s.cum, s.halted, s.loops_used,
+                    new_rec.index_copy(0, t.reshape(1), view.new[None]))
 
         t0 = torch.zeros((), dtype=torch.int64)
         # h starts as e but is carried as a copy: a tensor both carried and closed over would alias
-        t, _, h_out, cum, _, loops_used, new_rec = while_loop(cond, body, (t0, e.clone(), *state, new_rec))
+        t, h, h_out, cum, _, loops_used, new_rec = while_loop(cond, body, (t0, e.clone(), *state, new_rec))
+        # exit=propagate: rows past the last iteration come from the frozen state. Computed for
+        # every row and selected (static shapes); the compose route computes only the rows needed.
+        rows = torch.arange(new_rec.shape[0], dtype=torch.int64)
+        filled = self.m.propagated_entries(h, e, past_len, rows)
+        new_rec = torch.where(((rows >= t) & propagate).reshape(-1, 1, 1, 1), filled, new_rec)
         coda_views = {f"coda_{i}": ConcatView(p) for i, p in enumerate(coda)}
         logits = self.m.run_coda(h_out, past_len, coda_views, past)
         return (logits, *[v.new for v in pre_views.values()], new_rec, *[v.new for v in coda_views.values()],
@@ -199,6 +218,12 @@ def export_stepped(model: MythosModel, dtype: str, opset: int) -> dict[str, "onn
         "step": export_graph(StepGraph(model), step_c, opset),
         "coda": export_graph(CodaGraph(model), coda_c, opset, list_arg=True),
     }
+
+
+def export_fill(model: MythosModel, dtype: str, opset: int) -> "onnx.ModelProto":  # noqa: F821
+    """The exit=propagate fill graph (model already cast to the export dtype)."""
+    from mythos_deploy.contract import fill_contract
+    return export_graph(FillGraph(model.eval()), fill_contract(model.cfg, dtype), opset)
 
 
 def export_while_loop(model: MythosModel, contract: GraphContract, opset: int) -> "onnx.ModelProto":  # noqa: F821

@@ -95,6 +95,16 @@ def stepped_contracts(cfg: MythosConfig, dtype: str = "fp32") -> list[GraphContr
     return [prelude, step, coda_g]
 
 
+def fill_contract(cfg: MythosConfig, dtype: str = "fp32") -> GraphContract:
+    """exit=propagate: the recurrent cache rows that loops `loop_indices` compute from a frozen
+    state h (the attention entry of RMSNorm_rec(h + L(t) + e)), one batched projection."""
+    dt, W, D = FLOAT[dtype], cfg.cache_width, cfg.dim
+    return GraphContract(
+        "fill", (TensorSpec("h", dt, ("batch", "seq", D)), TensorSpec("e", dt, ("batch", "seq", D)),
+                 TensorSpec("loop_indices", "int64", ("loops",)), TensorSpec("past_len", "int64", ())),
+        (TensorSpec("rows", dt, ("loops", "batch", "seq", W)),))
+
+
 def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32") -> GraphContract:
     """The single-graph contract of `unroll` (n_loops fixed) and `loop` (n_loops an input)."""
     dt, W = FLOAT[dtype], cfg.cache_width
@@ -103,9 +113,12 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
     coda = [f"coda_{i}" for i in range(cfg.coda_layers)]
     inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")), TensorSpec("past_len", "int64", ())]
     if loop_mode == "loop":
-        # early_exit=True lets the Loop stop once every position has halted; new_recurrent
-        # then has fewer than n_loops rows and the runtime fills the rest (fill-forward).
-        inputs += [TensorSpec("n_loops", "int64", ()), TensorSpec("early_exit", "bool", ())]
+        # early_exit=True lets the Loop stop once every position has halted; the rows of
+        # new_recurrent past loops_run are then zeros and the runtime fills them (fill-forward).
+        # propagate=True (with early_exit) freezes a halted position's state and the graph fills
+        # its later rows from that state (exit=propagate).
+        inputs += [TensorSpec("n_loops", "int64", ()), TensorSpec("early_exit", "bool", ()),
+                   TensorSpec("propagate", "bool", ())]
     inputs += [TensorSpec("act_threshold", "float32", ())]
     inputs += [_past(s, W, dt) for s in pre] + [_past("recurrent", W, dt, loops)] + [_past(s, W, dt) for s in coda]
     outputs = [TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size))]

@@ -35,6 +35,18 @@ def loop_index_embedding(h: torch.Tensor, t, loop_dim: int) -> torch.Tensor:
     return h + torch.cat([emb, pad])
 
 
+def loop_index_embeddings(h: torch.Tensor, loops: torch.Tensor, loop_dim: int) -> torch.Tensor:
+    """[R, *h.shape]: loop_index_embedding(h, t) for each t of the int64 tensor `loops`, with
+    the same arithmetic (so the same bits)."""
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, loop_dim, 2, dtype=torch.float32,
+                                            device=h.device) / loop_dim))
+    angles = freqs.unsqueeze(0) * loops.unsqueeze(1)  # [R, loop_dim/2]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)[:, :loop_dim].to(h.dtype)
+    pad = torch.zeros(loops.shape[0], h.shape[-1] - loop_dim, dtype=h.dtype, device=h.device)
+    table = torch.cat([emb, pad], dim=1)  # [R, D]
+    return h.unsqueeze(0) + table.reshape(table.shape[0], *([1] * (h.dim() - 1)), table.shape[1])
+
+
 class LoRAAdapter(nn.Module):
     def __init__(self, dim: int, rank: int, max_loops: int):
         super().__init__()
@@ -123,14 +135,15 @@ class RecurrentCore(nn.Module):
             h_new = torch.where(state.halted.unsqueeze(-1), h, h_new)
         return h_new, act_update(state, h_new, self.act(h_new), threshold)
 
-    def propagated_entries(self, h, e, loops: list[int], cos, sin) -> torch.Tensor:
-        """The cache rows loops `loops` would write for positions frozen at state h (exit
-        propagate: CALM's state propagation), all in one batched projection: with
+    def propagated_entries(self, h, e, loops: torch.Tensor, cos, sin) -> torch.Tensor:
+        """The cache rows loops `loops` (int64 [R]) would write for positions frozen at state h
+        (exit propagate: CALM's state propagation), all in one batched projection: with
         x_t = RMSNorm_rec(h + L(t) + e), the recurrent block's attention entry of x_t.
-        Returns [len(loops), B, T, W]."""
+        Returns [R, B, T, W]."""
         B, T, D = h.shape
-        x = torch.stack([self.norm(loop_index_embedding(h, t, self.cfg.loop_dim) + e) for t in loops])
-        return self.block.cache_entry(x.reshape(len(loops) * B, T, D), cos, sin).reshape(len(loops), B, T, -1)
+        R = loops.shape[0]
+        x = self.norm(loop_index_embeddings(h, loops, self.cfg.loop_dim) + e.unsqueeze(0))
+        return self.block.cache_entry(x.reshape(R * B, T, D), cos, sin).reshape(R, B, T, -1)
 
 
 class MythosModel(nn.Module):
@@ -261,9 +274,11 @@ class MythosModel(nn.Module):
         cos, sin, mask = self.positions(T, start_pos, self._past(start_pos, {0: view} if view else {}, past), h.device)
         return self.recurrent.step(t, h, e, cos, sin, mask, view, state, threshold, freeze)
 
-    def propagated_entries(self, h, e, start_pos, loops: list[int]) -> torch.Tensor:
-        """[len(loops), B, T, W]: the recurrent cache rows of `loops` for positions frozen at h."""
+    def propagated_entries(self, h, e, start_pos, loops) -> torch.Tensor:
+        """[len(loops), B, T, W]: the recurrent cache rows of `loops` (ints or an int64 tensor)
+        for positions frozen at h."""
         cos, sin, _ = self.positions(h.shape[1], start_pos, 0, h.device)
+        loops = torch.as_tensor(loops, dtype=torch.int64, device=h.device).reshape(-1)
         return self.recurrent.propagated_entries(h, e, loops, cos, sin)
 
     def run_coda(self, h_out, start_pos, views: dict, past=None) -> torch.Tensor:

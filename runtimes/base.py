@@ -7,8 +7,9 @@ preallocated latent cache of one generation and advances it one call at a time.
     out = session.step(next_ids)                       # decode, written in place
 
 `exit="none"` runs every loop for every token (OpenMythos's numbers). `exit="propagate"`
-(eager so far) freezes a halted position's state and fills its later recurrent cache slots with
-the latents those loops compute from it (CALM's state propagation). `exit="fill-forward"`
+(eager, and `loop` exports, inside the graph) freezes a halted position's state and fills its
+later recurrent cache slots with the latents those loops compute from it (CALM's state
+propagation). `exit="fill-forward"`
 stops a call's loop once every position in it has halted and fills that call's remaining
 recurrent cache slots with the last computed latent (as Huginn's cache serves a skipped step
 from the deepest one computed); measured, not assumed, in benchmarks/fill_forward.py and
@@ -125,8 +126,9 @@ class Backend(ABC):
             raise InputError(f"this {self.name} artifact runs exactly n_loops={self.default_loops} (unrolled "
                              f"export); re-export with --loop loop or --loop stepped to vary depth")
         if decode.exit == ExitMode.PROPAGATE and not self.propagate:
-            raise InputError(f"exit=propagate runs in the eager backend only so far (a checkpoint directory); "
-                             f"{self.name} artifacts do not carry it yet: use exit none or fill-forward")
+            raise InputError(f"exit=propagate runs in the eager backend and in --loop loop exports made by this "
+                             f"version; this {self.name} artifact does not carry it: use exit none or fill-forward, "
+                             "or re-export with --loop loop")
         if decode.exit == ExitMode.FILL_FORWARD and not self.fill_forward:
             raise InputError(f"exit=fill-forward needs a --loop loop or --loop stepped export ({self.name} "
                              f"artifact is unrolled)")

@@ -56,6 +56,11 @@ class OnnxModelRunner:
         self.sessions = {name: make_session(g, providers, threads, basic_only) for name, g in graphs.items()}
         self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
 
+    @property
+    def supports_propagate(self) -> bool:
+        """exit=propagate runs in the graph: `loop` exports made since it was added."""
+        return self.loop_mode == "loop" and "propagate" in {i.name for i in self.sessions["model"].get_inputs()}
+
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.sessions[name]
         wanted = {i.name for i in sess.get_inputs()}
@@ -64,7 +69,9 @@ class OnnxModelRunner:
 
     def forward(self, input_ids: np.ndarray, past_len: int, pasts: dict[str, np.ndarray],
                 n_loops: int | None = None, act_threshold: float = 0.99,
-                early_exit: bool = False) -> dict[str, np.ndarray]:
+                early_exit: bool = False, propagate: bool = False) -> dict[str, np.ndarray]:
+        """`propagate` (exit=propagate, with early_exit): `loop` graphs that take it freeze
+        halted positions and fill every recurrent row; check `supports_propagate` first."""
         n_loops = self.n_loops if n_loops is None else n_loops
         if self.loop_mode == "unroll" and n_loops != self.n_loops:
             raise InputError(f"this export is unrolled for n_loops={self.n_loops}; re-export with "
@@ -79,6 +86,7 @@ class OnnxModelRunner:
             if self.loop_mode == "loop":
                 base["n_loops"] = np.array(n_loops, dtype=np.int64)
                 base["early_exit"] = np.array(early_exit)
+                base["propagate"] = np.array(propagate)
             out = self._run("model", base)
             out.setdefault("loops_run", np.array(n_loops))
             return out

@@ -30,12 +30,13 @@ class OrtSession(Session):
 
     def _step(self, ids: np.ndarray) -> StepOutput:
         pos, T = self.length, ids.shape[1]
+        propagate = self.exit == ExitMode.PROPAGATE  # the graph fills every row
         out = self.runner.forward(ids, pos, self.buffers, self.n_loops, self.act_threshold,
-                                  early_exit=self.exit == ExitMode.FILL_FORWARD)
+                                  early_exit=self.exit != ExitMode.NONE, propagate=propagate)
         for name, buf in self.buffers.items():
             new = out[name.replace("past_", "new_")]
             if name == "past_recurrent":
-                ran = int(out["loops_run"])
+                ran = self.n_loops if propagate else int(out["loops_run"])
                 buf[:ran, :, pos:pos + T] = new[:ran]
                 buf[ran:, :, pos:pos + T] = new[ran - 1]  # fill-forward (no-op when all ran)
             else:
@@ -54,6 +55,7 @@ class OrtBackend(Backend):
         opts = self._read_manifest(path, manifest)
         self.np_dtype = np.float16 if opts.dtype == ExportDtype.FP16 else np.float32
         self.runner = runner_from_dir(path, manifest, providers, threads)
+        self.propagate = self.runner.supports_propagate
         self.name = f"onnxruntime[{self.loop_mode},{opts.moe},{opts.dtype}]"
 
     def _start(self, batch, budget, decode) -> Session:

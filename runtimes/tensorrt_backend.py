@@ -106,7 +106,8 @@ class TrtSession(Session):
         return {"past_len": torch.tensor(pos, dtype=torch.int64, device=dev),
                 "act_threshold": torch.tensor(self.act_threshold, dtype=torch.float32, device=dev),
                 "n_loops": torch.tensor(self.n_loops, dtype=torch.int64, device=dev),
-                "early_exit": torch.tensor(self.exit == ExitMode.FILL_FORWARD, device=dev)}
+                "early_exit": torch.tensor(self.exit != ExitMode.NONE, device=dev),
+                "propagate": torch.tensor(self.exit == ExitMode.PROPAGATE, device=dev)}
 
     def _forward(self, ids, pos: int) -> dict:
         b, torch, dev = self.b, self.b.torch, self.b.device
@@ -141,7 +142,7 @@ class TrtSession(Session):
         pos, T = self.length, ids.shape[1]
         with b.stream_context():
             out = self._forward(ids, pos)
-            ran = int(out.get("loops_run", self.n_loops))
+            ran = self.n_loops if self.exit == ExitMode.PROPAGATE else int(out.get("loops_run", self.n_loops))
             for name, buf in self.buffers.items():
                 new = out[name.replace("past_", "new_")]
                 if name == "past_recurrent":
@@ -192,6 +193,7 @@ class TensorRTBackend(Backend):
         self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest.data["profiles"][name]), device)
                         for name, f in manifest.data["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
+        self.propagate = self.loop_mode == "loop" and "propagate" in self.engines["model"].inputs
 
     def stream_context(self):
         return self.torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()

@@ -1,6 +1,8 @@
-"""exit=propagate (eager): a halted position stops changing, its deeper recurrent cache slots come
-from its halted state, and the result is per position: the same tokens give the same halting,
-cache and logits fed at once, in chunks, one by one, alone or batched with other rows."""
+"""exit=propagate: a halted position stops changing, its deeper recurrent cache slots come from its
+halted state, and the result is per position: the same tokens give the same halting, cache and
+logits fed at once, in chunks, one by one, alone or batched with other rows. For the eager
+backend and for `loop` exports through onnxruntime (the freeze and the fill inside the graph),
+which also equal eager."""
 
 import numpy as np
 import pytest
@@ -15,15 +17,45 @@ N_LOOPS = 6
 PROPAGATE = DecodeOptions(N_LOOPS, 0.9, ExitMode.PROPAGATE)
 
 
-@pytest.fixture(scope="module")
-def backend():
+def _model():
     """Halting spread over positions: some halt after one loop, some at five, some never."""
     cfg = MythosConfig.from_name("tiny")
     model = MythosModel(cfg).init_weights(2).eval()
     with torch.no_grad():
         model.recurrent.act.halt.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
         model.recurrent.act.halt.bias.fill_(0.0)
-    return EagerBackend(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return EagerBackend(_model())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The same model as a `loop` export, composed (the default) and through while_loop."""
+    pytest.importorskip("onnxruntime")
+    from mythos_deploy import save_checkpoint
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
+    root = tmp_path_factory.mktemp("propagate")
+    save_checkpoint(_model(), root / "ck")
+    out = {}
+    for route in ("compose", "while_loop"):
+        export_onnx(root / "ck", root / route, OnnxExportOptions(loop="loop", loop_export=route, validate=False))
+        out[route] = load(root / route)
+    return out
+
+
+@pytest.fixture(params=["eager", "compose", "while_loop"])
+def any_backend(request, backend, exported):
+    return backend if request.param == "eager" else exported[request.param]
+
+
+def _recurrent(session) -> np.ndarray:
+    if hasattr(session, "cache"):  # eager
+        return np.stack([session.cache.buffers[f"recurrent_loop_{t}"].numpy() for t in range(N_LOOPS)])
+    return session.buffers["past_recurrent"].copy()
 
 
 PROMPT = [5, 9, 2, 7, 7, 1, 3, 8, 4, 6]
@@ -40,8 +72,7 @@ def _feed(backend, rows, chunks, decode=PROPAGATE):
         logits.append(out.logits)
         used.append(out.loops_used)
         start += size
-    cache = np.stack([session.cache.buffers[f"recurrent_loop_{t}"].numpy() for t in range(N_LOOPS)])
-    return np.concatenate(logits, 1), np.concatenate(used, 1), cache
+    return np.concatenate(logits, 1), np.concatenate(used, 1), _recurrent(session)
 
 
 def test_halting_depth_varies(backend):
@@ -50,18 +81,18 @@ def test_halting_depth_varies(backend):
 
 
 @pytest.mark.parametrize("chunks", [[4, 6], [1] * 10, [3, 3, 3, 1]])
-def test_chunking_changes_nothing(backend, chunks):
-    ref = _feed(backend, [PROMPT], [len(PROMPT)])
-    got = _feed(backend, [PROMPT], chunks)
+def test_chunking_changes_nothing(any_backend, backend, chunks):
+    ref = _feed(backend, [PROMPT], [len(PROMPT)])  # eager, at once
+    got = _feed(any_backend, [PROMPT], chunks)
     np.testing.assert_allclose(got[0], ref[0], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(got[1], ref[1])
     np.testing.assert_allclose(got[2], ref[2], atol=1e-5, rtol=0)
 
 
-def test_batching_with_another_row_changes_nothing(backend):
-    alone = _feed(backend, [PROMPT], [4, 6])
+def test_batching_with_another_row_changes_nothing(any_backend):
+    alone = _feed(any_backend, [PROMPT], [4, 6])
     other = [1, 1, 2, 3, 5, 8, 13, 21, 34, 55]
-    both = _feed(backend, [other, PROMPT], [4, 6])
+    both = _feed(any_backend, [other, PROMPT], [4, 6])
     np.testing.assert_allclose(both[0][1], alone[0][0], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(both[1][1], alone[1][0])
     np.testing.assert_allclose(both[2][:, 1], alone[2][:, 0], atol=1e-5, rtol=0)
@@ -107,15 +138,18 @@ def test_without_halting_propagate_is_exact(backend):
     np.testing.assert_allclose(prop[2], exact[2], atol=1e-6, rtol=0)
 
 
-def test_loops_computed_fall_once_everything_halted(backend):
-    session = backend.start(1, len(PROMPT), PROPAGATE)
-    runs = [session.step([[tok]]).loops_run for tok in PROMPT]
-    assert min(runs) < N_LOOPS
+def test_loops_computed_fall_once_everything_halted(any_backend, backend):
+    runs = {}
+    for name, be in (("eager", backend), ("other", any_backend)):
+        session = be.start(1, len(PROMPT), PROPAGATE)
+        runs[name] = [session.step([[tok]]).loops_run for tok in PROMPT]
+    assert min(runs["eager"]) < N_LOOPS and runs["other"] == runs["eager"]
 
 
-def test_exported_artifacts_refuse_propagate(artifacts):
-    _, od = artifacts[("mla", "loop")]
-    with pytest.raises(InputError, match="eager backend only"):
+@pytest.mark.parametrize("loop", ["unroll", "stepped"])
+def test_other_exports_refuse_propagate(artifacts, loop):
+    _, od = artifacts[("mla", loop)]
+    with pytest.raises(InputError, match="does not carry it"):
         load(od).start(1, 8, DecodeOptions(exit="propagate"))
 
 

@@ -67,21 +67,24 @@ def test_backend_logic_through_a_standin_runtime(masked_artifacts, tmp_path, loo
     assert trt_b.name.startswith("tensorrt[") and read_manifest(tmp_path / "eng")["kind"] == "tensorrt"
     ort_b = load(src)
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]
-    exits = ["none"] if loop == "unroll" else ["none", "fill-forward"]
+    exits = {"unroll": ["none"], "stepped": ["none", "fill-forward"], "loop": ["none", "fill-forward", "propagate"]}[loop]
+    assert trt_b.propagate == (loop == "loop")
     for exit in exits:
         ref = generate(ort_b, prompts, 12, decode=DecodeOptions(exit=exit))
         got = generate(trt_b, prompts, 12, decode=DecodeOptions(exit=exit))
         assert got.tokens == ref.tokens and got.loops_used == ref.loops_used, exit
     # logits step by step, and the cache the backend keeps, against onnxruntime's
-    decode = DecodeOptions(trt_b.default_loops)
-    sa, sb = ort_b.start(2, 16, decode), trt_b.start(2, 16, decode)
-    ids = np.array(prompts)
-    for _ in range(4):
-        a, b = sa.step(ids), sb.step(ids)
-        np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
-        ids = a.logits[:, -1:].argmax(-1)
-    for name, buf in sa.buffers.items():
-        np.testing.assert_allclose(sb.buffers[name].numpy(), buf, rtol=1e-5, atol=1e-5)
+    for exit in exits[::2]:  # none, and propagate for the loop export
+        decode = DecodeOptions(trt_b.default_loops, 0.6, exit)
+        sa, sb = ort_b.start(2, 16, decode), trt_b.start(2, 16, decode)
+        ids = np.array(prompts)
+        for _ in range(4):
+            a, b = sa.step(ids), sb.step(ids)
+            np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+            assert a.loops_run == b.loops_run
+            ids = a.logits[:, -1:].argmax(-1)
+        for name, buf in sa.buffers.items():
+            np.testing.assert_allclose(sb.buffers[name].numpy(), buf, rtol=1e-5, atol=1e-5)
     # prefill calls use the prefill profile, one-token calls the decode profile
     profiles = read_manifest(tmp_path / "eng")["profiles"]
     first = next(iter(profiles))
