@@ -22,11 +22,13 @@ ONNX ?= out/hops-onnx
 
 # the main job: export the shipped checkpoint with the loop as an ONNX Loop (parity-gated),
 # answer a 4-hop query through onnxruntime, then the accuracy table through onnxruntime,
-# checked prediction by prediction against eager PyTorch
+# checked prediction by prediction against eager PyTorch, with exit none and exit propagate
 demo:
 	$(CLI) onnx $(CKPT) -o $(ONNX) --loop loop --force
 	$(CLI) generate $(ONNX) --prompt "k4;q7;mk;rm;cq;wr;?w" --max-new-tokens 1
 	$(CLI) eval-hops $(ONNX) --compare $(CKPT) --count 50 -o out/hops-eval
+	# ACT early exit that keeps the answers: exit propagate, inside the Loop graph, against eager
+	$(CLI) eval-hops $(ONNX) --exit propagate --compare $(CKPT) --hops 1,2,3,4,5 --loops 6 --count 50
 
 # the same on a random-weight tiny checkpoint made on the spot
 demo-random:
