@@ -128,7 +128,9 @@ class Tokenizer:
         missing = Counter(c for c in expected if not c.isspace()) - Counter(self.decode(ids, special=True))
         if missing:
             shown = "".join(sorted(missing))[:20]
-            raise InputError(f"the prompt has characters this tokenizer cannot encode: {shown!r} ({self.source})")
+            ascii_only = self.decode(self.hf.encode("\u00e9").ids) != "\u00e9"  # it cannot even encode 'é'
+            raise InputError(f"the prompt has characters this tokenizer cannot encode: {shown!r}"
+                             f"{' (it covers ASCII only)' if ascii_only else ''} ({self.source})")
 
     def decode(self, ids: list[int], special: bool = False) -> str:
         """Text of `ids`; ids the tokenizer does not know (a model's padded vocabulary) are left out."""
