@@ -142,11 +142,11 @@ def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
         share_tied_embedding(graphs["model"])
         return _finish_graphs(graphs, contracts, opts, stage)
     if stepped is None:
-        stage("torch export (prelude, core step, coda)")
+        stage("torch export (prelude, core step, coda, propagate fill)")
         stepped = export_stepped(export_form(model, opts), opts.dtype, opts.opset)
-    if opts.loop == "loop" and "fill" not in stepped:  # the exit=propagate fill, after the Loop
+    if opts.loop != "unroll" and "fill" not in stepped:  # the exit=propagate fill (a cache without it)
         stepped = {**stepped, "fill": export_fill(export_form(model, opts), opts.dtype, opts.opset)}
-    stepped = {k: clean(copy.deepcopy(v)) for k, v in stepped.items() if opts.loop == "loop" or k != "fill"}
+    stepped = {k: clean(copy.deepcopy(v)) for k, v in stepped.items() if opts.loop != "unroll" or k != "fill"}
     if opts.loop == "stepped":
         graphs = stepped
         for name, g in graphs.items():
@@ -196,7 +196,8 @@ def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOpti
         for name, g in graphs.items():  # via files: graphs over 2 GB cannot be serialised in memory
             paths[name] = save_graph(g, Path(scratch), f"{name}.onnx")
         runner = OnnxModelRunner(paths, opts.loop, opts.loops)
-        scenarios = default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len)
+        scenarios = default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len,
+                                      propagate=runner.supports_propagate)
         return validate(model, runner, opts.loop, opts.dtype, scenarios, note,
                         progress=lambda s: stage(f"validate: {s}"))
 

@@ -4,12 +4,15 @@ Scenarios cover prefill of several lengths, empty and non-empty caches, chunked 
 16 greedy decode steps, batch 1 and 3, and (for `loop`/`stepped`) several loop counts
 including one beyond max_loop_iters. Errors are collected per output, then judged once.
 Decode tokens are the eager model's greedy choices (teacher forcing), so one early flip
-cannot hide later errors; greedy agreement is counted at every compared position.
+cannot hide later errors; greedy agreement is counted at every compared position. Exports
+that carry exit=propagate are also checked with it, against the eager backend's propagate
+(halted positions frozen, deeper cache rows from the frozen state, loops_run per call).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -49,6 +52,8 @@ class Scenario:
     # unfilled rows after the cached ones in every past input, filled with large noise, as a
     # runtime's preallocated buffers have them: the graph must ignore rows at/past past_len
     slack: int = 0
+    exit: str = "none"  # or "propagate": the reference is the eager backend's propagate
+    act_threshold: float | None = None  # None: validate()'s
 
 
 @dataclass
@@ -126,7 +131,8 @@ class ValidationReport:
                 "outputs": [{**asdict(s), "max_rel": s.max_rel, "limit": s.limit, "ok": s.ok} for s in self.stats]}
 
 
-def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq_len: int) -> list[Scenario]:
+def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq_len: int,
+                      propagate: bool = False) -> list[Scenario]:
     sc = [Scenario("prefill7+decode16", 1, [7], 16, n_loops),
           Scenario("prefill6+decode4, 9 unfilled rows", 1, [6], 4, n_loops, slack=9),
           Scenario("batch3 chunked 5+4 +decode3", 3, [5, 4], 3, n_loops),
@@ -134,6 +140,10 @@ def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq
     if loop_mode != "unroll":
         for n in sorted({2, max_loop_iters, 2 * max_loop_iters} - {n_loops}):
             sc.append(Scenario(f"loops={n} prefill4+decode3", 1, [4], 3, n))
+    if propagate:  # a low threshold too, so that positions halt at different loops
+        sc += [Scenario("propagate prefill6+decode6", 1, [6], 6, n_loops, exit="propagate"),
+               Scenario("propagate threshold 0.5, batch2 chunked 4+3 +decode4", 2, [4, 3], 4, n_loops,
+                        exit="propagate", act_threshold=0.5)]
     return [s for s in sc if sum(s.chunks) + s.decode_steps <= max_seq_len]
 
 
@@ -205,7 +215,16 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
             st.ref_max = max(st.ref_max, float(np.max(np.abs(ref))) if ref.size else 0.0)
 
         total = sum(sc.chunks) + sc.decode_steps
-        cache = model.new_cache(sc.batch, total, sc.n_loops)
+        sc_threshold = threshold if sc.act_threshold is None else sc.act_threshold
+        propagate = sc.exit == "propagate"
+        session = None
+        if propagate:
+            from mythos_deploy.options import DecodeOptions, ExitMode
+            from mythos_deploy.runtimes.eager import EagerBackend
+            session = EagerBackend(model).start(sc.batch, total, DecodeOptions(sc.n_loops, sc_threshold, ExitMode.PROPAGATE))
+            cache = session.cache
+        else:
+            cache = model.new_cache(sc.batch, total, sc.n_loops)
         pasts = empty_pasts(cfg, sc.batch, sc.n_loops, dtype)
         ids = torch.randint(0, cfg.vocab_size, (sc.batch, sum(sc.chunks)), generator=g)
         feeds = [ids[:, a:b] for a, b in zip(np.cumsum([0] + sc.chunks[:-1]), np.cumsum(sc.chunks))]
@@ -213,9 +232,18 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
         step = 0
         while step < len(feeds) + sc.decode_steps:
             chunk = feeds[step] if step < len(feeds) else nxt
-            ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=threshold)
-            out = runner.forward(chunk.numpy(), pos, _with_slack(pasts, sc.slack, g), sc.n_loops, threshold)
+            if session is not None:
+                s = session.step(chunk.numpy())
+                ref = SimpleNamespace(logits=torch.from_numpy(s.logits), halt_prob=torch.from_numpy(s.halt_prob),
+                                      loops_used=torch.from_numpy(s.loops_used))
+            else:
+                ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=sc_threshold)
+            out = runner.forward(chunk.numpy(), pos, _with_slack(pasts, sc.slack, g), sc.n_loops, sc_threshold,
+                                 early_exit=propagate, propagate=propagate)
             T = chunk.shape[1]
+            if session is not None:  # the Loop must stop where eager's did
+                report.loops_total += 1
+                report.loops_mismatch += int(int(out["loops_run"]) != s.loops_run)
             record("logits", out["logits"], ref.logits.numpy(), "logits")
             record("halt_prob", out["halt_prob"], ref.halt_prob.numpy(), "halt_prob")
             for name, rows in _cache_rows(cache, cfg, sc.n_loops, pos, pos + T).items():

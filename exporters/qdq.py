@@ -239,7 +239,9 @@ def calibrate(graphs: dict, names: dict[str, list[str]], manifest: Manifest, n_p
               prompt_len: int = 16, new_tokens: int = 16, seed: int = 0) -> dict[str, dict[str, float]]:
     """max |x| of each tensor in `names[graph]` over generated data: seeded random prompts, each
     prefilled on an empty cache and continued greedily (the model's own tokens) through the
-    cache, at the export's loop count. `graphs` must run in onnxruntime (plugin nodes lowered)."""
+    cache, at the export's loop count. `graphs` must run in onnxruntime (plugin nodes lowered).
+    A stepped export's exit=propagate fill graph is calibrated on the states the step graph
+    sees: after each step call it runs on that call's h, e and loop index."""
     from mythos_deploy.exporters.onnx_validate import append_new_rows, empty_pasts
     from mythos_deploy.config import MythosConfig
     from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner
@@ -254,6 +256,9 @@ def calibrate(graphs: dict, names: dict[str, list[str]], manifest: Manifest, n_p
             for t in names[name]:
                 v = feeds[t] if t in inputs[name] else out[t]
                 amax[name][t] = max(amax[name].get(t, 0.0), float(np.abs(v).max()) if v.size else 0.0)
+            if name == "step" and "fill" in self.sessions:
+                self._run("fill", {"h": feeds["h"], "e": feeds["e"], "past_len": feeds["past_len"],
+                                   "loop_indices": np.asarray(feeds["loop_index"], np.int64).reshape(1)})
             return out
 
     runner = Tracking({g: with_outputs(m, [t for t in names[g] if t not in inputs[g]]) for g, m in graphs.items()},

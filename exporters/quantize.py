@@ -120,7 +120,7 @@ def _sizes(src_dir: Path, out_dir: Path, files: dict[str, str]) -> dict[str, int
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
                       overwrite: bool = False, stage: Callable[[str], None] | None = None) -> QuantizeResult:
     from mythos_deploy.runtimes.loader import load
-    from mythos_deploy.runtimes.onnx_runner import graph_files, open_onnx_artifact
+    from mythos_deploy.runtimes.onnx_runner import artifact_files, open_onnx_artifact
     from mythos_deploy.runtimes.parity import compare
     stage = stage or (lambda s: None)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -145,7 +145,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
     t0 = time.perf_counter()
     if opts.mode == QuantMode.FP16:
         return _fp16_reexport(src_dir, out_dir, manifest, opts, overwrite, stage, t0)
-    files = graph_files(options.loop)
+    files = artifact_files(manifest)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
@@ -260,7 +260,7 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: Manifest, opts: Quant
     from mythos_deploy.exporters.onnx_export import export_onnx
     from mythos_deploy.checkpoint import checkpoint_sha256
     from mythos_deploy.runtimes.loader import load
-    from mythos_deploy.runtimes.onnx_runner import graph_files
+    from mythos_deploy.runtimes.onnx_runner import artifact_files
     from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
     source = manifest.source
     ckpt = Path(source.get("checkpoint", ""))
@@ -271,7 +271,7 @@ def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: Manifest, opts: Quant
         raise CheckpointError(f"{ckpt} changed since {src_dir} was exported (sha256 differs)")
     if manifest.options.moe == MoeLowering.ORT:
         raise InputError("fp16 with the ort MoE lowering cannot be validated on onnxruntime CPU (fp32-only MoE kernel)")
-    files = graph_files(manifest.options.loop)
+    files = artifact_files(manifest)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch) / "fp16"
         # the same export in fp16; its fp16 parity gate always runs

@@ -210,13 +210,15 @@ def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_ar
 
 
 def export_stepped(model: MythosModel, dtype: str, opset: int) -> dict[str, "onnx.ModelProto"]:  # noqa: F821
-    """The prelude, step and coda graphs of a model (already cast to the export dtype)."""
+    """The prelude, step and coda graphs of a model (already cast to the export dtype), and the
+    exit=propagate fill graph."""
     model = model.eval()
     prelude_c, step_c, coda_c = stepped_contracts(model.cfg, dtype)
     return {
         "prelude": export_graph(PreludeGraph(model), prelude_c, opset, list_arg=True),
         "step": export_graph(StepGraph(model), step_c, opset),
         "coda": export_graph(CodaGraph(model), coda_c, opset, list_arg=True),
+        "fill": export_fill(model, dtype, opset),
     }
 
 

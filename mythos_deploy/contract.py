@@ -130,6 +130,6 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
 
 
 def contracts_for(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32") -> list[GraphContract]:
-    if loop_mode == "stepped":
-        return stepped_contracts(cfg, dtype)
+    if loop_mode == "stepped":  # and the exit=propagate fill
+        return [*stepped_contracts(cfg, dtype), fill_contract(cfg, dtype)]
     return [model_contract(cfg, loop_mode, n_loops, dtype)]

@@ -126,9 +126,9 @@ class Backend(ABC):
             raise InputError(f"this {self.name} artifact runs exactly n_loops={self.default_loops} (unrolled "
                              f"export); re-export with --loop loop or --loop stepped to vary depth")
         if decode.exit == ExitMode.PROPAGATE and not self.propagate:
-            raise InputError(f"exit=propagate runs in the eager backend and in --loop loop exports made by this "
-                             f"version; this {self.name} artifact does not carry it: use exit none or fill-forward, "
-                             "or re-export with --loop loop")
+            raise InputError(f"exit=propagate runs in the eager backend and in --loop loop / stepped exports made "
+                             f"by this version; this {self.name} artifact does not carry it: use exit none or "
+                             "fill-forward, or re-export with --loop loop")
         if decode.exit == ExitMode.FILL_FORWARD and not self.fill_forward:
             raise InputError(f"exit=fill-forward needs a --loop loop or --loop stepped export ({self.name} "
                              f"artifact is unrolled)")

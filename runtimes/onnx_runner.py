@@ -58,7 +58,10 @@ class OnnxModelRunner:
 
     @property
     def supports_propagate(self) -> bool:
-        """exit=propagate runs in the graph: `loop` exports made since it was added."""
+        """exit=propagate: `loop` exports with the `propagate` input (inside the graph) and
+        `stepped` exports with the fill graph, made since it was added."""
+        if self.loop_mode == "stepped":
+            return "fill" in self.sessions
         return self.loop_mode == "loop" and "propagate" in {i.name for i in self.sessions["model"].get_inputs()}
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,22 +93,23 @@ class OnnxModelRunner:
             out = self._run("model", base)
             out.setdefault("loops_run", np.array(n_loops))
             return out
-        return self._forward_stepped(base, n_loops, early_exit)
-
-    def _forward_stepped(self, base: dict[str, np.ndarray], n_loops: int, early_exit: bool) -> dict[str, np.ndarray]:
-        return drive_stepped(self._run, base, n_loops, early_exit, NUMPY_OPS)
+        return drive_stepped(self._run, base, n_loops, early_exit, NUMPY_OPS, propagate)
 
 
 NUMPY_OPS = SimpleNamespace(zeros=lambda shape, dtype: np.zeros(shape, dtype), index=lambda t: np.array(t, np.int64),
-                            stack=np.stack, float32=np.float32, bool=np.bool_, int32=np.int32)
+                            stack=np.stack, float32=np.float32, bool=np.bool_, int32=np.int32,
+                            arange=lambda a, b: np.arange(a, b, dtype=np.int64),
+                            where_rows=lambda rows, a, b: np.where(rows[..., None], a, b))
 
 
-def drive_stepped(run, base: dict, n_loops: int, early_exit: bool, ops) -> dict:
-    """The `stepped` trio driven loop by loop: prelude, one step call per loop carrying the ACT
-    state (stopping early once every position halted, with `early_exit`), coda. `run(name,
+def drive_stepped(run, base: dict, n_loops: int, early_exit: bool, ops, propagate: bool = False) -> dict:
+    """The `stepped` graphs driven loop by loop: prelude, one step call per loop carrying the
+    ACT state (stopping early once every position halted, with `early_exit`), coda. `run(name,
     feeds)` runs one graph (extra feeds ignored); `ops` makes arrays of the caller's kind
     (NUMPY_OPS here; torch tensors for the TensorRT backend). Returns the model-contract
-    outputs; recurrent rows past `loops_run` are zeros, like the loop graph's."""
+    outputs; recurrent rows past `loops_run` are zeros, like the loop graph's, unless
+    `propagate` (exit=propagate, with early_exit): then a position halted before a loop keeps
+    its state, and the fill graph computes the rows past `loops_run` from the final state."""
     pre = run("prelude", base)
     e = pre["e"]
     B, T = e.shape[:2]
@@ -116,14 +120,19 @@ def drive_stepped(run, base: dict, n_loops: int, early_exit: bool, ops) -> dict:
     for t in range(n_loops):
         out = run("step", {**state, "loop_index": ops.index(t), "act_threshold": base["act_threshold"],
                            "past_len": base["past_len"], "past_recurrent": past_rec[t]})
-        state.update(h=out["h_next"], h_out=out["h_out_next"], cum=out["cum_next"],
+        h_next = ops.where_rows(state["halted"], state["h"], out["h_next"]) if propagate else out["h_next"]
+        state.update(h=h_next, h_out=out["h_out_next"], cum=out["cum_next"],
                      halted=out["halted_next"], loops_used=out["loops_used_next"])
         news.append(out["new_recurrent"])
         if early_exit and bool(state["halted"].all()):
             break
     coda = run("coda", {**base, "h_out": state["h_out"]})
     ran = len(news)
-    news += [ops.zeros(tuple(news[0].shape), news[0].dtype)] * (n_loops - ran)
+    if propagate and ran < n_loops:  # one batched projection of the frozen state
+        rows = run("fill", {"h": state["h"], "e": e, "loop_indices": ops.arange(ran, n_loops),
+                            "past_len": base["past_len"]})["rows"]
+        news += [rows[i] for i in range(n_loops - ran)]
+    news += [ops.zeros(tuple(news[0].shape), news[0].dtype)] * (n_loops - len(news))
     result = {"logits": coda["logits"], "new_recurrent": ops.stack(news), "loops_run": np.array(ran),
               "loops_used": state["loops_used"], "halt_prob": state["cum"]}
     result.update({k: v for k, v in pre.items() if k.startswith("new_")})
@@ -132,9 +141,17 @@ def drive_stepped(run, base: dict, n_loops: int, early_exit: bool, ops) -> dict:
 
 
 def graph_files(loop_mode: str) -> dict[str, str]:
-    if loop_mode == "stepped":
-        return {"prelude": "prelude.onnx", "step": "step.onnx", "coda": "coda.onnx"}
+    """The graphs an export of this loop mode writes."""
+    if loop_mode == "stepped":  # fill: exit=propagate's cache rows from a frozen state
+        return {"prelude": "prelude.onnx", "step": "step.onnx", "coda": "coda.onnx", "fill": "fill.onnx"}
     return {"model": "model.onnx"}
+
+
+def artifact_files(manifest: Manifest) -> dict[str, str]:
+    """Graph name -> file name of an ONNX artifact, as its manifest lists them (stepped
+    exports made before the fill graph have three)."""
+    listed = manifest.get("graphs")
+    return dict(listed) if isinstance(listed, dict) and listed else graph_files(manifest.options.loop)
 
 
 def artifact_graphs(path: str | Path, manifest: Manifest) -> dict[str, Path]:
@@ -142,7 +159,7 @@ def artifact_graphs(path: str | Path, manifest: Manifest) -> dict[str, Path]:
     escape the directory. Always checked, even without manifest verification: hashes do not
     stop a hostile author."""
     from mythos_deploy.safety import check_external_data
-    paths = {name: Path(path) / f for name, f in graph_files(manifest.options.loop).items()}
+    paths = {name: Path(path) / f for name, f in artifact_files(manifest).items()}
     for p in paths.values():
         check_external_data(p, path)
     return paths

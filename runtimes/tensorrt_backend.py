@@ -111,7 +111,7 @@ class TrtSession(Session):
 
     def _forward(self, ids, pos: int) -> dict:
         b, torch, dev = self.b, self.b.torch, self.b.device
-        x = torch.from_numpy(ids).to(dev)
+        x = torch.from_numpy(np.ascontiguousarray(ids)).to(dev)  # TensorRT reads raw memory: no strided views
         T = ids.shape[1]
         if b.loop_mode != "stepped":
             if T == 1 and b.cuda_graph and b.loop_mode == "unroll" and dev == "cuda":
@@ -119,7 +119,7 @@ class TrtSession(Session):
             return b.engines["model"].run({"input_ids": x, **self._scalars(pos), **self.buffers}, b.stream, T)
         return drive_stepped(lambda name, feeds: b.engines[name].run(feeds, b.stream, T),
                              {"input_ids": x, **self._scalars(pos), **self.buffers}, self.n_loops,
-                             self.exit == ExitMode.FILL_FORWARD, b.ops)
+                             self.exit != ExitMode.NONE, b.ops, self.exit == ExitMode.PROPAGATE)
 
     def _decode_graph(self, x, pos: int) -> dict:
         """Capture the engine's one-token call once, then replay it with new inputs."""
@@ -142,12 +142,13 @@ class TrtSession(Session):
         pos, T = self.length, ids.shape[1]
         with b.stream_context():
             out = self._forward(ids, pos)
-            ran = self.n_loops if self.exit == ExitMode.PROPAGATE else int(out.get("loops_run", self.n_loops))
+            ran = int(out.get("loops_run", self.n_loops))
+            filled = self.n_loops if self.exit == ExitMode.PROPAGATE else ran  # propagate: every row is new
             for name, buf in self.buffers.items():
                 new = out[name.replace("past_", "new_")]
                 if name == "past_recurrent":
-                    buf[:ran, :, pos:pos + T] = new[:ran]
-                    buf[ran:, :, pos:pos + T] = new[ran - 1]
+                    buf[:filled, :, pos:pos + T] = new[:filled]
+                    buf[filled:, :, pos:pos + T] = new[filled - 1]
                 else:
                     buf[:, pos:pos + T] = new
         b.stream.synchronize()
@@ -189,11 +190,14 @@ class TensorRTBackend(Backend):
         self.ops = SimpleNamespace(  # arrays for the stepped driver: torch tensors on this device
             zeros=lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device),
             index=lambda t: torch.tensor(t, dtype=torch.int64, device=device), stack=torch.stack,
-            float32=torch.float32, bool=torch.bool, int32=torch.int32)
+            float32=torch.float32, bool=torch.bool, int32=torch.int32,
+            arange=lambda a, b: torch.arange(a, b, dtype=torch.int64, device=device),
+            where_rows=lambda rows, a, b: torch.where(rows.unsqueeze(-1), a, b))
         self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest.data["profiles"][name]), device)
                         for name, f in manifest.data["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
-        self.propagate = self.loop_mode == "loop" and "propagate" in self.engines["model"].inputs
+        self.propagate = ("fill" in self.engines if self.loop_mode == "stepped"
+                          else self.loop_mode == "loop" and "propagate" in self.engines["model"].inputs)
 
     def stream_context(self):
         return self.torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()

@@ -70,7 +70,7 @@ def eval_hops(
     compare: Optional[Path] = typer.Option(None, help="A second artifact that must make exactly the same predictions (exit 4 otherwise)."),
     act_threshold: Optional[float] = typer.Option(None, help="ACT halting threshold (default: the checkpoint's, 0.99)."),
     exit_mode: ExitMode = typer.Option(ExitMode.NONE, "--exit", help="ACT exit mode for every cell: none (exact), fill-forward "
-                                                                     "or propagate (eager, and --loop loop exports)."),
+                                                                     "or propagate (eager, loop and stepped exports)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Task accuracy by hop count x n_loops, mean ACT loops at the answer, and the per-token

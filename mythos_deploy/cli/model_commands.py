@@ -191,7 +191,7 @@ def generate(
     exit_mode: ExitMode = typer.Option(ExitMode.NONE, "--exit", help="none: every loop for every token (exact); fill-forward: stop a "
                                                           "token's loop once halted, later cache slots copy the last latent "
                                                           "(loop/stepped exports, and eager); propagate: stop once halted, "
-                                                          "later slots computed from the halted state (eager, and --loop loop exports)."),
+                                                          "later slots computed from the halted state (eager, loop and stepped exports)."),
     stop_ids: Optional[str] = typer.Option(None, metavar="ID,ID", help="Comma-separated ids that end generation "
                                                                         "(default: the tokenizer's EOS ids; 'none': no stop ids)."),
     max_length: Optional[int] = typer.Option(None, help="Cap on prompt + generated length (default max_seq_len)."),
@@ -269,8 +269,8 @@ def parity(
     prompts: int = typer.Option(3, help="Number of random prompts (seeded)."),
     prompt_len: int = typer.Option(8, help="Prompt length."),
     loops: Optional[int] = typer.Option(None, help="Loop count for both (default: each artifact's default)."),
-    exit_a: ExitMode = typer.Option(ExitMode.NONE, help="A's exit mode: none, fill-forward or propagate (eager, loop exports)."),
-    exit_b: ExitMode = typer.Option(ExitMode.NONE, help="B's exit mode: none, fill-forward or propagate (eager, loop exports)."),
+    exit_a: ExitMode = typer.Option(ExitMode.NONE, help="A's exit mode: none, fill-forward or propagate (eager, loop/stepped exports)."),
+    exit_b: ExitMode = typer.Option(ExitMode.NONE, help="B's exit mode: none, fill-forward or propagate (eager, loop/stepped exports)."),
     tolerance: float = typer.Option(1e-4, help="Max abs logit error allowed."),
     min_agreement: float = typer.Option(1.0, help="Minimum greedy-token agreement."),
     seed: int = typer.Option(0, help="Prompt seed."),

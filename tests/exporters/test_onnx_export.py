@@ -212,10 +212,13 @@ def test_cli_export_end_to_end(tiny_ckpt, tmp_path):
     manifest = read_manifest(out)
     verify_files(out, manifest)
     assert manifest["kind"] == "onnx" and manifest["options"]["loop"] == "stepped"
-    assert set(manifest["files"]) == {"prelude.onnx", "step.onnx", "coda.onnx", "validation.json", "tokenizer.json"}
+    assert set(manifest["files"]) == {"prelude.onnx", "step.onnx", "coda.onnx", "fill.onnx", "validation.json",
+                                      "tokenizer.json"}
     assert manifest["files"]["tokenizer.json"] == read_manifest(tiny_ckpt)["files"]["tokenizer.json"]  # carried on
-    assert [c["name"] for c in manifest["contract"]] == ["prelude", "step", "coda"]
-    for f in ("prelude.onnx", "step.onnx", "coda.onnx"):
+    assert [c["name"] for c in manifest["contract"]] == ["prelude", "step", "coda", "fill"]
+    gate = json.loads((out / "validation.json").read_text())  # exit=propagate is gated too
+    assert any(s["scenario"].startswith("propagate") and s["ok"] for s in gate["outputs"])
+    for f in ("prelude.onnx", "step.onnx", "coda.onnx", "fill.onnx"):
         onnx.checker.check_model(str(out / f), full_check=True)
     runner = runner_from_dir(out, Manifest.read(out))
     assert runner.loop_mode == "stepped"

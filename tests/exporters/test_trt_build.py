@@ -68,7 +68,7 @@ def test_dry_run_and_missing_tensorrt(masked_artifacts, tmp_path):
     r = runner.invoke(app, ["build", str(src), "-o", str(tmp_path / "e"), "--dry-run", "--json", "--profile", "batch=1:2:3"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["graphs"] == ["prelude", "step", "coda"] and summary["ranges"]["batch"] == [1, 2, 3]
+    assert summary["graphs"] == ["prelude", "step", "coda", "fill"] and summary["ranges"]["batch"] == [1, 2, 3]
     assert summary["profiles"]["coda"]["prefill"]["h_out"][2][0] == 3
     r = runner.invoke(app, ["build", str(src), "-o", str(tmp_path / "e"), "--dry-run"])
     assert r.exit_code == 0 and "past_prelude_0" in r.output and "nothing built" in r.output
@@ -87,7 +87,7 @@ def test_builds_engines_with_tensorrt(masked_artifacts, tmp_path):
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
     _, src = masked_artifacts[("mla", "stepped")]
     res = build_engines(src, tmp_path / "e", BuildOptions(precision="fp32"))
-    assert set(res.manifest["engines"]) == {"prelude", "step", "coda"}
+    assert set(res.manifest["engines"]) == {"prelude", "step", "coda", "fill"}
 
 
 def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8, tmp_path):
@@ -105,10 +105,10 @@ def test_build_drives_the_builder_api_as_documented(masked_artifacts, demo_qdq8,
                         modules=modules)
     m = read_manifest(tmp_path / "e")
     verify_files(tmp_path / "e", m)
-    assert m["kind"] == "tensorrt" and m["engines"] == {g: f"{g}.engine" for g in ("prelude", "step", "coda")}
+    assert m["kind"] == "tensorrt" and m["engines"] == {g: f"{g}.engine" for g in ("prelude", "step", "coda", "fill")}
     assert (tmp_path / "e" / "step.engine").read_bytes() == b"engine:step.onnx"
-    assert rec.parsed == ["prelude.onnx", "step.onnx", "coda.onnx"] and len(rec.configs) == 3
-    for cfg, graph in zip(rec.configs, ("prelude", "step", "coda")):
+    assert rec.parsed == ["prelude.onnx", "step.onnx", "coda.onnx", "fill.onnx"] and len(rec.configs) == 4
+    for cfg, graph in zip(rec.configs, ("prelude", "step", "coda", "fill")):
         assert cfg.flags == {"FP16"} and cfg.pool == ("WORKSPACE", 64 << 20) and len(cfg.profiles) == 2
         assert [p.shapes for p in cfg.profiles] == list(m["profiles"][graph].values())  # decode, prefill
     assert rec.configs[0].profiles[0].shapes["input_ids"] == [[1, 1], [1, 1], [4, 1]]

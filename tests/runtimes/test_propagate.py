@@ -34,20 +34,28 @@ def backend():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The same model as a `loop` export, composed (the default) and through while_loop."""
+    """The same model as a `loop` export, composed (the default) and through while_loop, and as
+    a `stepped` export (the fill graph driven from the host)."""
     pytest.importorskip("onnxruntime")
     from mythos_deploy import save_checkpoint
     from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     root = tmp_path_factory.mktemp("propagate")
     save_checkpoint(_model(), root / "ck")
     out = {}
-    for route in ("compose", "while_loop"):
-        export_onnx(root / "ck", root / route, OnnxExportOptions(loop="loop", loop_export=route, validate=False))
-        out[route] = load(root / route)
+    # compose and stepped with whole-buffer pasts, as TensorRT takes them: the same graphs also
+    # run through the TensorRT backend's code on the stand-in runtime
+    for name, opts in (("compose", OnnxExportOptions(loop="loop", past="masked", validate=False)),
+                       ("while_loop", OnnxExportOptions(loop="loop", loop_export="while_loop", validate=False)),
+                       ("stepped", OnnxExportOptions(loop="stepped", past="masked", validate=False))):
+        export_onnx(root / "ck", root / name, opts)
+        out[name] = load(root / name)
+    from tests.runtimes.test_tensorrt_backend import _standin_backend
+    for name in ("compose", "stepped"):
+        out[f"tensorrt-{name}"] = _standin_backend(root / name, root / f"engines-{name}", [])
     return out
 
 
-@pytest.fixture(params=["eager", "compose", "while_loop"])
+@pytest.fixture(params=["eager", "compose", "while_loop", "stepped", "tensorrt-compose", "tensorrt-stepped"])
 def any_backend(request, backend, exported):
     return backend if request.param == "eager" else exported[request.param]
 
@@ -55,7 +63,8 @@ def any_backend(request, backend, exported):
 def _recurrent(session) -> np.ndarray:
     if hasattr(session, "cache"):  # eager
         return np.stack([session.cache.buffers[f"recurrent_loop_{t}"].numpy() for t in range(N_LOOPS)])
-    return session.buffers["past_recurrent"].copy()
+    rec = session.buffers["past_recurrent"]
+    return rec.numpy().copy() if hasattr(rec, "numpy") else rec.copy()  # torch (TensorRT) or numpy
 
 
 PROMPT = [5, 9, 2, 7, 7, 1, 3, 8, 4, 6]
@@ -146,11 +155,24 @@ def test_loops_computed_fall_once_everything_halted(any_backend, backend):
     assert min(runs["eager"]) < N_LOOPS and runs["other"] == runs["eager"]
 
 
-@pytest.mark.parametrize("loop", ["unroll", "stepped"])
-def test_other_exports_refuse_propagate(artifacts, loop):
-    _, od = artifacts[("mla", loop)]
+def test_other_exports_refuse_propagate(artifacts, tmp_path):
+    import json
+    import shutil
+    _, od = artifacts[("mla", "unroll")]
     with pytest.raises(InputError, match="does not carry it"):
         load(od).start(1, 8, DecodeOptions(exit="propagate"))
+    # a stepped export from before the fill graph (three graphs) still loads, without propagate
+    _, src = artifacts[("mla", "stepped")]
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    (old / "fill.onnx").unlink()
+    m = json.loads((old / "manifest.json").read_text())
+    del m["graphs"]["fill"], m["files"]["fill.onnx"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    backend = load(old)
+    assert len(backend.start(1, 8).step([[1, 2]]).logits[0]) == 2
+    with pytest.raises(InputError, match="does not carry it"):
+        backend.start(1, 8, DecodeOptions(exit="propagate"))
 
 
 def test_halting_profile_counts_ill_conditioned_positions(backend):

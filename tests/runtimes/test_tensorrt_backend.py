@@ -67,15 +67,15 @@ def test_backend_logic_through_a_standin_runtime(masked_artifacts, tmp_path, loo
     assert trt_b.name.startswith("tensorrt[") and read_manifest(tmp_path / "eng")["kind"] == "tensorrt"
     ort_b = load(src)
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]
-    exits = {"unroll": ["none"], "stepped": ["none", "fill-forward"], "loop": ["none", "fill-forward", "propagate"]}[loop]
-    assert trt_b.propagate == (loop == "loop")
+    exits = ["none"] if loop == "unroll" else ["none", "fill-forward", "propagate"]
+    assert trt_b.propagate == (loop != "unroll")
     for exit in exits:
         ref = generate(ort_b, prompts, 12, decode=DecodeOptions(exit=exit))
         got = generate(trt_b, prompts, 12, decode=DecodeOptions(exit=exit))
         assert got.tokens == ref.tokens and got.loops_used == ref.loops_used, exit
     # logits step by step, and the cache the backend keeps, against onnxruntime's
-    for exit in exits[::2]:  # none, and propagate for the loop export
-        decode = DecodeOptions(trt_b.default_loops, 0.6, exit)
+    for exit in exits[::2]:  # none, and propagate (where calls end early: tests/runtimes/test_propagate.py)
+        decode = DecodeOptions(trt_b.default_loops, 0.2, exit)
         sa, sb = ort_b.start(2, 16, decode), trt_b.start(2, 16, decode)
         ids = np.array(prompts)
         for _ in range(4):
@@ -90,7 +90,8 @@ def test_backend_logic_through_a_standin_runtime(masked_artifacts, tmp_path, loo
     first = next(iter(profiles))
     used = engines[0].contexts[0].profiles_set
     assert used[0] == list(profiles[first]).index("prefill") and list(profiles[first]).index("decode") in used
-    assert sb.cache_nbytes() == sum(b.nbytes for b in sa.buffers.values()) and all(e.launches > 0 for e in engines)
+    # (a stepped export's fill engine runs only when a propagate call ends early: test_propagate.py)
+    assert sb.cache_nbytes() == sum(b.nbytes for b in sa.buffers.values()) and all(e.launches > 0 for e in engines[:3])
 
 
 def test_standin_rejects_a_corrupt_engine(masked_artifacts, tmp_path):
