@@ -72,13 +72,18 @@ def evaluate(backend: Backend, hop_counts: Sequence[int] = DEFAULT_HOPS,
 
 
 def token_depths(backend: Backend, text: str = SAMPLE_PROMPT, decode: DecodeOptions = DecodeOptions()) -> dict:
-    """Per-token ACT depth (loops until halting) for one prompt, prefilled in one call."""
+    """Per-token ACT depth (loops until halting) for one prompt, prefilled in one call; and the
+    loops actually computed per token when the prompt is fed one token per call (as in
+    decoding): n_loops each with exit none, fewer with an early exit."""
     check_task_model(backend)
     ids = np.array([hops.encode(text)], dtype=np.int64)
     n = backend.default_loops if decode.n_loops is None else decode.n_loops
-    out = backend.start(batch=1, budget=ids.shape[1], decode=dataclasses.replace(decode, n_loops=n)).step(ids)
-    return {"text": text, "n_loops": n, "loops_used": out.loops_used[0].tolist(),
-            "halt_prob": [round(float(p), 4) for p in out.halt_prob[0]],
+    decode = dataclasses.replace(decode, n_loops=n)
+    out = backend.start(batch=1, budget=ids.shape[1], decode=decode).step(ids)
+    session = backend.start(batch=1, budget=ids.shape[1], decode=decode)
+    computed = [session.step(ids[:, i:i + 1]).loops_run for i in range(ids.shape[1])]
+    return {"text": text, "n_loops": n, "exit": str(decode.exit), "loops_used": out.loops_used[0].tolist(),
+            "loops_computed": computed, "halt_prob": [round(float(p), 4) for p in out.halt_prob[0]],
             "predicted_next": hops.decode(out.logits[0].argmax(-1))}
 
 
@@ -152,15 +157,17 @@ def plot(result: dict, depths: dict, path) -> None:
     ax.legend(fontsize=8)
 
     ax = fig.add_subplot(grid[1, :])
-    d = np.array([depths["loops_used"]])
+    rows = [depths["loops_used"]] + ([depths["loops_computed"]] if "loops_computed" in depths else [])
+    d = np.array(rows)
     ax.imshow(d, cmap="magma", aspect="auto", vmin=1, vmax=max(2, depths["n_loops"]))
     ax.set_xticks(range(len(depths["text"])), list(depths["text"]), fontfamily="monospace")
-    ax.set_yticks([])
-    for j, v in enumerate(depths["loops_used"]):
-        ax.text(j, 0, str(v), ha="center", va="center", color="white" if v < depths["n_loops"] / 2 + 1 else "black",
-                fontsize=8)
-    ax.set_title(f"ACT loops per token (n_loops={depths['n_loops']}); the answer to each query "
-                 "is predicted at the query's letter")
+    ax.set_yticks(range(len(rows)), ["ACT depth", f"computed ({depths.get('exit', 'none')})"][:len(rows)], fontsize=8)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v < depths["n_loops"] / 2 + 1 else "black",
+                    fontsize=8)
+    ax.set_title(f"per token (n_loops={depths['n_loops']}): ACT depth, and loops computed one token per call "
+                 "(answers are predicted at the query's letter)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

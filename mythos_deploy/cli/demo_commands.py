@@ -76,6 +76,7 @@ def eval_hops(
     """Task accuracy by hop count x n_loops, mean ACT loops at the answer, and the per-token
     ACT depth of a sample prompt, through any runtime."""
     with handle_errors():
+        import numpy as np
         from rich.progress import BarColumn, Progress, TextColumn
 
         from mythos_deploy.errors import ParityError
@@ -131,6 +132,9 @@ def eval_hops(
             d = result["depths"]
             out.print(f"ACT loops per token ({d['n_loops']} max): " + " ".join(
                 f"{escape(c)}{v}" for c, v in zip(d["text"], d["loops_used"])), highlight=False)
+            done = d["loops_computed"]
+            out.print(f"loops computed per token, decoded one token per call (exit {d['exit']}): mean "
+                      f"{np.mean(done):.2f} of {d['n_loops']}, {1 - np.mean(done) / d['n_loops']:.0%} saved", highlight=False)
             if compare:
                 out.print("[green]identical predictions[/green] in every cell" if result["compare"]["identical"]
                           else "[bold red]predictions differ:[/bold red] " + "; ".join(result["compare"]["differences"]))

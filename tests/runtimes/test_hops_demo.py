@@ -2,6 +2,8 @@
 runtime, prediction by prediction; the model really learned the task; halting varies."""
 
 import pytest
+
+from mythos_deploy.options import DecodeOptions
 import torch
 
 from mythos_deploy import hops
@@ -57,6 +59,10 @@ def test_halting_depth_differs_across_tokens(eager):
     at = {text[i:i + 2]: used[i + 1] for i in range(0, 18, 3)}  # statement -> loops at its value
     assert at["k4"] < at["mk"] < at["rm"] < at["wr"], at  # hops 1 < 2 < 3 < 4
     assert len(set(used)) >= 3
+    assert d["loops_computed"] == [d["n_loops"]] * len(text)  # exit none computes every loop
+    # with propagate, a token decoded alone computes loops until it halts: its ACT depth
+    p = hops_eval.token_depths(eager, decode=DecodeOptions(exit="propagate"))
+    assert p["loops_computed"] == p["loops_used"] and sum(p["loops_computed"]) < 0.5 * sum(d["loops_computed"])
 
 
 def test_halting_depth_grows_with_problem_difficulty(eager_table):
