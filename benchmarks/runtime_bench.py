@@ -5,9 +5,9 @@ checkpoint, exported to ONNX), batch 1, prompt P, N new tokens, all in one run s
 fair. Each configuration runs in its own subprocess (clean peak-RSS, no cross-talk):
 
 - openmythos: OpenMythos's own cached decoding (its forward with kv_cache + start_pos)
-- eager: this project's reference model (exit none, and fill-forward)
+- eager: this project's reference model (exit none, fill-forward and propagate)
 - onnxruntime: each loop mode (unroll | loop | stepped) x MoE lowering (standard | ort),
-  exit none and (loop/stepped) fill-forward
+  exit none and (loop/stepped) fill-forward and propagate
 
 Also: the machine's copy bandwidth and the memory-bandwidth floor per decoded token (bytes
 of weights and cache a token must read / bandwidth), each configuration's fraction of it.
@@ -228,13 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "new_tokens": args.new_tokens, "threads": args.threads, "loops": loops}
         specs = [{"name": "openmythos 0.5.0 (cached)", "kind": "openmythos"},
                  {"name": "eager", "kind": "backend", "path": str(paths["ckpt"]), "exit": "none"},
-                 {"name": "eager fill-forward", "kind": "backend", "path": str(paths["ckpt"]), "exit": "fill-forward"}]
+                 {"name": "eager fill-forward", "kind": "backend", "path": str(paths["ckpt"]), "exit": "fill-forward"},
+                 {"name": "eager propagate", "kind": "backend", "path": str(paths["ckpt"]), "exit": "propagate"}]
         for loop in ("unroll", "loop", "stepped"):
             for moe in ("standard", "ort"):
                 if f"{loop}/{moe}" not in paths:
                     continue
-                for exit_mode in ("none",) if loop == "unroll" else ("none", "fill-forward"):
-                    specs.append({"name": f"ort {loop}/{moe}" + (" fill-forward" if exit_mode != "none" else ""),
+                for exit_mode in ("none",) if loop == "unroll" else ("none", "fill-forward", "propagate"):
+                    specs.append({"name": f"ort {loop}/{moe}" + (f" {exit_mode}" if exit_mode != "none" else ""),
                                   "kind": "backend", "path": str(paths[f"{loop}/{moe}"]), "exit": exit_mode})
         results = []
         for spec in specs:
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             log(f"run {spec['name']}")
             r = run_config({**base, **spec})
-            results.append({"name": spec["name"], **r})
+            results.append({"name": spec["name"], "exit": spec.get("exit", "none"), **r})
             log(f"  decode p50 {r['decode']['p50_ms']:.1f} ms, prefill {args.prompt / r['prefill_s']:.0f} tok/s")
     bw = copy_bandwidth_gbs()
     context = args.prompt + args.new_tokens // 2
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         r["prefill_tokens_per_s"] = args.prompt / r["prefill_s"]
         r["speedup_vs_openmythos"] = om / r["decode"]["p50_ms"]
-        # each configuration against the floor of the loops it actually ran (fill-forward runs fewer)
+        # each configuration against the floor of the loops it actually ran (an early exit runs fewer)
         own = floor_bytes_per_token(cfg, r["mean_loops_run"], context)["total"] / (bw * 1e9) * 1e3
         r["bandwidth_floor_ms"] = own
         r["fraction_of_bandwidth_floor"] = own / r["decode"]["p50_ms"]
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = min(results, key=lambda r: r["decode"]["p50_ms"])
     if not results:
         raise SystemExit("no configuration ran")
-    ort_none = [r for r in results if r["name"].startswith("ort") and "fill-forward" not in r["name"]]
+    ort_none = [r for r in results if r["name"].startswith("ort") and r["exit"] == "none"]
     targets = {
         "ort_fp32_decode_3x_faster_than_openmythos": {
             "best_ort_exit_none": min(ort_none, key=lambda r: r["decode"]["p50_ms"])["name"] if ort_none else None,

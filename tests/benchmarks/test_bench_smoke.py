@@ -8,12 +8,13 @@ def test_runtime_bench_runs_and_writes_json_and_plot(tmp_path, capsys):
     from benchmarks.runtime_bench import main, print_table
     out = tmp_path / "rt.json"
     data = main(["--preset", "tiny", "--prompt", "4", "--new-tokens", "4",
-                 "--only", "eager,ort loop/standard fill-forward", "--out", str(out)])
+                 "--only", "eager,ort loop/standard propagate", "--out", str(out)])
     assert json.loads(out.read_text()) == data
     print_table(data)
     assert "decode, batch 1, tiny: prompt 4, 4 new tokens" in capsys.readouterr().out
     names = [x["name"] for x in data["results"]]
-    assert names == ["openmythos 0.5.0 (cached)", "eager", "ort loop/standard fill-forward"]
+    assert names == ["openmythos 0.5.0 (cached)", "eager", "ort loop/standard propagate"]
+    assert [x["exit"] for x in data["results"]] == ["none", "none", "propagate"]
     for x in data["results"]:
         assert x["decode"]["p50_ms"] > 0 and x["peak_rss_mb"] > 0 and x["bandwidth_floor_ms"] > 0
     assert data["cache_bytes_per_token"]["openmythos"] > data["cache_bytes_per_token"]["mythos_deploy"]
