@@ -246,10 +246,12 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
-def check_vocab(tok: Tokenizer, vocab_size: int, where: str = "") -> Tokenizer:
+def check_vocab(tok: Tokenizer, vocab_size: int, error: type = InputError, suggest_init: bool = False) -> Tokenizer:
+    """Refuse a tokenizer with more ids than the model's vocabulary, in one line."""
     if tok.vocab_size > vocab_size:
-        raise InputError(f"the tokenizer {tok.source} has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{vocab_size}{where}; they must match (init takes --set vocab_size={tok.vocab_size})")
+        hint = f"; they must match (init takes --set vocab_size={tok.vocab_size})" if suggest_init else ""
+        raise error(f"the tokenizer {tok.source} has {tok.vocab_size} ids but the model's vocab_size is "
+                    f"{vocab_size}{hint}")
     return tok
 
 
@@ -257,7 +259,7 @@ def tokenizer_files(path: str | Path, vocab_size: int) -> dict[str, str]:
     """The files to copy into a checkpoint from a user's --tokenizer PATH, checked: they
     parse, name tokens that exist, and fit the model's vocabulary."""
     json_path = tokenizer_source(path)
-    check_vocab(read_tokenizer(path), vocab_size)
+    check_vocab(read_tokenizer(path), vocab_size, suggest_init=True)
     names = [n for n in TOKENIZER_FILES[1:] if Path(path).is_dir() and (json_path.parent / n).is_file()]
     return {TOKENIZER_JSON: json_path.read_text(encoding="utf-8"),
             **{n: (json_path.parent / n).read_text(encoding="utf-8") for n in names}}
@@ -272,11 +274,7 @@ def load_tokenizer(directory: str | Path, vocab_size: int) -> Tokenizer:
     if not has_tokenizer(directory):
         raise InputError(f"{directory} has no {TOKENIZER_JSON}; give --prompt-ids instead of --prompt "
                          "(or make the checkpoint with --tokenizer PATH)")
-    tok = read_tokenizer(directory)
-    if tok.vocab_size > vocab_size:
-        raise CheckpointError(f"{Path(directory) / TOKENIZER_JSON} has {tok.vocab_size} ids but the model has "
-                              f"vocab_size={vocab_size}")
-    return tok
+    return check_vocab(read_tokenizer(directory), vocab_size, error=CheckpointError)
 
 
 def carry_tokenizer(src_dir: str | Path, dst_dir: str | Path) -> list[str]:

@@ -55,6 +55,23 @@ def check_ids(ids, cfg: MythosConfig) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def write_new_rows(buffers: dict, out: dict, pos: int, exit: ExitMode) -> None:
+    """Write a call's new cache rows (the graph's `new_*` outputs) into a session's
+    preallocated `past_*` buffers (numpy or torch) at [pos, pos + T). Recurrent rows: every
+    row is new with exit=propagate; otherwise rows from `loops_run` on repeat row loops_run-1
+    (fill-forward; nothing to repeat when every loop ran)."""
+    n_loops = buffers["past_recurrent"].shape[0]
+    filled = n_loops if exit == ExitMode.PROPAGATE else int(out.get("loops_run", n_loops))
+    for name, buf in buffers.items():
+        new = out[name.replace("past_", "new_")]
+        T = new.shape[-2]
+        if name == "past_recurrent":
+            buf[:filled, :, pos:pos + T] = new[:filled]
+            buf[filled:, :, pos:pos + T] = new[filled - 1]
+        else:
+            buf[:, pos:pos + T] = new
+
+
 class Session(ABC):
     backend_name = "runtime"
 

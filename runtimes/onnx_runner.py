@@ -47,6 +47,15 @@ def make_session(model: Any, providers: list[str] | None = None, threads: int = 
         raise CheckpointError(f"onnxruntime cannot load the graph: {first}") from None
 
 
+def carries_propagate(loop_mode: str, graphs, model_inputs) -> bool:
+    """Whether an artifact runs exit=propagate: a `loop` graph with the `propagate` input (the
+    freeze and the fill inside the graph), or `stepped` graphs with the fill graph; exports
+    made before it have neither. `graphs`: the graph names; `model_inputs`: the `loop` graph's."""
+    if loop_mode == "stepped":
+        return "fill" in graphs
+    return loop_mode == "loop" and "propagate" in model_inputs
+
+
 class OnnxModelRunner:
     """Sessions for one artifact's graphs. `graphs` maps graph name -> ModelProto or path."""
 
@@ -58,11 +67,8 @@ class OnnxModelRunner:
 
     @property
     def supports_propagate(self) -> bool:
-        """exit=propagate: `loop` exports with the `propagate` input (inside the graph) and
-        `stepped` exports with the fill graph, made since it was added."""
-        if self.loop_mode == "stepped":
-            return "fill" in self.sessions
-        return self.loop_mode == "loop" and "propagate" in {i.name for i in self.sessions["model"].get_inputs()}
+        model = self.sessions.get("model")
+        return carries_propagate(self.loop_mode, self.sessions, [i.name for i in model.get_inputs()] if model else ())
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.sessions[name]

@@ -13,7 +13,7 @@ import numpy as np
 
 from mythos_deploy.manifest import Manifest
 from mythos_deploy.options import ExitMode, ExportDtype
-from mythos_deploy.runtimes.base import Backend, Session, StepOutput
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput, write_new_rows
 from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, runner_from_dir
 
 
@@ -29,18 +29,10 @@ class OrtSession(Session):
         self.buffers.update({f"past_coda_{i}": np.zeros((batch, budget, W), dt) for i in range(cfg.coda_layers)})
 
     def _step(self, ids: np.ndarray) -> StepOutput:
-        pos, T = self.length, ids.shape[1]
-        propagate = self.exit == ExitMode.PROPAGATE  # the graph fills every row
+        pos = self.length
         out = self.runner.forward(ids, pos, self.buffers, self.n_loops, self.act_threshold,
-                                  early_exit=self.exit != ExitMode.NONE, propagate=propagate)
-        for name, buf in self.buffers.items():
-            new = out[name.replace("past_", "new_")]
-            if name == "past_recurrent":
-                ran = self.n_loops if propagate else int(out["loops_run"])
-                buf[:ran, :, pos:pos + T] = new[:ran]
-                buf[ran:, :, pos:pos + T] = new[ran - 1]  # fill-forward (no-op when all ran)
-            else:
-                buf[:, pos:pos + T] = new
+                                  early_exit=self.exit != ExitMode.NONE, propagate=self.exit == ExitMode.PROPAGATE)
+        write_new_rows(self.buffers, out, pos, self.exit)
         return StepOutput(out["logits"].astype(np.float32, copy=False), out["loops_used"],
                           out["halt_prob"], int(out["loops_run"]))
 

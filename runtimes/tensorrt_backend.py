@@ -29,8 +29,8 @@ import numpy as np
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
 from mythos_deploy.manifest import Manifest
 from mythos_deploy.options import ExitMode, ExportDtype, MoeLowering
-from mythos_deploy.runtimes.base import Backend, Session, StepOutput
-from mythos_deploy.runtimes.onnx_runner import drive_stepped
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput, write_new_rows
+from mythos_deploy.runtimes.onnx_runner import carries_propagate, drive_stepped
 
 
 def _torch_dtype(trt, torch, dt):
@@ -139,18 +139,11 @@ class TrtSession(Session):
 
     def _step(self, ids: np.ndarray) -> StepOutput:
         b = self.b
-        pos, T = self.length, ids.shape[1]
+        pos = self.length
         with b.stream_context():
             out = self._forward(ids, pos)
             ran = int(out.get("loops_run", self.n_loops))
-            filled = self.n_loops if self.exit == ExitMode.PROPAGATE else ran  # propagate: every row is new
-            for name, buf in self.buffers.items():
-                new = out[name.replace("past_", "new_")]
-                if name == "past_recurrent":
-                    buf[:filled, :, pos:pos + T] = new[:filled]
-                    buf[filled:, :, pos:pos + T] = new[filled - 1]
-                else:
-                    buf[:, pos:pos + T] = new
+            write_new_rows(self.buffers, out, pos, self.exit)
         b.stream.synchronize()
         return StepOutput(out["logits"].float().cpu().numpy(), out["loops_used"].cpu().numpy(),
                           out["halt_prob"].float().cpu().numpy(), ran)
@@ -196,8 +189,8 @@ class TensorRTBackend(Backend):
         self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest.data["profiles"][name]), device)
                         for name, f in manifest.data["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
-        self.propagate = ("fill" in self.engines if self.loop_mode == "stepped"
-                          else self.loop_mode == "loop" and "propagate" in self.engines["model"].inputs)
+        self.propagate = carries_propagate(self.loop_mode, self.engines,
+                                           self.engines["model"].inputs if "model" in self.engines else ())
 
     def stream_context(self):
         return self.torch.cuda.stream(self.stream) if self.device == "cuda" else contextlib.nullcontext()

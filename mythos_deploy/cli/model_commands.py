@@ -252,13 +252,14 @@ def generate(
 def _tokenizer_dir(path: Path) -> Path:
     """Checkpoints and artifacts keep their tokenizer files; an artifact made before they were
     carried on names its source checkpoint."""
-    if (path / "tokenizer.json").is_file():
+    from mythos_deploy.tokenizer import has_tokenizer
+    if has_tokenizer(path):
         return path
     try:
         src = json.loads((path / "manifest.json").read_text()).get("source", {}).get("checkpoint")
     except (OSError, ValueError):
         src = None
-    return Path(src) if src and (Path(src) / "tokenizer.json").is_file() else path
+    return Path(src) if src and has_tokenizer(src) else path
 
 @app.command(epilog="Examples: mythos-export parity ckpt/tiny out/tiny-onnx\n\n"
                     "mythos-export parity out/tiny-loop out/tiny-loop --exit-b fill-forward --tolerance 1 --json")
