@@ -38,7 +38,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0  # temperature 0 means greedy, no division
+        # temperature 0 means greedy, no division; so does one that rounds to 0 in fp32 (the
+        # logits' type), where dividing the top logit by it would give 0/0
+        return self.greedy or self.temperature < torch.finfo(torch.float32).tiny
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
