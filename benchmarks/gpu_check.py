@@ -24,7 +24,7 @@ from benchmarks.common import percentiles, write_json
 
 def kernel_parity() -> list[dict]:
     from mythos_deploy.moe_kernel import moe_experts_triton
-    from mythos_deploy.moe import moe_experts_reference
+    from mythos_deploy.moe import moe_experts_vectorised
     rows = []
     for N, grouped in ((1, False), (4, False), (64, False), (64, True), (512, True), (4096, True)):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -37,7 +37,7 @@ def kernel_parity() -> list[dict]:
             ws = [(torch.randn(E, F, D, device="cuda", generator=g) * 0.05).to(dtype),
                   (torch.randn(E, F, D, device="cuda", generator=g) * 0.05).to(dtype),
                   (torch.randn(E, D, F, device="cuda", generator=g) * 0.05).to(dtype)]
-            ref = moe_experts_reference(*(t.float() if t.is_floating_point() else t for t in (x, idx, gates, *ws)))
+            ref = moe_experts_vectorised(*(t.float() if t.is_floating_point() else t for t in (x, idx, gates, *ws)))
             out = moe_experts_triton(x, idx, gates, *ws, grouped=grouped).float()
             rows.append({"N": N, "path": "grouped" if grouped else "per-token", "dtype": str(dtype).split(".")[-1],
                          "max_abs_error": float((out - ref).abs().max()),

@@ -17,14 +17,24 @@ from mythos_deploy.config import MythosConfig
 from mythos_deploy.layers import Expert
 
 
-def moe_experts_reference(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tensor:
-    """Vectorised routed-expert compute. x [N,D]; topk_idx, gates [N,K];
-    w_gate, w_up [E,F,D]; w_down [E,D,F] -> [N,D].
+def moe_experts_grouped(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tensor:
+    """Tokens grouped by expert; each used expert's weights are read in place (views, never
+    copied), so decode reads only the K experts it uses, once each. Reads `topk_idx` on the
+    host: the CPU kernel."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_idx).tolist():
+        rows, slots = (topk_idx == e).nonzero(as_tuple=True)
+        xe = x[rows]
+        h = F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e])
+        out = out.index_add(0, rows, F.linear(h, w_down[e]) * gates[rows, slots].unsqueeze(-1))
+    return out
 
-    Two strategies chosen by shape only (never by values): for few tokens, gather the K chosen
-    experts' weights per token (reads only what is used: the decode path); for many tokens,
-    run every expert densely and weight by a scattered [N,E] gate matrix (the prefill path).
-    """
+
+def moe_experts_vectorised(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tensor:
+    """No host synchronisation and no branch on tensor values (it traces). Two strategies
+    chosen by shape only: few tokens gather the K chosen experts' weights per token (a copy of
+    them on every call); many tokens run every expert densely, weighted by a scattered [N,E]
+    gate matrix."""
     N, K = topk_idx.shape
     E = w_gate.shape[0]
     if N * K < E:
@@ -36,6 +46,16 @@ def moe_experts_reference(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Ten
     dense_gates = dense_gates.scatter_add(1, topk_idx, gates)  # [N,E]
     h = F.silu(torch.einsum("nd,efd->nef", x, w_gate)) * torch.einsum("nd,efd->nef", x, w_up)
     return torch.einsum("nef,edf->nd", h * dense_gates.unsqueeze(-1), w_down)
+
+
+def moe_experts_reference(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tensor:
+    """Routed-expert compute. x [N,D]; topk_idx, gates [N,K]; w_gate, w_up [E,F,D];
+    w_down [E,D,F] -> [N,D]. The CPU groups tokens by expert (gathering `w[topk_idx]` copied
+    200 MB of expert weights per loop at the 1b preset, 3.5x slower than OpenMythos's
+    decoding); other devices (without the Triton kernel) use the vectorised form."""
+    if x.device.type == "cpu":
+        return moe_experts_grouped(x, topk_idx, gates, w_gate, w_up, w_down)
+    return moe_experts_vectorised(x, topk_idx, gates, w_gate, w_up, w_down)
 
 
 @torch.library.custom_op("mythos_deploy::moe_experts", mutates_args=())
