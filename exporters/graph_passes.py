@@ -13,6 +13,9 @@ from onnx_ir.passes.common import (ClearMetadataAndDocStringPass, DeduplicateHas
                                    RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass)
 
 IR_VERSION = 10  # onnx 1.23 writes 11+ by default; onnxruntime 1.31 rejects newer IRs
+# initializers hashed for deduplication at most this large (the repeated ones are RoPE tables
+# and small constants; hashing every expert table would read the whole model once more)
+DEDUP_MAX_ELEMENTS = 1 << 22
 
 
 class _ScopedNames:
@@ -65,7 +68,7 @@ def finish(model) -> None:
     """One copy of identical initializers (a composed graph brings the prelude's, step's and
     coda's RoPE tables), no dead nodes or initializers, no unused opsets, unique node names,
     nodes in topological order (subgraphs included)."""
-    _run(model, lambda irm: [DeduplicateHashedInitializersPass(), RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(),
+    _run(model, lambda irm: [DeduplicateHashedInitializersPass(size_limit=DEDUP_MAX_ELEMENTS), RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(),
                              NameFixPass(_ScopedNames(irm.graph)), TopologicalSortPass()])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mythos_deploy.exporters.external_data import new_tensor, new_tensor_rows, tensor_array
 from mythos_deploy.exporters.graph_passes import drop_unused_opsets
 from mythos_deploy.exporters.onnx_compose import iter_graphs, subgraphs
 from mythos_deploy.contract import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP,
@@ -45,29 +46,40 @@ class _Lowerer:
             raise InternalError(f"unknown MoE lowering {target!r}")
         self.model, self.target = model, target
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.new_inits: dict[str, np.ndarray] = {}
+        self.new_inits: dict[str, np.ndarray] = {}  # small constants
+        self.derived_shapes: dict[str, tuple[int, ...]] = {}
+        self.derived_tensors: list = []
 
     def weight(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
+        """A weight's value (memory-mapped when it lives in external data)."""
         if name in self.new_inits:
             return self.new_inits[name]
+        if name in self.derived_shapes:
+            raise InternalError(f"derived MoE table {name!r} is not read back")
         if name not in self.inits:
             raise InternalError(f"MoE weight {name!r} is not an initializer of the main graph")
-        return numpy_helper.to_array(self.inits[name])
+        return tensor_array(self.inits[name])
 
     def derived(self, base: str, tag: str, fn) -> str:
-        """An initializer computed once from a weight (shared by every MoE node using it)."""
+        """An initializer computed once from an expert table, expert by expert (`fn(w[e:e+1], e)`
+        -> [1, ...]); shared by every MoE node using it. In a store-backed model it
+        is streamed to the store, never whole in memory."""
         name = f"{base}::{tag}"
-        if name not in self.new_inits:
-            self.new_inits[name] = np.ascontiguousarray(fn(self.weight(base)))
+        if name not in self.derived_shapes:
+            w = self.weight(base)
+            first = np.ascontiguousarray(fn(w[:1], 0))
+            shape = (w.shape[0], *first.shape[1:])
+            self.derived_shapes[name] = shape
+            chunks = (first if e == 0 else fn(w[e:e + 1], e) for e in range(w.shape[0]))
+            self.derived_tensors.append(new_tensor_rows(self.model, name, shape, first.dtype, chunks))
         return name
 
     def run(self):
-        from onnx import numpy_helper
         register_schemas()
         self.walk(self.model.graph)
+        self.model.graph.initializer.extend(self.derived_tensors)
         for name, arr in self.new_inits.items():
-            self.model.graph.initializer.append(numpy_helper.from_array(arr, name))
+            self.model.graph.initializer.append(new_tensor(self.model, arr, name))
         if self.target == "plugin":
             _set_opset(self.model, PLUGIN_DOMAIN, 1)
         elif self.target == "ort":
@@ -100,10 +112,10 @@ class _Lowerer:
         from onnx import helper
         x, idx, gates, wg, wu, wd = node.input
         E = self.weight(wg).shape[0]
-        fc1 = f"{wg}::ort_fc1"
-        if fc1 not in self.new_inits:  # [E, 2F, D], rows interleaved gate0, up0, gate1, ...
-            g, u = self.weight(wg), self.weight(wu)
-            self.new_inits[fc1] = np.ascontiguousarray(np.stack([g, u], axis=2).reshape(E, 2 * g.shape[1], g.shape[2]))
+        u = self.weight(wu)
+        # [E, 2F, D], rows interleaved gate0, up0, gate1, ...
+        fc1 = self.derived(wg, "ort_fc1", lambda g, e: np.stack([g, u[e:e + 1]], axis=2)
+                           .reshape(1, 2 * g.shape[1], g.shape[2]))
         p = (node.name or node.output[0]) + "/ort"
         dtype = self.weight(wg).dtype
         k = self._k(node)
@@ -137,9 +149,9 @@ class _Lowerer:
         E, F, D = self.weight(wg).shape
         dtype = self.weight(wg).dtype
         p = (node.name or y) + "/std"
-        wgT = self.derived(wg, "EDF", lambda w: w.transpose(0, 2, 1))  # [E,D,F]
-        wuT = self.derived(wu, "EDF", lambda w: w.transpose(0, 2, 1))
-        wdT = self.derived(wd, "EFD", lambda w: w.transpose(0, 2, 1))  # [E,F,D]
+        wgT = self.derived(wg, "EDF", lambda w, e: w.transpose(0, 2, 1))  # [E,D,F]
+        wuT = self.derived(wu, "EDF", lambda w, e: w.transpose(0, 2, 1))
+        wdT = self.derived(wd, "EFD", lambda w, e: w.transpose(0, 2, 1))  # [E,F,D]
         ax12 = self.const("moe/axes_1_2", np.array([1, 2], np.int64))
         ax1 = self.const("moe/axes_1", np.array([1], np.int64))
         ax2 = self.const("moe/axes_2", np.array([2], np.int64))

@@ -317,20 +317,21 @@ def share_tied_embedding(model) -> bool:
     """The tied embedding appears twice after export: [V, D] for the prelude's Gather and
     transposed [D, V] for the head's MatMul. Keep only [D, V]: the embedding becomes
     Gather(axis=1) + Transpose. Returns True when a copy was removed."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
     inits = {t.name: t for t in model.graph.initializer}
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
                and n.input[1] == "input_ids"]
     if len(gathers) != 1:
         return False
     emb_name = gathers[0].input[0]
-    emb = numpy_helper.to_array(inits[emb_name])
+    from mythos_deploy.exporters.external_data import tensor_array
+    emb = tensor_array(inits[emb_name])
     if emb.ndim != 2:
         return False
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and node.input[1] != emb_name:
             t = inits[node.input[1]]
-            if tuple(t.dims) == emb.shape[::-1] and np.array_equal(numpy_helper.to_array(t), emb.T):
+            if tuple(t.dims) == emb.shape[::-1] and np.array_equal(tensor_array(t), emb.T):
                 head = node.input[1]
                 break
     else:

@@ -7,7 +7,9 @@ atomic write with manifest.json and validation.json. Any failure leaves no OUT_D
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import json
 import tempfile
 import time
@@ -18,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from mythos_deploy.checkpoint import checkpoint_sha256, load_checkpoint
+from mythos_deploy.exporters.external_data import DEFAULT_EXTERNAL_BYTES, external_bytes_threshold, write_model
 from mythos_deploy.config import MythosConfig
 from mythos_deploy.contract import GraphContract, contracts_for
 from mythos_deploy.errors import InputError, InternalError, MissingDependencyError, ParityError
@@ -28,7 +31,7 @@ from mythos_deploy.options import ExportDtype, LoopExport, LoopMode, MoeLowering
 MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds on it
 MAX_UNROLL = 256
 MAX_LOOPS = 4096
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs above this keep their weights in <graph>.onnx.data
+EXTERNAL_DATA_BYTES = DEFAULT_EXTERNAL_BYTES  # graphs above this keep their weights in <graph>.onnx.data
 
 
 def check_export_options(opts: OnnxExportOptions, cfg: MythosConfig) -> None:
@@ -89,10 +92,11 @@ def check_contract(model, contract: GraphContract) -> None:
 def _check_graph(model, contract: GraphContract) -> None:
     import onnx
 
+    from mythos_deploy.exporters.external_data import check_model_file
     from mythos_deploy.exporters.onnx_ops import register_schemas
     register_schemas()
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_model_file(model, contract.name)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise InternalError(f"graph {contract.name!r} fails onnx.checker/shape inference: {exc}") from None
@@ -113,47 +117,69 @@ def _set_contract_io(model, contract: GraphContract) -> None:
 
 
 def export_form(model, opts: OnnxExportOptions):
-    """The model as it is traced: a copy in the export dtype and MLA form (the eager
-    reference passed in stays untouched for validation)."""
+    """The model as it is traced: in the export dtype and MLA form. The eager reference
+    passed in stays untouched for validation: the modules are copied, the weights are not
+    (fp32 shares them; fp16 holds one half-precision copy), so a 4 GB model is not doubled."""
     import torch
-    export_model = copy.deepcopy(model)
+    tensors = [*model.parameters(), *model.buffers()]
+    if opts.dtype == "fp16":
+        memo = {id(t): (torch.nn.Parameter(t.detach().to(torch.float16), requires_grad=False)
+                        if isinstance(t, torch.nn.Parameter) else t.to(torch.float16) if t.is_floating_point() else t)
+                for t in tensors}
+    else:
+        memo = {id(t): t for t in tensors}
+    export_model = copy.deepcopy(model, memo)
     if opts.dtype == "fp16":
         export_model = export_model.to(torch.float16)
     return export_model.set_mla_absorb(opts.mla == "absorbed").eval()
 
 
 def build_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None],
-                 stepped: dict | None = None) -> dict:
-    """Eager model -> {graph name: ModelProto}, lowered and checked (no disk I/O).
-    `stepped` reuses already exported prelude/step/coda graphs (they are not modified)."""
-    from mythos_deploy.exporters.graph_passes import clear_metadata
-    from mythos_deploy.exporters.onnx_compose import compose, share_tied_embedding
+                 stepped: dict | None = None, store: Path | None = None) -> dict:
+    """Eager model -> {graph name: ModelProto}, lowered and checked. `stepped` reuses already
+    exported prelude/step/coda graphs (they are not modified). With a weight `store`
+    (exporters/external_data.py) the weights are streamed there and never sit in a protobuf;
+    otherwise nothing touches the disk."""
+    return assemble_graphs(trace_graphs(model, cfg, opts, stage, stepped, store), cfg, opts, stage)
+
+
+def trace_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None],
+                 stepped: dict | None = None, store: Path | None = None) -> dict:
+    """The torch export: {"model"} for while_loop, else the stepped graphs this export needs.
+    After it the torch model is no longer needed (except by the parity gate)."""
     from mythos_deploy.exporters.torch_to_onnx import export_fill, export_stepped, export_while_loop
-
-    def clean(g):  # no exporter metadata (it carries local paths); our IR version
-        clear_metadata(g)
-        return g
-
-    contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype)}
     if opts.loop_export == "while_loop":  # `stepped` is not used
         stage("torch export (the whole model, the core as a while_loop)")
-        graphs = {"model": clean(export_while_loop(export_form(model, opts), contracts["model"], opts.opset))}
-        _set_contract_io(graphs["model"], contracts["model"])
-        share_tied_embedding(graphs["model"])
-        return _finish_graphs(graphs, contracts, opts, stage)
+        contract = next(c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype) if c.name == "model")
+        return {"model": export_while_loop(export_form(model, opts), contract, opts.opset, store=store)}
     if stepped is None:
         stage("torch export (prelude, core step, coda, propagate fill)")
-        stepped = export_stepped(export_form(model, opts), opts.dtype, opts.opset)
+        stepped = export_stepped(export_form(model, opts), opts.dtype, opts.opset, store=store)
     if opts.loop != "unroll" and "fill" not in stepped:  # the exit=propagate fill (a cache without it)
-        stepped = {**stepped, "fill": export_fill(export_form(model, opts), opts.dtype, opts.opset)}
-    stepped = {k: clean(copy.deepcopy(v)) for k, v in stepped.items() if opts.loop != "unroll" or k != "fill"}
-    if opts.loop == "stepped":
-        graphs = stepped
+        stepped = {**stepped, "fill": export_fill(export_form(model, opts), opts.dtype, opts.opset, store=store)}
+    return {k: copy.deepcopy(v) for k, v in stepped.items() if opts.loop != "unroll" or k != "fill"}
+
+
+def assemble_graphs(traced: dict, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None]) -> dict:
+    """Traced graphs (owned: modified in place) -> the artifact's graphs, composed, lowered
+    and checked."""
+    from mythos_deploy.exporters.graph_passes import clear_metadata
+    from mythos_deploy.exporters.onnx_compose import compose, share_tied_embedding
+
+    for g in traced.values():  # no exporter metadata (it carries local paths); our IR version
+        clear_metadata(g)
+    contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype)}
+    if opts.loop_export == "while_loop":
+        graphs = traced
+        _set_contract_io(graphs["model"], contracts["model"])
+        share_tied_embedding(graphs["model"])
+    elif opts.loop == "stepped":
+        graphs = traced
         for name, g in graphs.items():
             _set_contract_io(g, contracts[name])
     else:
         stage(f"compose ({opts.loop}, {opts.loops} loops)")
-        graphs = {"model": compose(stepped, contracts["model"], opts.loop, opts.loops,
+        graphs = {"model": compose(traced, contracts["model"], opts.loop, opts.loops,
                                    cfg.prelude_layers, cfg.coda_layers)}
         share_tied_embedding(graphs["model"])
     return _finish_graphs(graphs, contracts, opts, stage)
@@ -191,10 +217,10 @@ def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOpti
                 "MythosMoE plugin node swapped for its standard-op form")
     elif any(count_moe_nodes(g) for g in graphs.values()):
         raise InternalError("an MoE placeholder survived lowering")
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory(dir=scratch_root()) as scratch:
         paths = {}
         for name, g in graphs.items():  # via files: graphs over 2 GB cannot be serialised in memory
-            paths[name] = save_graph(g, Path(scratch), f"{name}.onnx")
+            paths[name] = write_model(g, Path(scratch), f"{name}.onnx")
         runner = OnnxModelRunner(paths, opts.loop, opts.loops)
         scenarios = default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len,
                                       propagate=runner.supports_propagate)
@@ -202,20 +228,27 @@ def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOpti
                         progress=lambda s: stage(f"validate: {s}"))
 
 
-def save_graph(model, directory: Path, filename: str, external_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
-    import onnx
-    path = directory / filename
-    if model.ByteSize() > external_bytes:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{filename}.data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return path
+def save_graph(model, directory: Path, filename: str, external_bytes: int | None = None) -> Path:
+    """One graph file (weights in `<filename>.data` above `external_bytes`)."""
+    return write_model(model, directory, filename, external_bytes)
+
+
+def scratch_root() -> str | None:
+    """Where scratch weight stores go: MYTHOS_SCRATCH_DIR, else the system temp directory."""
+    import os
+    return os.environ.get("MYTHOS_SCRATCH_DIR") or None
+
+
+def model_bytes(model, dtype: str) -> int:
+    """Bytes of the model's weights in the export dtype."""
+    n = sum(t.numel() * (2 if dtype == "fp16" and t.is_floating_point() else t.element_size())
+            for t in (*model.parameters(), *model.buffers()))
+    return int(n)
 
 
 def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOptions = OnnxExportOptions(),
                 overwrite: bool = False, stage: Callable[[str], None] | None = None,
-                external_bytes: int = EXTERNAL_DATA_BYTES, stepped: dict | None = None,
+                external_bytes: int | None = None, stepped: dict | None = None,
                 extra_manifest: dict | None = None) -> ExportResult:
     """Export a checkpoint; raises ParityError (nothing written) if validation fails.
     `stepped` reuses stepped graphs already exported from this same checkpoint."""
@@ -229,13 +262,33 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
     check_export_options(opts, cfg)
     out_dir = Path(out_dir)
     check_writable(out_dir, overwrite)  # fail before minutes of work, not after
-    graphs = build_graphs(model, cfg, opts, stage, stepped=stepped)
-    report = None
-    if opts.validate:
-        report = validate_graphs(model, cfg, graphs, opts, stage).to_dict()
-        if not report["passed"]:
-            raise ParityError("export differs from eager PyTorch beyond tolerance: "
-                              + "; ".join(report["failures"][:6]), report)
+    external_bytes = external_bytes_threshold() if external_bytes is None else external_bytes
+    with contextlib.ExitStack() as scratch:
+        store = None
+        if stepped is None and model_bytes(model, opts.dtype) > external_bytes:
+            # a large model: weights go from torch to a scratch store, never into a protobuf
+            store = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mythos-store-", dir=scratch_root())))
+        traced = trace_graphs(model, cfg, opts, stage, stepped, store)
+        if not opts.validate:
+            del model  # the torch weights (4 GB at 1b) are not needed past the trace
+            gc.collect()
+        graphs = assemble_graphs(traced, cfg, opts, stage)
+        del traced
+        report = None
+        if opts.validate:
+            report = validate_graphs(model, cfg, graphs, opts, stage).to_dict()
+            if not report["passed"]:
+                raise ParityError("export differs from eager PyTorch beyond tolerance: "
+                                  + "; ".join(report["failures"][:6]), report)
+            del model
+            gc.collect()
+        return _write_artifact(ckpt_dir, out_dir, overwrite, graphs, cfg, opts, report, external_bytes,
+                               extra_manifest, stage, t0)
+
+
+def _write_artifact(ckpt_dir, out_dir: Path, overwrite: bool, graphs: dict, cfg: MythosConfig,
+                    opts: OnnxExportOptions, report: dict | None, external_bytes: int,
+                    extra_manifest: dict | None, stage: Callable[[str], None], t0: float) -> ExportResult:
     stage("write artifact")
     from mythos_deploy.runtimes.onnx_runner import graph_files
     files = graph_files(opts.loop)

@@ -14,6 +14,8 @@ import contextlib
 import io
 import logging
 import warnings
+from itertools import count
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +23,8 @@ from torch import nn
 from mythos_deploy.cache import ConcatView
 from mythos_deploy.contract import GraphContract, stepped_contracts
 from mythos_deploy.model import ACTState, MythosModel
+
+_exported = count()  # unique graph file names in a weight store
 
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST, TRACE_LOOPS = 2, 3, 4, 5  # distinct and > 1: no axis is specialised
 
@@ -183,8 +187,11 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_arg: bool = False):
-    """Export one wrapper module to an onnx.ModelProto named and shaped by its contract."""
+def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_arg: bool = False,
+                 store: Path | None = None):
+    """Export one wrapper module to an onnx.ModelProto named and shaped by its contract.
+    With a weight `store` (exporters/external_data.py) the weights are streamed there from
+    the torch tensors, tensor by tensor, and the returned graph references them."""
     from torch.export import Dim
 
     dims = {"batch": Dim("batch", min=1), "seq": Dim("seq", min=1), "past": Dim("past", min=0),
@@ -206,28 +213,54 @@ def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_ar
             module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
             input_names=names, output_names=[s.name for s in contract.outputs],
             custom_translation_table=_moe_translation(), optimize=True, verbose=False)
-    return program.model_proto
+        try:
+            if store is None:
+                return program.model_proto
+            from mythos_deploy.exporters.external_data import load_into_store
+            path = Path(store) / f"{contract.name}_{next(_exported)}.onnx"
+            program.save(str(path), external_data=True)
+        finally:
+            _release_weights(program)
+    return load_into_store(path)
 
 
-def export_stepped(model: MythosModel, dtype: str, opset: int) -> dict[str, "onnx.ModelProto"]:  # noqa: F821
+def _release_weights(program) -> None:
+    """Drop the exported graph's references to the torch weights: onnxscript's rewrite
+    rules are module-level objects that keep the last graph they matched alive, which would
+    pin the whole model (4 GB at 1b) after it is deleted."""
+    import gc
+    for graph in program.model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = None
+    for obj in gc.get_objects():  # values the optimizer removed stay referenced by its matchers
+        if type(obj).__name__ == "SimplePatternMatcher":
+            for attr in ("_graph", "_current_node", "_match"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
+
+
+def export_stepped(model: MythosModel, dtype: str, opset: int,
+                   store: Path | None = None) -> dict[str, "onnx.ModelProto"]:  # noqa: F821
     """The prelude, step and coda graphs of a model (already cast to the export dtype), and the
     exit=propagate fill graph."""
     model = model.eval()
     prelude_c, step_c, coda_c = stepped_contracts(model.cfg, dtype)
     return {
-        "prelude": export_graph(PreludeGraph(model), prelude_c, opset, list_arg=True),
-        "step": export_graph(StepGraph(model), step_c, opset),
-        "coda": export_graph(CodaGraph(model), coda_c, opset, list_arg=True),
-        "fill": export_fill(model, dtype, opset),
+        "prelude": export_graph(PreludeGraph(model), prelude_c, opset, list_arg=True, store=store),
+        "step": export_graph(StepGraph(model), step_c, opset, store=store),
+        "coda": export_graph(CodaGraph(model), coda_c, opset, list_arg=True, store=store),
+        "fill": export_fill(model, dtype, opset, store=store),
     }
 
 
-def export_fill(model: MythosModel, dtype: str, opset: int) -> "onnx.ModelProto":  # noqa: F821
+def export_fill(model: MythosModel, dtype: str, opset: int,
+                store: Path | None = None) -> "onnx.ModelProto":  # noqa: F821
     """The exit=propagate fill graph (model already cast to the export dtype)."""
     from mythos_deploy.contract import fill_contract
-    return export_graph(FillGraph(model.eval()), fill_contract(model.cfg, dtype), opset)
+    return export_graph(FillGraph(model.eval()), fill_contract(model.cfg, dtype), opset, store=store)
 
 
-def export_while_loop(model: MythosModel, contract: GraphContract, opset: int) -> "onnx.ModelProto":  # noqa: F821
+def export_while_loop(model: MythosModel, contract: GraphContract, opset: int,
+                      store: Path | None = None) -> "onnx.ModelProto":  # noqa: F821
     """The `loop` graph through torch.export while_loop (model already cast to the export dtype)."""
-    return export_graph(WhileLoopGraph(model.eval()), contract, opset, list_arg=True)
+    return export_graph(WhileLoopGraph(model.eval()), contract, opset, list_arg=True, store=store)
