@@ -109,16 +109,44 @@ def _external_proto(name: str, dtype: np.dtype, shape: tuple[int, ...], location
     return t
 
 
+STORE_MARK = ".mythos-weight-store"
+
+
+def make_store(directory: Path) -> Path:
+    """Mark `directory` as a weight store: new large tensors of graphs living in it go there."""
+    directory = Path(directory).resolve()
+    (directory / STORE_MARK).touch()
+    return directory
+
+
 def store_dir(model) -> Path | None:
-    """The weight store a model's initializers live in (None: the model holds its weights)."""
+    """The weight store a model's initializers live in (None: the model holds its weights,
+    or reads them from an artifact it must not write to)."""
     from mythos_deploy.exporters.onnx_compose import iter_graphs
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if is_external(t):
                 loc = Path(_info(t)["location"])
-                if loc.is_absolute():
+                if loc.is_absolute() and (loc.parent / STORE_MARK).exists():
                     return loc.parent
     return None
+
+
+def materialize(model, keep_external=lambda t: False) -> int:
+    """Read external tensors back inline (for code that needs `raw_data`, such as
+    onnxruntime's quantizers), except those `keep_external` selects. Returns bytes read."""
+    import onnx
+    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    done = 0
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if is_external(t) and not keep_external(t):
+                data = np.ascontiguousarray(tensor_array(t))
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = data.tobytes()
+                done += data.nbytes
+    return done
 
 
 def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]):
@@ -171,7 +199,7 @@ def load_into_store(path: Path):
     the store's absolute paths as external locations."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
-    adopt(model, Path(path).parent)
+    adopt(model, make_store(Path(path).parent))
     return model
 
 
@@ -209,15 +237,12 @@ def write_model(model, directory: Path, filename: str, external_bytes: int | Non
     path = directory / filename
     out = ModelProto()
     out.CopyFrom(model)
+    if base_dir is not None:
+        adopt(out, base_dir)
     tensors = [t for g in iter_graphs(out.graph) for t in g.initializer]
     total = sum(tensor_nbytes(t) for t in tensors)
     if total <= threshold:
-        for t in tensors:
-            if is_external(t):
-                data = np.ascontiguousarray(tensor_array(t, base_dir))
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = data.tobytes()
+        materialize(out)
         onnx.save_model(out, str(path))
         return path
     data_name = f"{filename}.data"
@@ -231,7 +256,7 @@ def write_model(model, directory: Path, filename: str, external_bytes: int | Non
                 f.write(b"\0" * pad)
             offset = f.tell()
             if is_external(t):
-                _copy_range(*_source(t, base_dir), f)
+                _copy_range(*_source(t, None), f)
             else:
                 f.write(np.ascontiguousarray(tensor_array(t)).tobytes())
             name, dtype, shape = t.name, _np_dtype(t), tuple(t.dims)

@@ -18,6 +18,19 @@ from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
 from mythos_deploy.errors import InputError
 
 
+def _expert_table(t) -> np.ndarray:
+    """An expert table's value, memory-mapped when it is external (read expert by expert)."""
+    from mythos_deploy.exporters.external_data import tensor_array
+    return tensor_array(t)
+
+
+def _per_expert(w: np.ndarray, fn) -> tuple[np.ndarray, ...]:
+    """`fn` over [1, ...] fp32 slices of an [E, ...] table, outputs concatenated on axis 0:
+    a 1 GB table is never converted or quantized whole (its temporaries are 4x its size)."""
+    parts = [fn(np.asarray(w[e:e + 1], np.float32)) for e in range(w.shape[0])]
+    return tuple(np.ascontiguousarray(np.concatenate(p, axis=0)) for p in zip(*parts))
+
+
 def _excluded(model, exclude: tuple[str, ...]) -> list[str]:
     """MatMuls that must stay float: B not a 2-D initializer (attention, gathered experts),
     plus user exclusions (substring match on node names)."""
@@ -45,11 +58,13 @@ def _int8_experts(model) -> int:
     if not targets:
         return 0
     new_inits = []
-    for name in targets:
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)  # [E, in, out]
-        scale = np.abs(w).max(axis=1, keepdims=True) / 127.0  # per (expert, output channel)
+    def int8_rows(w):  # [1, in, out] -> per (expert, output channel) scales
+        scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
         scale[scale == 0] = 1.0
-        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
+
+    for name in targets:
+        q, scale = _per_expert(_expert_table(inits[name]), int8_rows)  # [E, in, out]
         new_inits += [numpy_helper.from_array(q, f"{name}::q8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}::s8")]
     for g in iter_graphs(model.graph):
         readers: dict[str, list] = {}
@@ -114,10 +129,10 @@ def _int4_experts(model, block: int) -> int:
     inits = {t.name: t for t in model.graph.initializer}
     targets = {}
     for name in (n for n in inits if "::EDF" in n or "::EFD" in n):
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        w = _expert_table(inits[name])
         if w.shape[2] % block:
             continue
-        q, scale = quantize_last_axis(w, 4, block)  # [E, A, B/2] packed, [E, A, B/bs]
+        q, scale = _per_expert(w, lambda x: quantize_last_axis(x, 4, block))  # [E, A, B/2] packed, [E, A, B/bs]
         model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}::q4"),
                                         numpy_helper.from_array(scale, f"{name}::s4")])
         targets[name] = w.shape[0]
@@ -178,13 +193,13 @@ def _qmoe(model, bits: int, block_size: int) -> str:
                 out.append(n)
                 continue
             x, router, fc1, _, fc2 = list(n.input)[:5]
-            w1, w2 = (numpy_helper.to_array(inits[name]).astype(np.float32) for name in (fc1, fc2))
+            w1, w2 = (_expert_table(inits[name]) for name in (fc1, fc2))
             block = block_size if w1.shape[2] % block_size == 0 and w2.shape[2] % block_size == 0 else 0
             kinds.add(f"blocks of {block}" if block else "per output row")
             ins = []
             for name, w in ((fc1, w1), (fc2, w2)):
                 if (name, block) not in done:
-                    q, sc = quantize_last_axis(w, bits, block)
+                    q, sc = _per_expert(w, lambda x: quantize_last_axis(x, bits, block))
                     done[(name, block)] = (f"{name}::q{bits}b{block}", f"{name}::s{bits}b{block}")
                     model.graph.initializer.extend([numpy_helper.from_array(q, done[(name, block)][0]),
                                                     numpy_helper.from_array(sc, done[(name, block)][1])])
@@ -226,7 +241,7 @@ def gemms_to_matmuls(model) -> int:
                 continue
             kn = f"{w.name}::kn" if node_attr(n, "transB", 0) else w.name
             if kn not in inits:
-                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), kn)
+                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(_expert_table(w).T), kn)
                 model.graph.initializer.append(inits[kn])
             if len(n.input) > 2 and n.input[2]:
                 mid = f"{n.output[0]}/matmul"
@@ -267,7 +282,7 @@ def merge_sibling_matmuls(model, exclude: tuple[str, ...] = ()) -> int:
             key = tuple(m.input[1] for m in members)
             if key not in merged:
                 name = "::".join(key) + "::merged"
-                arrays = [numpy_helper.to_array(inits[k]) for k in key]
+                arrays = [_expert_table(inits[k]) for k in key]
                 inits[name] = numpy_helper.from_array(np.concatenate(arrays, axis=1), name)
                 sizes = f"{name}::split"
                 inits[sizes] = numpy_helper.from_array(np.array([x.shape[1] for x in arrays], np.int64), sizes)
@@ -345,13 +360,20 @@ def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int
     import onnx
 
     from mythos_deploy.exporters import graph_passes
-    model = onnx.load(str(src))
+    from mythos_deploy.exporters.external_data import adopt, materialize, write_model
+    # weights stay in the source's external data (memory-mapped) until a pass reads them:
+    # the expert tables are quantized expert by expert and never read whole
+    model = onnx.load(str(src), load_external_data=False)
+    adopt(model, src.parent)
     info: dict = {"mode": mode}
     with _quiet_quantizers():
         if mode in ("int8", "int4"):
             bits = 8 if mode == "int8" else 4
             info["gemms_as_matmul"] = gemms_to_matmuls(model)
             info["matmuls_merged"] = merge_sibling_matmuls(model, exclude)
+            # onnxruntime's quantizer reads raw_data: the 2-D weights inline, expert tables not
+            tables = _expert_tables(model)
+            materialize(model, keep_external=lambda t: t.name in tables)
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
             q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, nodes_to_exclude=_excluded(model, exclude))
@@ -372,6 +394,17 @@ def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
     graph_passes.prune(model)  # the quantizers reorder nodes without regard to If/Loop bodies
-    onnx.save(model, str(dst))
+    write_model(model, dst.parent, dst.name)  # external data above the threshold, as exports
     onnx.checker.check_model(str(dst), full_check=True)
     return info
+
+
+def _expert_tables(model) -> set[str]:
+    """Names of the MoE expert tables (the MoE nodes' weights, the standard lowering's
+    [E, D, F] / [E, F, D] tables): quantized by this module, expert by expert."""
+    names = {t.name for t in model.graph.initializer if "::EDF" in t.name or "::EFD" in t.name}
+    for g in iter_graphs(model.graph):
+        for n in g.node:
+            if n.domain == "com.microsoft" and n.op_type in ("MoE", "QMoE"):
+                names.update(i for i in list(n.input)[2:] if i)
+    return names

@@ -113,8 +113,9 @@ class QuantizeResult:
 
 def _sizes(src_dir: Path, out_dir: Path, files: dict[str, str]) -> dict[str, int]:
     """Bytes of the source and the quantized graph files."""
-    return {"source_bytes": sum((src_dir / f).stat().st_size for f in files.values()),
-            "quantized_bytes": sum((out_dir / f).stat().st_size for f in files.values())}
+    def size(d: Path) -> int:  # graphs and their external data
+        return sum(p.stat().st_size for f in files.values() for p in (d / f, d / f"{f}.data") if p.is_file())
+    return {"source_bytes": size(src_dir), "quantized_bytes": size(out_dir)}
 
 
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOptions = QuantizeOptions(),
@@ -188,7 +189,9 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         stage("write artifact")
         with atomic_output_dir(out_dir, overwrite) as tmp:
             for f in files.values():
-                shutil.copyfile(work / f, tmp / f)
+                for name in (f, f"{f}.data"):  # a graph and its external data, if it has any
+                    if (work / name).is_file():
+                        shutil.copyfile(work / name, tmp / name)
             (tmp / "validation.json").write_text(json.dumps({"quantization_gate": gate, "report": report}, indent=2) + "\n")
             fields = carried_fields(manifest.data)
             fields["quantization"] = {**opts.to_dict(), "graphs": info, "gate": gate,
@@ -207,6 +210,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
     import onnx
 
     from mythos_deploy.exporters import qdq
+    from mythos_deploy.exporters.external_data import write_model
     from mythos_deploy.exporters.moe_lowering import lower_moe
     from mythos_deploy.exporters.graph_passes import IR_VERSION
     from mythos_deploy.exporters.onnx_ops import register_schemas
@@ -234,7 +238,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
         stage(f"quantize {f} ({opts.mode})")
         m = models[name]
         if plugin:
-            onnx.save(fp32[name], str(work / "base" / f))
+            write_model(fp32[name], work / "base", f)
         done = (qdq.insert_qdq(m, uses[name], amax.get(name, {}), kind) if kind
                 else qdq.insert_int4(m, uses[name], opts.block_size))
         m.ir_version = IR_VERSION
@@ -242,8 +246,8 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
         findings = [x for x in lint_model(m, name) + quant_param_findings(m) if x.severity == "error"]
         if findings:
             raise InternalError(f"{opts.mode} graph {f} fails the TensorRT lint: " + "; ".join(x.message for x in findings[:3]))
-        onnx.save(m, str(work / f))
-        onnx.save(qdq.ort_copy(runnable(m)), str(work / "ort" / f))
+        write_model(m, work, f)  # external data above the threshold: past 2 GiB too
+        write_model(qdq.ort_copy(runnable(m)), work / "ort", f)
         info[name] = {"mode": opts.mode, **done, "target": "tensorrt (explicit quantization)",
                       "experts": ("float inside the MythosMoE plugin (no int path)" if plugin
                                   else "float (standard lowering's expert tables and If branches)"),

@@ -65,6 +65,9 @@ def test_store_backed_tensors_are_read_mapped_and_new_ones_streamed(tmp_path):
     assert xd.store_dir(sm) == tmp_path.resolve()
     arr = xd.tensor_array(sm.graph.initializer[0])
     assert isinstance(arr, np.memmap) and not arr.flags.writeable
+    other = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
+    xd.adopt(other, tmp_path / "elsewhere")
+    assert xd.store_dir(other) is None  # a directory not marked as a store is never written to
     rows = [np.full((1, 4), i, np.float32) for i in range(300)]
     t = xd.new_tensor_rows(sm, "big", (300, 4), np.float32, iter(rows))
     assert xd.is_external(t) and xd.tensor_nbytes(t) == 4800
@@ -83,7 +86,7 @@ def test_checker_sees_a_store_backed_model(tmp_path):
     sm.graph.node[0].input[1] = "missing"
     with pytest.raises(onnx.checker.ValidationError):
         xd.check_model_file(sm, "g")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]  # no probe left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [xd.STORE_MARK, "g.onnx", "g.onnx.data"]  # no probe left
 
 
 def test_threshold_env_is_checked(monkeypatch):
@@ -177,3 +180,28 @@ def test_cli_export_with_external_data(tiny_ckpt, tmp_path, monkeypatch):
     assert "model.onnx.data" in manifest["files"]
     r = CliRunner().invoke(app, ["generate", str(tmp_path / "o"), "--prompt", "ab", "--max-new-tokens", "2"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("moe, mode", [("ort", "int4"), ("standard", "int8"), ("stepped-standard", "qdq-int8")])
+def test_quantize_an_external_data_artifact(tiny_ckpt, tmp_path, monkeypatch, moe, mode):
+    """Quantization reads the source's external data in place (expert tables expert by
+    expert) and writes its own; the result equals the in-memory path's, tensor for tensor."""
+    from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
+    loop, moe = moe.split("-") if "-" in moe else ("unroll", moe)
+    opts = OnnxExportOptions(loop=loop, moe=moe, loops=2, validate=False)
+    export_onnx(tiny_ckpt, tmp_path / "ref", opts)
+    qopts = QuantizeOptions(mode=mode, block_size=16, accept_accuracy_loss=True, calib_prompts=2)
+    quantize_artifact(tmp_path / "ref", tmp_path / "qref", qopts)
+    monkeypatch.setenv("MYTHOS_EXTERNAL_DATA_BYTES", "1024")
+    export_onnx(tiny_ckpt, tmp_path / "src", opts)
+    res = quantize_artifact(tmp_path / "src", tmp_path / "q", qopts)
+    for f in res.manifest["graphs"].values():
+        big = tmp_path / "q" / f"{f}.data"
+        assert big.is_file() and f"{f}.data" in res.manifest["files"]
+        a, b = onnx.load(str(tmp_path / "qref" / f)), onnx.load(str(tmp_path / "q" / f))
+        ta = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+        tb = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            np.testing.assert_array_equal(ta[k], tb[k])
+    load(tmp_path / "q")  # verifies its files, the external data included
