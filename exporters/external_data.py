@@ -96,6 +96,45 @@ def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+class RowReader:
+    """An external [N, ...] tensor read a slice of rows at a time with plain file reads (a
+    memory map would keep every page it touched resident: a 2 GB table read expert by
+    expert would still end up counted whole in the process's RSS)."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), shape
+        self.ndim = len(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            from mythos_deploy.errors import InternalError
+            raise InternalError("RowReader takes contiguous row slices only")
+        start, stop, _ = rows.indices(self.shape[0])
+        n = max(0, stop - start)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            data = np.fromfile(f, dtype=self.dtype, count=n * self.row_bytes // self.dtype.itemsize)
+        return data.reshape((n, *self.shape[1:]))
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+
+def tensor_rows(t, base_dir: Path | None = None):
+    """A tensor for row-by-row reading: a RowReader when external, else its array."""
+    if not is_external(t) or len(t.dims) == 0:
+        return tensor_array(t, base_dir)
+    path, offset, length = _source(t, base_dir)
+    shape = tuple(int(d) for d in t.dims)
+    tensor_array(t, base_dir)  # the size check
+    return RowReader(path, offset, _np_dtype(t), shape)
+
+
 def _external_proto(name: str, dtype: np.dtype, shape: tuple[int, ...], location: str, offset: int, length: int):
     from onnx import TensorProto, helper
     t = TensorProto()

@@ -78,6 +78,28 @@ def prune(model) -> None:
     _run(model, lambda irm: [RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()])
 
 
+def pruned(model):
+    """`prune` returning a new ModelProto instead of copying the result back into `model`
+    (one copy of the weights fewer at the peak; the caller drops `model`)."""
+    irm = ir.from_proto(model)
+    PassManager([RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()])(irm)
+    out = ir.to_proto(irm)
+    out.ir_version = IR_VERSION
+    return out
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise,
+    and a multi-GB graph freed before the next stage would still count in its peak RSS)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def drop_unused_opsets(model) -> None:
     """No opset imports that no node uses (a lowering that replaced every node of a domain)."""
     _run(model, lambda irm: [RemoveUnusedOpsetsPass()])

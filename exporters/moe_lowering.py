@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mythos_deploy.exporters.external_data import new_tensor, new_tensor_rows, tensor_array
+from mythos_deploy.exporters.external_data import new_tensor, new_tensor_rows, tensor_rows
 from mythos_deploy.exporters.graph_passes import drop_unused_opsets
 from mythos_deploy.exporters.onnx_compose import iter_graphs, subgraphs
 from mythos_deploy.contract import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_OP,
@@ -58,7 +58,7 @@ class _Lowerer:
             raise InternalError(f"derived MoE table {name!r} is not read back")
         if name not in self.inits:
             raise InternalError(f"MoE weight {name!r} is not an initializer of the main graph")
-        return tensor_array(self.inits[name])
+        return tensor_rows(self.inits[name])
 
     def derived(self, base: str, tag: str, fn) -> str:
         """An initializer computed once from an expert table, expert by expert (`fn(w[e:e+1], e)`

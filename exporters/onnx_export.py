@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import tempfile
 import time
@@ -21,6 +20,7 @@ import numpy as np
 
 from mythos_deploy.checkpoint import checkpoint_sha256, load_checkpoint
 from mythos_deploy.exporters.external_data import DEFAULT_EXTERNAL_BYTES, external_bytes_threshold, write_model
+from mythos_deploy.exporters.graph_passes import release_memory
 from mythos_deploy.config import MythosConfig
 from mythos_deploy.contract import GraphContract, contracts_for
 from mythos_deploy.errors import InputError, InternalError, MissingDependencyError, ParityError
@@ -271,7 +271,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
         traced = trace_graphs(model, cfg, opts, stage, stepped, store)
         if not opts.validate:
             del model  # the torch weights (4 GB at 1b) are not needed past the trace
-            gc.collect()
+            release_memory()
         graphs = assemble_graphs(traced, cfg, opts, stage)
         del traced
         report = None
@@ -281,7 +281,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
                 raise ParityError("export differs from eager PyTorch beyond tolerance: "
                                   + "; ".join(report["failures"][:6]), report)
             del model
-            gc.collect()
+            release_memory()
         return _write_artifact(ckpt_dir, out_dir, overwrite, graphs, cfg, opts, report, external_bytes,
                                extra_manifest, stage, t0)
 

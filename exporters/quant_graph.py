@@ -18,8 +18,13 @@ from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
 from mythos_deploy.errors import InputError
 
 
-def _expert_table(t) -> np.ndarray:
-    """An expert table's value, memory-mapped when it is external (read expert by expert)."""
+def _expert_table(t):
+    """An expert table, read expert by expert from external data (a RowReader) or inline."""
+    from mythos_deploy.exporters.external_data import tensor_rows
+    return tensor_rows(t)
+
+
+def _value(t) -> np.ndarray:
     from mythos_deploy.exporters.external_data import tensor_array
     return tensor_array(t)
 
@@ -241,7 +246,7 @@ def gemms_to_matmuls(model) -> int:
                 continue
             kn = f"{w.name}::kn" if node_attr(n, "transB", 0) else w.name
             if kn not in inits:
-                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(_expert_table(w).T), kn)
+                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(_value(w).T), kn)
                 model.graph.initializer.append(inits[kn])
             if len(n.input) > 2 and n.input[2]:
                 mid = f"{n.output[0]}/matmul"
@@ -282,7 +287,7 @@ def merge_sibling_matmuls(model, exclude: tuple[str, ...] = ()) -> int:
             key = tuple(m.input[1] for m in members)
             if key not in merged:
                 name = "::".join(key) + "::merged"
-                arrays = [_expert_table(inits[k]) for k in key]
+                arrays = [_value(inits[k]) for k in key]
                 inits[name] = numpy_helper.from_array(np.concatenate(arrays, axis=1), name)
                 sizes = f"{name}::split"
                 inits[sizes] = numpy_helper.from_array(np.array([x.shape[1] for x in arrays], np.int64), sizes)
@@ -393,7 +398,7 @@ def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int
                         accuracy_level=accuracy_level)
         else:
             raise InputError("fp16 is produced by re-export (see quantize_artifact)")
-    graph_passes.prune(model)  # the quantizers reorder nodes without regard to If/Loop bodies
+    model = graph_passes.pruned(model)  # the quantizers reorder nodes without regard to If/Loop bodies
     write_model(model, dst.parent, dst.name)  # external data above the threshold, as exports
     onnx.checker.check_model(str(dst), full_check=True)
     return info

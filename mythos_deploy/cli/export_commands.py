@@ -61,6 +61,8 @@ def onnx_cmd(
                                          "model through torch.export while_loop, lowered to an ONNX Loop by torch.onnx."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime parity gate (not recommended)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Run even if the memory model predicts the export will "
+                                                                "not fit this machine's RAM or disk."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and validation report as JSON."),
 ) -> None:
     """Export a checkpoint to ONNX and gate it on parity with eager PyTorch.
@@ -77,6 +79,12 @@ def onnx_cmd(
 
         opts = OnnxExportOptions(loop=loop, loops=loops, moe=moe, opset=opset, dtype=dtype, validate=not no_validate, mla=mla,
                                  past=past, loop_export=loop_export)
+        from mythos_deploy.checkpoint import load_config
+        from mythos_deploy.plan import check_plan, plan_stage
+        plan = plan_stage(load_config(path), "export" if no_validate else "export+gate", str(dtype))
+        line = check_plan(plan, output, force_plan)  # refused up front, not at minute 2
+        if not as_json:
+            err.print(f"plan: {escape(line)}")
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err, transient=True, disable=as_json) as progress:
             task = progress.add_task("starting", total=None)
@@ -121,6 +129,8 @@ def quantize(
                                                "0 = fp32 compute, slow for int8)."),
     accept_accuracy_loss: bool = typer.Option(False, "--accept-accuracy-loss", help="Write the artifact even if the gate fails (recorded in the manifest)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Run even if the memory model predicts it will not fit "
+                                                                "this machine's RAM or disk."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quantize an ONNX export for onnxruntime or TensorRT, gated on greedy agreement with the
@@ -133,6 +143,16 @@ def quantize(
 
         opts = QuantizeOptions(mode=mode, block_size=block_size, accuracy_level=accuracy_level, exclude=tuple(exclude),
                                gate_tokens=gate_tokens, calib_prompts=calib, accept_accuracy_loss=accept_accuracy_loss)
+        from mythos_deploy.config import MythosConfig
+        from mythos_deploy.manifest import read_manifest
+        from mythos_deploy.plan import check_plan, plan_stage
+        if (path / "manifest.json").is_file():
+            manifest = read_manifest(path)
+            if isinstance(manifest.get("config"), dict):
+                cfg = MythosConfig.from_dict(manifest["config"])
+                line = check_plan(plan_stage(cfg, "quantize", quant=str(mode)), output, force_plan)
+                if not as_json:
+                    err.print(f"plan: {escape(line)}")
         with err.status(f"quantizing ({mode})") as status:
             try:
                 result = quantize_artifact(path, output, opts, overwrite=force, stage=lambda s: status.update(s))

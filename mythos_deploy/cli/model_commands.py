@@ -85,10 +85,14 @@ def inspect(
     dtype: str = typer.Option("fp32", metavar="fp32|fp16|bf16|int8", help="Cache element type for byte counts: fp32, fp16, bf16, int8."),
     halting: bool = typer.Option(True, "--halting/--no-halting", help="Checkpoints: run 4 seeded random prompts and report "
                                                                      "the ACT halting profile (ill-conditioned positions)."),
+    plan: bool = typer.Option(False, "--plan", help="The memory model: predicted peak RAM, disk and time of init, export "
+                                                    "(with and without the parity gate), int4 quantization and int4 generate, "
+                                                    "and whether each fits this machine."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Parameters (total, active per token per loop), cache bytes per token and the config;
-    for checkpoints also how ACT halting behaves on sample prompts."""
+    for checkpoints also how ACT halting behaves on sample prompts; with --plan what each
+    stage needs (mythos-export inspect --preset 3b --plan)."""
     with handle_errors():
         from mythos_deploy.checkpoint import load_config
         from mythos_deploy.config import MythosConfig
@@ -112,6 +116,8 @@ def inspect(
         else:
             cfg = load_config(path)
         profile = None
+        if plan:
+            halting = False
         if halting and path is not None and artifact is None:
             from mythos_deploy.checkpoint import load_checkpoint
             from mythos_deploy.stats import halting_profile
@@ -131,8 +137,24 @@ def inspect(
             from mythos_deploy.tokenizer import has_tokenizer, load_tokenizer
             if has_tokenizer(path):
                 report["tokenizer"] = load_tokenizer(path, cfg.vocab_size).summary()
+        if plan:
+            from mythos_deploy.plan import available_memory, free_disk, plan_all, plan_dict
+            plans = plan_all(cfg)
+            mem, disk = available_memory(), free_disk(Path.cwd())
+            report["plan"] = {"stages": plan_dict(plans), "available_memory": mem, "free_disk": disk}
         if as_json:
             print(json.dumps(report, indent=2))
+            return
+        if plan:
+            t = Table(title=f"plan ({report['source']}; this machine: {(mem or 0) / 1e9:.1f} GB RAM available, "
+                            f"{(disk or 0) / 1e9:.1f} GB disk free)")
+            for col in ("stage", "peak RAM", "disk", "time (2 cores)", "fits here"):
+                t.add_column(col, justify="left" if col in ("stage", "fits here") else "right")
+            for p in plans:
+                fits = (mem is None or p.peak_rss <= mem) and (disk is None or p.disk <= disk)
+                t.add_row(p.stage, f"{p.peak_rss / 1e9:.1f} GB", f"{p.disk / 1e9:.1f} GB", _fmt_seconds(p.seconds),
+                          "[green]yes[/green]" if fits else "[red]no[/red]")
+            out.print(t)
             return
         t = Table(title=f"parameters ({report['source']})")
         t.add_column("part"), t.add_column("count", justify="right")
@@ -169,6 +191,10 @@ def inspect(
             for k, v in artifact.items():
                 a.add_row(k, escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
             out.print(a)
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 @app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"

@@ -1,0 +1,163 @@
+"""Real model sizes (`python -m benchmarks.scale --preset 1b`): every stage of the pipeline as
+a user runs it, each in its own process, with its peak RSS, time and sizes, against the memory
+model's prediction (mythos_deploy/plan.py); then the decode table at 16 loops.
+
+Stages (the CLI, one subprocess each; peak RSS from wait4, the process's own high-water mark):
+init -> onnx --no-validate -> onnx (parity gate) -> quantize int8 -> quantize int4 ->
+generate on the int4 artifact. Decode table (benchmarks/runtime_bench.py workers, one run,
+batch 1, prompt P, N new tokens): OpenMythos 0.5.0's cached decoding of the same weights,
+the eager reference, onnxruntime fp32 / int8 / int4 (QMoE) through the `loop` export, each
+with its bandwidth floor (bytes a token must read / the measured copy bandwidth).
+
+The 1b run takes about 40 minutes on 2 cores and needs ~10 GB of RAM at its peak and ~25 GB
+of disk under --workdir. Run it with nothing else heavy on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import machine, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_stage(name: str, argv: list[str], log) -> dict:
+    """One CLI stage in its own process: exit code, wall time, peak RSS (bytes)."""
+    log(f"{name}: {' '.join(argv)}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                            env={**os.environ, "COLUMNS": "200"})
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    row = {"stage": name, "exit_code": proc.returncode, "seconds": round(seconds, 1),
+           "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+           "output_tail": output.strip().splitlines()[-3:]}
+    log(f"  -> exit {proc.returncode}, {seconds:.0f} s, peak RSS {row['peak_rss_gb']} GB")
+    return row
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
+def decode_table(cfg, paths: dict, prompt: int, new_tokens: int, threads: int, log) -> dict:
+    from benchmarks.runtime_bench import copy_bandwidth_gbs, floor_bytes_per_token, run_config
+    bw = copy_bandwidth_gbs()
+    loops = cfg.max_loop_iters
+    floor = floor_bytes_per_token(cfg, loops, prompt + new_tokens)
+    fp32_bytes = dir_bytes(paths["onnx"])
+    rows = []
+    for name, kind, path in (("openmythos", "openmythos", None), ("eager", "eager", paths["ckpt"]),
+                             ("onnxruntime fp32", "backend", paths["onnx"]), ("onnxruntime int8", "backend", paths["int8"]),
+                             ("onnxruntime int4", "backend", paths["int4"])):
+        if path is not None and not Path(path).exists():
+            continue
+        log(f"decode: {name}")
+        spec = {"name": name, "kind": kind, "path": str(path) if path else None, "preset": paths["preset"], "seed": 0,
+                "loops": loops, "exit": "none", "threads": threads, "vocab": cfg.vocab_size, "prompt": prompt,
+                "new_tokens": new_tokens}
+        try:
+            r = run_config(spec, timeout=3600)
+        except Exception as exc:  # a failed configuration is recorded, the table goes on
+            rows.append({"name": name, "error": str(exc)[-500:]})
+            continue
+        # bytes a token must read: the weights it uses (scaled by the artifact's size against fp32) + the cache
+        scale = dir_bytes(path) / fp32_bytes if name.startswith("onnxruntime") and fp32_bytes else 1.0
+        need = floor["weights"] * scale + floor["cache"]
+        floor_ms = need / (bw * 1e9 / 2) * 1e3  # copy bandwidth counts read + write; a read moves half
+        rows.append({"name": name, **r, "prefill_tokens_per_s": prompt / r["prefill_s"],
+                     "bytes_per_token": need, "bandwidth_floor_ms": floor_ms,
+                     "x_floor": r["decode"]["p50_ms"] / floor_ms})
+    om = next((r for r in rows if r["name"] == "openmythos" and "decode" in r), None)
+    for r in rows:
+        if om and "decode" in r:
+            r["speedup_vs_openmythos"] = om["decode"]["p50_ms"] / r["decode"]["p50_ms"]
+    return {"copy_bandwidth_gbs": bw, "loops": loops, "prompt": prompt, "new_tokens": new_tokens, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--workdir", default="/tmp/mythos-scale")
+    ap.add_argument("--stages", default="init,export,export+gate,int8,int4,generate,decode")
+    ap.add_argument("--prompt", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="Keep the work directory (checkpoint and artifacts).")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from mythos_deploy.config import MythosConfig
+    from mythos_deploy.plan import plan_stage, weight_bytes
+
+    cfg = MythosConfig.from_name(args.preset)
+    work = Path(args.workdir) / args.preset
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "mythos_deploy.cli"]
+    paths = {"preset": args.preset, "ckpt": work / "ckpt", "onnx": work / "onnx-loop-ort",
+             "int8": work / "int8", "int4": work / "int4"}
+    stages = args.stages.split(",")
+    log = lambda s: print(f"[scale {time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    commands = {
+        "init": ("init", cli + ["init", "--preset", args.preset, "--seed", "0", "-o", str(paths["ckpt"]), "--force"]),
+        "export": ("export", cli + ["onnx", str(paths["ckpt"]), "-o", str(work / "onnx-nogate"), "--loop", "loop",
+                                    "--moe", "ort", "--no-validate", "--force"]),
+        "export+gate": ("export+gate", cli + ["onnx", str(paths["ckpt"]), "-o", str(paths["onnx"]), "--loop", "loop",
+                                              "--moe", "ort", "--force"]),
+        "int8": ("quantize", cli + ["quantize", str(paths["onnx"]), "-o", str(paths["int8"]), "--mode", "int8",
+                                    "--force", "--accept-accuracy-loss", "--json"]),
+        "int4": ("quantize", cli + ["quantize", str(paths["onnx"]), "-o", str(paths["int4"]), "--mode", "int4",
+                                    "--force", "--accept-accuracy-loss", "--json"]),
+        "generate": ("generate", cli + ["generate", str(paths["int4"]), "--prompt-ids", "1,2,3,4,5,6,7,8",
+                                        "--max-new-tokens", "8", "--json"]),
+    }
+    rows = []
+    for key in stages:
+        if key not in commands:
+            continue
+        plan_key, argv_ = commands[key]
+        row = run_stage(key, argv_, log)
+        plan = plan_stage(cfg, plan_key, quant={"int8": "int8", "int4": "int4", "generate": "int4"}.get(key))
+        row["predicted_peak_rss_gb"] = round(plan.peak_rss / 1e9, 2)
+        row["predicted_seconds"] = round(plan.seconds, 1)
+        row["rss_prediction_error"] = round(plan.peak_rss / max(row["peak_rss_bytes"], 1) - 1, 3)
+        if key in ("int8", "int4") and row["exit_code"] == 0:
+            try:
+                result = json.loads("".join(l for l in row.pop("output_tail")))  # noqa: E741
+            except ValueError:
+                result = None
+            out_json = paths[key] / "validation.json"
+            if out_json.exists():
+                row["gate"] = json.loads(out_json.read_text())["quantization_gate"]
+            row["result"] = result
+        row["artifact_bytes"] = {"init": dir_bytes(paths["ckpt"]), "export": dir_bytes(work / "onnx-nogate"),
+                                 "export+gate": dir_bytes(paths["onnx"]), "int8": dir_bytes(paths["int8"]),
+                                 "int4": dir_bytes(paths["int4"])}.get(key)
+        rows.append(row)
+        if key == "export" and (work / "onnx-nogate").exists():
+            shutil.rmtree(work / "onnx-nogate")  # the same graph as the gated export; only its cost is measured
+    W, experts = weight_bytes(cfg)
+    data = {"benchmark": "scale", "preset": args.preset, "machine": machine(),
+            "weights_bytes_fp32": W, "routed_expert_bytes_fp32": experts, "stages": rows}
+    if "decode" in stages:
+        data["decode"] = decode_table(cfg, paths, args.prompt, args.new_tokens, args.threads, log)
+    out = write_json(Path(args.out or f"benchmarks/results/scale_{args.preset}.json"), data)
+    log(f"wrote {out}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"stages": [{k: r.get(k) for k in ("stage", "exit_code", "seconds", "peak_rss_gb",
+                                                          "predicted_peak_rss_gb")} for r in rows]}, indent=2))
+    return data
+
+
+if __name__ == "__main__":
+    main()

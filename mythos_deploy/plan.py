@@ -1,0 +1,132 @@
+"""The memory model: peak RSS, disk and time each stage needs, predicted from the config.
+
+Every stage's peak is a fixed cost (the interpreter, torch, onnx and onnxruntime imported)
+plus multiples of the model's weight bytes W (fp32) and, for the MoE lowering, of its routed
+expert tables. The multiples come from what each stage holds at its peak:
+
+- init: the random-init model plus safetensors' write buffers (1.25 W);
+- export without the gate: the checkpoint's tensors (memory-mapped, 1.0 W); the trace
+  streams weights to a scratch store and never holds a second copy;
+- export with the gate: the eager model (W), onnxruntime's mapping of the graph's weights
+  (W) and its arena and prepacked copies (about 0.1 W);
+- quantize (int8 / int4): onnxruntime sessions of the fp32 source and the quantized graph
+  for the accuracy gate, plus the 2-D weights read in for the quantizer (about 2 W);
+- generate: the artifact's weights mapped by onnxruntime (its bytes) plus the cache.
+
+Disk: the export keeps the weight store (W plus the MoE lowering's fused tables), the gate's
+scratch copy (W) and the artifact (W) at the same time. Times are seconds per GB of weights
+on the 2-core machine the coefficients were measured on (benchmarks/scale.py; the measured
+numbers are in benchmarks/results/scale_*.json).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mythos_deploy.config import MythosConfig
+from mythos_deploy.errors import InputError
+
+GB = 1e9
+BASE = {"init": 0.33 * GB, "export": 0.45 * GB, "export+gate": 0.45 * GB, "quantize": 0.50 * GB,
+        "generate": 0.35 * GB}
+RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 2.10, "quantize": 2.0}
+SECONDS_PER_GB = {"init": 9.0, "export": 17.6, "export+gate": 34.0, "quantize": 51.0, "generate": 0.0}
+STAGES = ("init", "export", "export+gate", "quantize", "generate")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    peak_rss: float  # bytes
+    disk: float  # bytes the stage needs free while it runs (scratch included)
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"{self.stage}: peak RAM ~{self.peak_rss / GB:.1f} GB, disk ~{self.disk / GB:.1f} GB, "
+                f"~{_duration(self.seconds)} on 2 cores")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def weight_bytes(cfg: MythosConfig) -> tuple[float, float]:
+    """(all weights, routed expert tables) in fp32 bytes."""
+    from mythos_deploy.stats import memory_estimate, parameter_counts
+    p = parameter_counts(cfg)
+    return float(memory_estimate(cfg, 4)["total"]), float(p["routed_experts"] * 4)
+
+
+def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | None = None) -> StagePlan:
+    """The predicted peak RSS, disk space and time of one stage for `cfg`. `dtype` is the
+    export dtype; `quant` (int8 | int4) sizes `generate` on a quantized artifact."""
+    if stage not in STAGES:
+        raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    W, experts = weight_bytes(cfg)
+    out = W / 2 if dtype == "fp16" else W  # the artifact's weights
+    fused = 2 / 3 * experts  # the ort lowering's interleaved gate/up table (standard: the transposes, ~W)
+    if stage == "init":
+        rss, disk = BASE[stage] + RSS_PER_W[stage] * W, W
+    elif stage == "export":
+        rss, disk = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0), W + fused + out
+    elif stage == "export+gate":
+        rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0)
+        disk = W + fused + 2 * out
+    elif stage == "quantize":
+        q = {"int8": 0.27, "int4": 0.15}.get(quant or "int4", 0.15) * W
+        rss, disk = BASE[stage] + RSS_PER_W[stage] * W, 2 * q
+    else:
+        size = {"int8": 0.27, "int4": 0.15}.get(quant, 1.0) * out
+        rss, disk = BASE[stage] + 1.1 * size, 0.0
+    return StagePlan(stage, rss, disk, SECONDS_PER_GB[stage] * W / GB)
+
+
+def plan_all(cfg: MythosConfig) -> list[StagePlan]:
+    return [plan_stage(cfg, s, quant="int4" if s == "generate" else None) for s in STAGES]
+
+
+def available_memory() -> float | None:
+    """MemAvailable (what can be allocated without swapping), else physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from mythos_deploy.stats import physical_memory
+    mem = physical_memory()
+    return None if mem is None else float(mem)
+
+
+def free_disk(path: Path) -> float | None:
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return float(shutil.disk_usage(p).free)
+    except OSError:
+        return None
+
+
+def check_plan(plan: StagePlan, out_dir: Path, force: bool = False) -> str:
+    """Refuse, before any work, a stage predicted not to fit this machine's memory or disk
+    (`force` overrides, for a machine the model misjudges). Returns the plan as one line."""
+    line = plan.describe()
+    if force:
+        return line
+    mem, disk = available_memory(), free_disk(out_dir)
+    problems = []
+    if mem is not None and plan.peak_rss > mem:
+        problems.append(f"needs ~{plan.peak_rss / GB:.1f} GB of RAM, {mem / GB:.1f} GB is available")
+    if disk is not None and plan.disk > disk:
+        problems.append(f"needs ~{plan.disk / GB:.1f} GB of disk, {disk / GB:.1f} GB is free at {out_dir}")
+    if problems:
+        raise InputError(f"{plan.stage} will not fit this machine: " + "; ".join(problems)
+                         + " (mythos-export inspect --plan has the numbers; --force-plan runs it anyway)")
+    return line
+
+
+def plan_dict(plans: list[StagePlan]) -> list[dict]:
+    return [{**asdict(p), "peak_rss_gb": round(p.peak_rss / GB, 2), "disk_gb": round(p.disk / GB, 2)} for p in plans]
