@@ -9,8 +9,8 @@ expert tables. The multiples come from what each stage holds at its peak:
   streams weights to a scratch store and never holds a second copy;
 - export with the gate: the eager model (W), onnxruntime's mapping of the graph's weights
   (W) and its arena and prepacked copies (about 0.1 W);
-- quantize (int8 / int4): onnxruntime sessions of the fp32 source and the quantized graph
-  for the accuracy gate, plus the 2-D weights read in for the quantizer (about 2 W);
+- quantize (int8 / int4): the fp32 source's onnxruntime session for the gate (W mapped plus its
+  arena; the quantized session loads after it is freed) plus what the quantizer left (1.5 W);
 - generate: the artifact's weights mapped by onnxruntime (its bytes) plus the cache.
 
 Disk: the export keeps the weight store (W plus the MoE lowering's fused tables), the gate's
@@ -31,8 +31,8 @@ from mythos_deploy.errors import InputError
 GB = 1e9
 BASE = {"init": 0.33 * GB, "export": 0.45 * GB, "export+gate": 0.45 * GB, "quantize": 0.50 * GB,
         "generate": 0.35 * GB}
-RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 2.10, "quantize": 2.0}
-SECONDS_PER_GB = {"init": 9.0, "export": 17.6, "export+gate": 34.0, "quantize": 51.0, "generate": 0.0}
+RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 2.10, "quantize": 1.52}
+SECONDS_PER_GB = {"init": 9.0, "export": 17.6, "export+gate": 34.0, "quantize": 49.0, "generate": 0.0}
 STAGES = ("init", "export", "export+gate", "quantize", "generate")
 
 
@@ -45,10 +45,10 @@ class StagePlan:
 
     def describe(self) -> str:
         return (f"{self.stage}: peak RAM ~{self.peak_rss / GB:.1f} GB, disk ~{self.disk / GB:.1f} GB, "
-                f"~{_duration(self.seconds)} on 2 cores")
+                f"~{duration_text(self.seconds)} on 2 cores")
 
 
-def _duration(s: float) -> str:
+def duration_text(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 

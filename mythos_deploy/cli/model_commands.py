@@ -138,7 +138,7 @@ def inspect(
             if has_tokenizer(path):
                 report["tokenizer"] = load_tokenizer(path, cfg.vocab_size).summary()
         if plan:
-            from mythos_deploy.plan import available_memory, free_disk, plan_all, plan_dict
+            from mythos_deploy.plan import available_memory, duration_text, free_disk, plan_all, plan_dict
             plans = plan_all(cfg)
             mem, disk = available_memory(), free_disk(Path.cwd())
             report["plan"] = {"stages": plan_dict(plans), "available_memory": mem, "free_disk": disk}
@@ -152,7 +152,7 @@ def inspect(
                 t.add_column(col, justify="left" if col in ("stage", "fits here") else "right")
             for p in plans:
                 fits = (mem is None or p.peak_rss <= mem) and (disk is None or p.disk <= disk)
-                t.add_row(p.stage, f"{p.peak_rss / 1e9:.1f} GB", f"{p.disk / 1e9:.1f} GB", _fmt_seconds(p.seconds),
+                t.add_row(p.stage, f"{p.peak_rss / 1e9:.1f} GB", f"{p.disk / 1e9:.1f} GB", duration_text(p.seconds),
                           "[green]yes[/green]" if fits else "[red]no[/red]")
             out.print(t)
             return
@@ -191,10 +191,6 @@ def inspect(
             for k, v in artifact.items():
                 a.add_row(k, escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
             out.print(a)
-
-
-def _fmt_seconds(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 @app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"

@@ -185,17 +185,22 @@ def test_parity_gate_fails_loudly_and_writes_nothing(om_pair, stepped_fp32, tmp_
     _, model = om_pair["mla"]
     ck = tmp_path / "ck"
     save_checkpoint(model, ck)
-    real = build_graphs
+    from mythos_deploy.exporters import onnx_export
+    real_trace, real_assemble = onnx_export.trace_graphs, onnx_export.assemble_graphs
 
-    def tampered(model, cfg, opts, stage, stepped=None):
-        graphs = real(model, cfg, opts, stage, stepped=stepped_fp32["mla"])
+    def traced(model, cfg, opts, stage, stepped=None, store=None):  # the shared trace (time)
+        return real_trace(model, cfg, opts, stage, stepped_fp32["mla"], None)
+
+    def tampered(traced, cfg, opts, stage):
+        graphs = real_assemble(traced, cfg, opts, stage)
         for init in graphs["model"].graph.initializer:
             if init.name.startswith("coda/") and init.data_type == onnx.TensorProto.FLOAT:
                 arr = onnx.numpy_helper.to_array(init) * 1.01
                 init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
         return graphs
 
-    monkeypatch.setattr("mythos_deploy.exporters.onnx_export.build_graphs", tampered)
+    monkeypatch.setattr(onnx_export, "trace_graphs", traced)
+    monkeypatch.setattr(onnx_export, "assemble_graphs", tampered)
     with pytest.raises(ParityError) as exc:
         export_onnx(ck, tmp_path / "out", OnnxExportOptions(loop="unroll"))
     assert not exc.value.report["passed"] and "logits" in str(exc.value)
