@@ -74,7 +74,7 @@ def decode_table(cfg, paths: dict, prompt: int, new_tokens: int, threads: int, l
         # bytes a token must read: the weights it uses (scaled by the artifact's size against fp32) + the cache
         scale = dir_bytes(path) / fp32_bytes if name.startswith("onnxruntime") and fp32_bytes else 1.0
         need = floor["weights"] * scale + floor["cache"]
-        floor_ms = need / (bw * 1e9 / 2) * 1e3  # copy bandwidth counts read + write; a read moves half
+        floor_ms = need / (bw * 1e9) * 1e3  # as runtime_bench: the copy bandwidth (read + write bytes per second)
         rows.append({"name": name, **r, "prefill_tokens_per_s": prompt / r["prefill_s"],
                      "bytes_per_token": need, "bandwidth_floor_ms": floor_ms,
                      "x_floor": r["decode"]["p50_ms"] / floor_ms})
@@ -85,6 +85,26 @@ def decode_table(cfg, paths: dict, prompt: int, new_tokens: int, threads: int, l
     return {"copy_bandwidth_gbs": bw, "loops": loops, "prompt": prompt, "new_tokens": new_tokens, "rows": rows}
 
 
+def predict(cfg, row: dict) -> None:
+    from mythos_deploy.plan import plan_stage
+    key = row["stage"]
+    plan = plan_stage(cfg, {"int8": "quantize", "int4": "quantize"}.get(key, key),
+                      quant={"int8": "int8", "int4": "int4", "generate": "int4"}.get(key))
+    row["predicted_peak_rss_gb"] = round(plan.peak_rss / 1e9, 2)
+    row["predicted_seconds"] = round(plan.seconds, 1)
+    row["rss_prediction_error"] = round(plan.peak_rss / max(row["peak_rss_bytes"], 1) - 1, 3)
+
+
+def repredict(path: Path) -> dict:
+    from mythos_deploy.config import MythosConfig
+    data = json.loads(path.read_text())
+    cfg = MythosConfig.from_name(data["preset"])
+    for row in data["stages"]:
+        predict(cfg, row)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="1b")
@@ -93,11 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--force-plan", action="store_true", help="Pass --force-plan to onnx and quantize.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory (checkpoint and artifacts).")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--repredict", metavar="JSON", help="Only recompute the memory model's predictions in a "
+                                                        "results file (after its coefficients changed).")
     args = ap.parse_args(argv)
+    if args.repredict:
+        return repredict(Path(args.repredict))
     from mythos_deploy.config import MythosConfig
-    from mythos_deploy.plan import plan_stage, weight_bytes
+    from mythos_deploy.plan import weight_bytes
 
     cfg = MythosConfig.from_name(args.preset)
     work = Path(args.workdir) / args.preset
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     paths = {"preset": args.preset, "ckpt": work / "ckpt", "onnx": work / "onnx-loop-ort",
              "int8": work / "int8", "int4": work / "int4"}
     stages = args.stages.split(",")
+    if "export+gate" not in stages:  # a model too large for the gate here: quantize the ungated export
+        paths["onnx"] = work / "onnx-nogate"
     log = lambda s: print(f"[scale {time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     commands = {
         "init": ("init", cli + ["init", "--preset", args.preset, "--seed", "0", "-o", str(paths["ckpt"]), "--force"]),
@@ -125,11 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         if key not in commands:
             continue
         plan_key, argv_ = commands[key]
-        row = run_stage(key, argv_, log)
-        plan = plan_stage(cfg, plan_key, quant={"int8": "int8", "int4": "int4", "generate": "int4"}.get(key))
-        row["predicted_peak_rss_gb"] = round(plan.peak_rss / 1e9, 2)
-        row["predicted_seconds"] = round(plan.seconds, 1)
-        row["rss_prediction_error"] = round(plan.peak_rss / max(row["peak_rss_bytes"], 1) - 1, 3)
+        row = run_stage(key, argv_ + (["--force-plan"] if args.force_plan and plan_key in ("export", "export+gate", "quantize")
+                                      else []), log)
+        predict(cfg, row)
         if key in ("int8", "int4") and row["exit_code"] == 0:
             try:
                 result = json.loads("".join(l for l in row.pop("output_tail")))  # noqa: E741
@@ -143,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "export+gate": dir_bytes(paths["onnx"]), "int8": dir_bytes(paths["int8"]),
                                  "int4": dir_bytes(paths["int4"])}.get(key)
         rows.append(row)
-        if key == "export" and (work / "onnx-nogate").exists():
+        if key == "export" and "export+gate" in stages and (work / "onnx-nogate").exists():
             shutil.rmtree(work / "onnx-nogate")  # the same graph as the gated export; only its cost is measured
     W, experts = weight_bytes(cfg)
     data = {"benchmark": "scale", "preset": args.preset, "machine": machine(),

@@ -32,6 +32,9 @@ MIN_OPSET = 18  # torch's ONNX exporter emits opset >= 18; every lowering builds
 MAX_UNROLL = 256
 MAX_LOOPS = 4096
 EXTERNAL_DATA_BYTES = DEFAULT_EXTERNAL_BYTES  # graphs above this keep their weights in <graph>.onnx.data
+# models above this export through a weight store: in protobufs the weights are copied by every
+# pass (a 112 MB model peaked at 1.8 GB); the artifact still inlines them below EXTERNAL_DATA_BYTES
+STORE_BYTES = 32 << 20
 
 
 def check_export_options(opts: OnnxExportOptions, cfg: MythosConfig) -> None:
@@ -265,7 +268,7 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
     external_bytes = external_bytes_threshold() if external_bytes is None else external_bytes
     with contextlib.ExitStack() as scratch:
         store = None
-        if stepped is None and model_bytes(model, opts.dtype) > external_bytes:
+        if stepped is None and model_bytes(model, opts.dtype) > min(external_bytes, STORE_BYTES):
             # a large model: weights go from torch to a scratch store, never into a protobuf
             store = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mythos-store-", dir=scratch_root())))
         traced = trace_graphs(model, cfg, opts, stage, stepped, store)

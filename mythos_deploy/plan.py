@@ -6,16 +6,18 @@ expert tables. The multiples come from what each stage holds at its peak:
 
 - init: the random-init model plus safetensors' write buffers (1.25 W);
 - export without the gate: the checkpoint's tensors (memory-mapped, 1.0 W); the trace
-  streams weights to a scratch store and never holds a second copy;
+  streams weights to a scratch store and never holds a second copy; an artifact small
+  enough to keep its weights inline (< 1 GiB) is serialised whole (2.2x its bytes);
 - export with the gate: the eager model (W), onnxruntime's mapping of the graph's weights
   (W) and its arena and prepacked copies (about 0.1 W);
 - quantize (int8 / int4): the fp32 source's onnxruntime session for the gate (W mapped plus its
-  arena; the quantized session loads after it is freed) plus what the quantizer left (1.5 W);
-- generate: the artifact's weights mapped by onnxruntime (its bytes) plus the cache.
+  arena; the quantized session loads after it is freed) plus what the quantizer left:
+  1.56 W for int8, 1.25 W for int4;
+- generate: the artifact's weights as onnxruntime holds them (1.75x its bytes) plus the cache.
 
 Disk: the export keeps the weight store (W plus the MoE lowering's fused tables), the gate's
-scratch copy (W) and the artifact (W) at the same time. Times are seconds per GB of weights
-on the 2-core machine the coefficients were measured on (benchmarks/scale.py; the measured
+scratch copy (W) and the artifact (W) at the same time. Times are a start-up cost plus seconds per GB
+of weights on the 2-core machine they were measured on (benchmarks/scale.py; the measured
 numbers are in benchmarks/results/scale_*.json).
 """
 
@@ -29,10 +31,14 @@ from mythos_deploy.config import MythosConfig
 from mythos_deploy.errors import InputError
 
 GB = 1e9
-BASE = {"init": 0.33 * GB, "export": 0.45 * GB, "export+gate": 0.45 * GB, "quantize": 0.50 * GB,
-        "generate": 0.35 * GB}
-RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 2.10, "quantize": 1.52}
-SECONDS_PER_GB = {"init": 9.0, "export": 17.6, "export+gate": 34.0, "quantize": 49.0, "generate": 0.0}
+BASE = {"init": 0.42 * GB, "export": 0.55 * GB, "export+gate": 0.60 * GB, "quantize": 0.50 * GB,
+        "generate": 0.42 * GB}
+RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 2.10, "quantize": 1.56, "quantize int4": 1.25,
+             "generate": 1.75}
+SECONDS_FIXED = {"init": 2.0, "export": 15.0, "export+gate": 17.0, "quantize": 4.0, "generate": 2.0}
+SECONDS_PER_GB = {"init": 7.7, "export": 13.1, "export+gate": 26.4, "quantize": 43.8, "quantize int4": 39.5,
+                  "generate": 6.0}  # generate: per GB of the artifact
+INLINE_BYTES = 1 << 30  # exporters/external_data.py's default threshold
 STAGES = ("init", "export", "export+gate", "quantize", "generate")
 
 
@@ -67,20 +73,30 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
     W, experts = weight_bytes(cfg)
     out = W / 2 if dtype == "fp16" else W  # the artifact's weights
     fused = 2 / 3 * experts  # the ort lowering's interleaved gate/up table (standard: the transposes, ~W)
+    # an artifact below the external-data threshold is serialised whole: its weights inline in a
+    # protobuf and again in the serialised bytes
+    inline = 2.2 * out if out <= INLINE_BYTES else 0.0
     if stage == "init":
         rss, disk = BASE[stage] + RSS_PER_W[stage] * W, W
     elif stage == "export":
-        rss, disk = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0), W + fused + out
+        rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0) + inline
+        disk = W + fused + out
     elif stage == "export+gate":
-        rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0)
+        rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0) + inline
         disk = W + fused + 2 * out
     elif stage == "quantize":
         q = {"int8": 0.27, "int4": 0.15}.get(quant or "int4", 0.15) * W
-        rss, disk = BASE[stage] + RSS_PER_W[stage] * W, 2 * q
+        rss = BASE[stage] + RSS_PER_W["quantize int4" if quant == "int4" else stage] * W
+        disk = 2 * q
     else:
         size = {"int8": 0.27, "int4": 0.15}.get(quant, 1.0) * out
-        rss, disk = BASE[stage] + 1.1 * size, 0.0
-    return StagePlan(stage, rss, disk, SECONDS_PER_GB[stage] * W / GB)
+        rss, disk = BASE[stage] + RSS_PER_W[stage] * size, 0.0
+    if stage == "generate":
+        seconds = SECONDS_FIXED[stage] + SECONDS_PER_GB[stage] * size / GB
+    else:
+        per = SECONDS_PER_GB["quantize int4" if stage == "quantize" and quant == "int4" else stage]
+        seconds = SECONDS_FIXED[stage] + per * W / GB
+    return StagePlan(stage, rss, disk, seconds)
 
 
 def plan_all(cfg: MythosConfig) -> list[StagePlan]:
