@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -238,8 +239,27 @@ def save_graph(model, directory: Path, filename: str, external_bytes: int | None
 
 def scratch_root() -> str | None:
     """Where scratch weight stores go: MYTHOS_SCRATCH_DIR, else the system temp directory."""
-    import os
     return os.environ.get("MYTHOS_SCRATCH_DIR") or None
+
+
+def remove_stale_stores() -> list[str]:
+    """Weight stores left by exports that were killed (SIGKILL skips cleanup; a 1b store is
+    6 GB): `mythos-store-<pid>-*` whose process is gone. Returns what was removed."""
+    import shutil
+    root = Path(scratch_root() or tempfile.gettempdir())
+    removed = []
+    for d in root.glob("mythos-store-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+            os.kill(pid, 0)
+            continue  # its export is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, IndexError, PermissionError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
 
 
 def model_bytes(model, dtype: str) -> int:
@@ -270,7 +290,9 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
         store = None
         if stepped is None and model_bytes(model, opts.dtype) > min(external_bytes, STORE_BYTES):
             # a large model: weights go from torch to a scratch store, never into a protobuf
-            store = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mythos-store-", dir=scratch_root())))
+            remove_stale_stores()
+            store = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f"mythos-store-{os.getpid()}-",
+                                                                           dir=scratch_root())))
         traced = trace_graphs(model, cfg, opts, stage, stepped, store)
         if not opts.validate:
             del model  # the torch weights (4 GB at 1b) are not needed past the trace

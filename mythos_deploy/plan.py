@@ -100,7 +100,8 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
 
 
 def plan_all(cfg: MythosConfig) -> list[StagePlan]:
-    return [plan_stage(cfg, s, quant="int4" if s == "generate" else None) for s in STAGES]
+    """Every stage; quantize and generate for int4 (the edge target)."""
+    return [plan_stage(cfg, s, quant="int4" if s in ("quantize", "generate") else None) for s in STAGES]
 
 
 def available_memory() -> float | None:

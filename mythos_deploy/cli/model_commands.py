@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mythos_deploy.cli.app import app, out, err, handle_errors, parse_ids, fmt_bytes
-from mythos_deploy.errors import InputError, MythosError
+from mythos_deploy.errors import InputError
 from mythos_deploy.options import BackendName, DecodeOptions, ExitMode, Provider, WeightDtype
 
 
@@ -30,8 +30,11 @@ def init(
     tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP + " Default: the byte tokenizer "
                                                          "(when vocab_size >= 256)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Run even if the memory model predicts it will not "
+                                                                "fit this machine's RAM or disk."),
 ) -> None:
-    """Make a checkpoint with random weights (OpenMythos's initialisation) from a preset."""
+    """Make a checkpoint with random weights (OpenMythos's initialisation) from a preset.
+    Refused up front when the memory model (inspect --plan) says it will not fit here."""
     with handle_errors():
         from mythos_deploy.checkpoint import save_checkpoint
         from mythos_deploy.config import MythosConfig, parse_overrides
@@ -40,11 +43,11 @@ def init(
         from mythos_deploy.tokenizer import ByteTokenizer, tokenizer_files
 
         cfg = MythosConfig.from_name(preset).replace(**parse_overrides(set_))
+        from mythos_deploy.plan import check_plan, plan_stage
         total = parameter_counts(cfg)["total"]
-        if total > 2_000_000_000:
-            raise MythosError(f"preset {preset!r} has {total / 1e9:.1f}B parameters "
-                              f"({total * 4 / 2**30:.0f} GiB in fp32); too large to initialise here. "
-                              "Use `mythos-export inspect --preset` to study it.")
+        line = check_plan(plan_stage(cfg, "init"), output, force_plan)
+        if total > 100_000_000:
+            err.print(f"plan: {escape(line)}")
         files = (tokenizer_files(tokenizer, cfg.vocab_size) if tokenizer is not None
                  else ByteTokenizer().files() if cfg.vocab_size >= 256 else None)
         with err.status(f"initialising {total / 1e6:.2f}M parameters"):

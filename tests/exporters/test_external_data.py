@@ -205,3 +205,20 @@ def test_quantize_an_external_data_artifact(tiny_ckpt, tmp_path, monkeypatch, mo
         for k in ta:
             np.testing.assert_array_equal(ta[k], tb[k])
     load(tmp_path / "q")  # verifies its files, the external data included
+
+
+def test_stale_weight_stores_of_killed_exports_are_removed(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from mythos_deploy.exporters.onnx_export import remove_stale_stores
+    monkeypatch.setenv("MYTHOS_SCRATCH_DIR", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"mythos-store-{dead.pid}-abc").mkdir()
+    (tmp_path / f"mythos-store-{dead.pid}-abc" / "w.bin").write_bytes(b"x" * 10)
+    (tmp_path / f"mythos-store-{os.getpid()}-live").mkdir()  # a running export's store stays
+    (tmp_path / "mythos-store-notapid-x").mkdir()
+    assert remove_stale_stores() == [f"mythos-store-{dead.pid}-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"mythos-store-{os.getpid()}-live",
+                                                                 "mythos-store-notapid-x"])

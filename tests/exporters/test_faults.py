@@ -35,8 +35,10 @@ main()
 """
 
 
-def _run_with_small_disk(args, cwd):
-    return subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=cwd, capture_output=True, text=True)
+def _run_with_small_disk(args, cwd, env=None):
+    import os
+    return subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def test_full_disk_gives_a_clear_error_and_leaves_nothing(tiny_ckpt, tmp_path):
@@ -52,6 +54,20 @@ def test_full_disk_gives_a_clear_error_and_leaves_nothing(tiny_ckpt, tmp_path):
         assert "too large" in r.stderr.lower()
         assert not (tmp_path / name).exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.tmp-")]
+
+
+def test_full_disk_during_an_external_data_export(tiny_ckpt, tmp_path):
+    """The large-model path (weight store, then <graph>.onnx.data): a write past the limit is
+    one line, and neither the artifact nor the scratch store is left behind."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {"MYTHOS_EXTERNAL_DATA_BYTES": "2048", "MYTHOS_SCRATCH_DIR": str(scratch)}
+    r = _run_with_small_disk(["onnx", str(tiny_ckpt), "-o", "ox", "--no-validate", "--loop", "loop"], tmp_path, env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ox").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ox.tmp-")]
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_second_writer_of_the_same_output_fails_at_once(tmp_path):
