@@ -161,7 +161,7 @@ def make_store(directory: Path) -> Path:
 def store_dir(model) -> Path | None:
     """The weight store a model's initializers live in (None: the model holds its weights,
     or reads them from an artifact it must not write to)."""
-    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.graph_passes import iter_graphs
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if is_external(t):
@@ -175,7 +175,7 @@ def materialize(model, keep_external=lambda t: False) -> int:
     """Read external tensors back inline (for code that needs `raw_data`, such as
     onnxruntime's quantizers), except those `keep_external` selects. Returns bytes read."""
     import onnx
-    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.graph_passes import iter_graphs
     done = 0
     for g in iter_graphs(model.graph):
         for t in g.initializer:
@@ -223,7 +223,7 @@ def new_tensor(model, array: np.ndarray, name: str):
 
 def adopt(model, base_dir: Path) -> None:
     """Make a loaded model's relative external locations absolute (paths into `base_dir`)."""
-    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.graph_passes import iter_graphs
     base = Path(base_dir).resolve()
     for g in iter_graphs(model.graph):
         for t in g.initializer:
@@ -243,7 +243,7 @@ def load_into_store(path: Path):
 
 
 def model_weight_bytes(model) -> int:
-    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.graph_passes import iter_graphs
     return sum(tensor_nbytes(t) for g in iter_graphs(model.graph) for t in g.initializer)
 
 
@@ -270,7 +270,7 @@ def write_model(model, directory: Path, filename: str, external_bytes: int | Non
     import onnx
     from onnx import ModelProto
 
-    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.graph_passes import iter_graphs
     threshold = external_bytes_threshold() if external_bytes is None else external_bytes
     directory = Path(directory)
     path = directory / filename
@@ -316,7 +316,7 @@ def check_model_file(model, name: str, full_check: bool = True) -> None:
     if store is None:
         onnx.checker.check_model(model, full_check=full_check)
         return
-    from mythos_deploy.exporters.onnx_compose import iter_graphs
+    from mythos_deploy.exporters.graph_passes import iter_graphs
     probe = ModelProto()
     probe.CopyFrom(model)
     for g in iter_graphs(probe.graph):

@@ -18,6 +18,22 @@ IR_VERSION = 10  # onnx 1.23 writes 11+ by default; onnxruntime 1.31 rejects new
 DEDUP_MAX_ELEMENTS = 1 << 22
 
 
+def subgraphs(node):
+    """The graphs a node carries as attributes (Loop body, If branches, ...)."""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def iter_graphs(graph):
+    """`graph` and every graph nested in it, depth first (protobuf graphs)."""
+    yield graph
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from iter_graphs(g)
+
+
 class _ScopedNames:
     """Node names for NameFixPass: an unnamed node is called after its op type, prefixed with
     its subgraph's name (`core_step/MatMul_3`), so names are unique across the whole model

