@@ -95,12 +95,45 @@ def predict(cfg, row: dict) -> None:
     row["rss_prediction_error"] = round(plan.peak_rss / max(row["peak_rss_bytes"], 1) - 1, 3)
 
 
+TARGETS_1B = {  # issue 16: stage -> peak RSS (GB) and seconds it must stay within
+    "export": (6.0, None), "export+gate": (12.0, 900), "int8": (8.0, 900), "int4": (8.0, 900), "generate": (3.0, None)}
+
+
+def targets(data: dict) -> dict:
+    """Each target the 1b run is held to, met or missed, from the recorded numbers."""
+    out = {}
+    for row in data["stages"]:
+        if row["stage"] in TARGETS_1B:
+            gb, secs = TARGETS_1B[row["stage"]]
+            met = row["exit_code"] == 0 and row["peak_rss_gb"] <= gb and (secs is None or row["seconds"] <= secs)
+            out[f"{row['stage']}: peak RSS <= {gb} GB" + (f", <= {secs} s" if secs else "")] = {
+                "met": met, "measured": {"peak_rss_gb": row["peak_rss_gb"], "seconds": row["seconds"]}}
+        out.setdefault("memory model within 25% at every stage", {"met": True, "worst": 0.0})
+        worst = out["memory model within 25% at every stage"]
+        worst["worst"] = max(worst["worst"], abs(row.get("rss_prediction_error", 0)))
+        worst["met"] = worst["worst"] <= 0.25
+    rows = {r["name"]: r for r in data.get("decode", {}).get("rows", []) if "decode" in r}
+    if "openmythos" in rows and "eager" in rows:
+        ratio = rows["openmythos"]["decode"]["p50_ms"] / rows["eager"]["decode"]["p50_ms"]
+        out["eager decode at least as fast as OpenMythos"] = {"met": ratio >= 1.0, "speedup": round(ratio, 3)}
+    if "onnxruntime int4" in rows:
+        r = rows["onnxruntime int4"]
+        out["int4 decode >= 5x OpenMythos"] = {"met": r.get("speedup_vs_openmythos", 0) >= 5,
+                                               "speedup": round(r.get("speedup_vs_openmythos", 0), 2),
+                                               "why": "onnxruntime's CPU int4 kernels are compute-bound on 2 cores: "
+                                                      "int4 is 1.4x faster than int8 on half the bytes"}
+        out["int4 decode within 1.6x of its floor"] = {"met": r["x_floor"] <= 1.6, "x_floor": round(r["x_floor"], 2)}
+    return out
+
+
 def repredict(path: Path) -> dict:
     from mythos_deploy.config import MythosConfig
     data = json.loads(path.read_text())
     cfg = MythosConfig.from_name(data["preset"])
     for row in data["stages"]:
         predict(cfg, row)
+    if data["preset"] == "1b":
+        data["targets"] = targets(data)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return data
 
@@ -175,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
             "weights_bytes_fp32": W, "routed_expert_bytes_fp32": experts, "stages": rows}
     if "decode" in stages:
         data["decode"] = decode_table(cfg, paths, args.prompt, args.new_tokens, args.threads, log)
+    if args.preset == "1b":
+        data["targets"] = targets(data)
     out = write_json(Path(args.out or f"benchmarks/results/scale_{args.preset}.json"), data)
     log(f"wrote {out}")
     if not args.keep:
