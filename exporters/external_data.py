@@ -78,12 +78,8 @@ def _source(t, base_dir: Path | None) -> tuple[Path, int, int]:
     return path, int(info.get("offset", 0)), int(info.get("length", path.stat().st_size))
 
 
-def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
-    """A tensor's value. External data is memory-mapped read-only (no copy; pages are read
-    as they are touched and can be dropped again by the kernel)."""
-    from onnx import numpy_helper
-    if not is_external(t):
-        return numpy_helper.to_array(t)
+def _checked_source(t, base_dir: Path | None) -> tuple[Path, int, int, np.dtype, tuple[int, ...]]:
+    """An external tensor's file, offset, length, dtype and shape, its length checked against its shape."""
     path, offset, length = _source(t, base_dir)
     dtype = _np_dtype(t)
     shape = tuple(int(d) for d in t.dims)
@@ -91,6 +87,16 @@ def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
         from mythos_deploy.errors import CheckpointError
         raise CheckpointError(f"external data of {t.name!r} holds {length} bytes, its shape {shape} needs "
                               f"{int(np.prod(shape)) * dtype.itemsize}")
+    return path, offset, length, dtype, shape
+
+
+def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
+    """A tensor's value. External data is memory-mapped read-only (no copy; pages are read
+    as they are touched and can be dropped again by the kernel)."""
+    from onnx import numpy_helper
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    path, offset, length, dtype, shape = _checked_source(t, base_dir)
     if length == 0:
         return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
@@ -129,10 +135,8 @@ def tensor_rows(t, base_dir: Path | None = None):
     """A tensor for row-by-row reading: a RowReader when external, else its array."""
     if not is_external(t) or len(t.dims) == 0:
         return tensor_array(t, base_dir)
-    path, offset, length = _source(t, base_dir)
-    shape = tuple(int(d) for d in t.dims)
-    tensor_array(t, base_dir)  # the size check
-    return RowReader(path, offset, _np_dtype(t), shape)
+    path, offset, _, dtype, shape = _checked_source(t, base_dir)
+    return RowReader(path, offset, dtype, shape)
 
 
 def _external_proto(name: str, dtype: np.dtype, shape: tuple[int, ...], location: str, offset: int, length: int):
@@ -196,7 +200,8 @@ def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Ite
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     store = store_dir(model)
     if store is None or nbytes < MIN_EXTERNAL_TENSOR:
-        arr = np.concatenate([np.asarray(c, dtype) for c in chunks], axis=0) if shape else np.asarray(next(iter(chunks)), dtype)
+        parts = [np.asarray(c, dtype) for c in chunks]
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return numpy_helper.from_array(np.ascontiguousarray(arr.reshape(shape)), name)
     path = store / f"t{os.getpid()}_{next(_names)}.bin"
     written = 0
@@ -214,11 +219,7 @@ def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Ite
 def new_tensor(model, array: np.ndarray, name: str):
     """A new initializer for `model`: in its store when the model has one and it is large."""
     array = np.asarray(array)
-    if array.ndim == 0:
-        from onnx import numpy_helper
-        return numpy_helper.from_array(array, name)
-    return new_tensor_rows(model, name, array.shape, array.dtype, (array[i:i + 1] for i in range(array.shape[0]))
-                           if store_dir(model) is not None and array.nbytes >= MIN_EXTERNAL_TENSOR else [array])
+    return new_tensor_rows(model, name, array.shape, array.dtype, [array])
 
 
 def adopt(model, base_dir: Path) -> None:
@@ -240,11 +241,6 @@ def load_into_store(path: Path):
     model = onnx.load(str(path), load_external_data=False)
     adopt(model, make_store(Path(path).parent))
     return model
-
-
-def model_weight_bytes(model) -> int:
-    from mythos_deploy.exporters.graph_passes import iter_graphs
-    return sum(tensor_nbytes(t) for g in iter_graphs(model.graph) for t in g.initializer)
 
 
 def _copy_range(src: Path, offset: int, length: int, out) -> None:

@@ -53,13 +53,22 @@ class _ScopedNames:
         return value.name or "v"
 
 
-def _run(model, passes) -> None:
-    """Run the onnx_ir passes `passes(ir_model)` returns on a ModelProto, in place."""
+def _apply(model, passes):
+    """The onnx_ir passes `passes(ir_model)` returns, run on a ModelProto: a new ModelProto."""
     irm = ir.from_proto(model)
     PassManager(passes(irm))(irm)
     out = ir.to_proto(irm)
     out.ir_version = IR_VERSION
-    model.CopyFrom(out)
+    return out
+
+
+def _run(model, passes) -> None:
+    """`_apply`, in place."""
+    model.CopyFrom(_apply(model, passes))
+
+
+def _prune_passes(irm):
+    return [RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()]
 
 
 def _clear_value_metadata(irm: ir.Model) -> None:
@@ -91,17 +100,13 @@ def finish(model) -> None:
 def prune(model) -> None:
     """No dead nodes, initializers or opsets; nodes in topological order: after a rewrite such
     as quantization (onnxruntime's quantizers reorder nodes without regard to Loop bodies)."""
-    _run(model, lambda irm: [RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()])
+    _run(model, _prune_passes)
 
 
 def pruned(model):
     """`prune` returning a new ModelProto instead of copying the result back into `model`
     (one copy of the weights fewer at the peak; the caller drops `model`)."""
-    irm = ir.from_proto(model)
-    PassManager([RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()])(irm)
-    out = ir.to_proto(irm)
-    out.ir_version = IR_VERSION
-    return out
+    return _apply(model, _prune_passes)
 
 
 def release_memory() -> None:

@@ -152,6 +152,7 @@ def trace_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     """The torch export: {"model"} for while_loop, else the stepped graphs this export needs.
     After it the torch model is no longer needed (except by the parity gate)."""
     from mythos_deploy.exporters.torch_to_onnx import export_fill, export_stepped, export_while_loop
+    shared = set(stepped or ())  # the caller's graphs, copied before they are modified
     if opts.loop_export == "while_loop":  # `stepped` is not used
         stage("torch export (the whole model, the core as a while_loop)")
         contract = next(c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype) if c.name == "model")
@@ -161,7 +162,8 @@ def trace_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
         stepped = export_stepped(export_form(model, opts), opts.dtype, opts.opset, store=store)
     if opts.loop != "unroll" and "fill" not in stepped:  # the exit=propagate fill (a cache without it)
         stepped = {**stepped, "fill": export_fill(export_form(model, opts), opts.dtype, opts.opset, store=store)}
-    return {k: copy.deepcopy(v) for k, v in stepped.items() if opts.loop != "unroll" or k != "fill"}
+    return {k: copy.deepcopy(v) if k in shared else v for k, v in stepped.items()
+            if opts.loop != "unroll" or k != "fill"}
 
 
 def assemble_graphs(traced: dict, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None]) -> dict:

@@ -14,19 +14,9 @@ import logging
 from pathlib import Path
 import numpy as np
 
+from mythos_deploy.exporters.external_data import tensor_array, tensor_rows
 from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
 from mythos_deploy.errors import InputError
-
-
-def _expert_table(t):
-    """An expert table, read expert by expert from external data (a RowReader) or inline."""
-    from mythos_deploy.exporters.external_data import tensor_rows
-    return tensor_rows(t)
-
-
-def _value(t) -> np.ndarray:
-    from mythos_deploy.exporters.external_data import tensor_array
-    return tensor_array(t)
 
 
 def _per_expert(w: np.ndarray, fn) -> tuple[np.ndarray, ...]:
@@ -69,7 +59,7 @@ def _int8_experts(model) -> int:
         return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
 
     for name in targets:
-        q, scale = _per_expert(_expert_table(inits[name]), int8_rows)  # [E, in, out]
+        q, scale = _per_expert(tensor_rows(inits[name]), int8_rows)  # [E, in, out]
         new_inits += [numpy_helper.from_array(q, f"{name}::q8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}::s8")]
     for g in iter_graphs(model.graph):
         readers: dict[str, list] = {}
@@ -134,7 +124,7 @@ def _int4_experts(model, block: int) -> int:
     inits = {t.name: t for t in model.graph.initializer}
     targets = {}
     for name in (n for n in inits if "::EDF" in n or "::EFD" in n):
-        w = _expert_table(inits[name])
+        w = tensor_rows(inits[name])
         if w.shape[2] % block:
             continue
         q, scale = _per_expert(w, lambda x: quantize_last_axis(x, 4, block))  # [E, A, B/2] packed, [E, A, B/bs]
@@ -198,7 +188,7 @@ def _qmoe(model, bits: int, block_size: int) -> str:
                 out.append(n)
                 continue
             x, router, fc1, _, fc2 = list(n.input)[:5]
-            w1, w2 = (_expert_table(inits[name]) for name in (fc1, fc2))
+            w1, w2 = (tensor_rows(inits[name]) for name in (fc1, fc2))
             block = block_size if w1.shape[2] % block_size == 0 and w2.shape[2] % block_size == 0 else 0
             kinds.add(f"blocks of {block}" if block else "per output row")
             ins = []
@@ -246,7 +236,7 @@ def gemms_to_matmuls(model) -> int:
                 continue
             kn = f"{w.name}::kn" if node_attr(n, "transB", 0) else w.name
             if kn not in inits:
-                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(_value(w).T), kn)
+                inits[kn] = numpy_helper.from_array(np.ascontiguousarray(tensor_array(w).T), kn)
                 model.graph.initializer.append(inits[kn])
             if len(n.input) > 2 and n.input[2]:
                 mid = f"{n.output[0]}/matmul"
@@ -287,7 +277,7 @@ def merge_sibling_matmuls(model, exclude: tuple[str, ...] = ()) -> int:
             key = tuple(m.input[1] for m in members)
             if key not in merged:
                 name = "::".join(key) + "::merged"
-                arrays = [_value(inits[k]) for k in key]
+                arrays = [tensor_array(inits[k]) for k in key]
                 inits[name] = numpy_helper.from_array(np.concatenate(arrays, axis=1), name)
                 sizes = f"{name}::split"
                 inits[sizes] = numpy_helper.from_array(np.array([x.shape[1] for x in arrays], np.int64), sizes)

@@ -59,6 +59,11 @@ class Reference:
     runs: tuple[tuple[np.ndarray, tuple[tuple[np.ndarray, np.ndarray, int], ...]], ...]  # (prompt, steps)
 
 
+def _check_same_model(cfg_a: dict, b: Backend) -> None:
+    if cfg_a != b.cfg.to_dict():
+        raise InputError("the two artifacts have different model configs; they are not the same model")
+
+
 def record(a: Backend, prompts: list[list[int]], new_tokens: int = 32,
            decode: DecodeOptions = DecodeOptions()) -> Reference:
     """A's greedy run, kept so that A can be freed before B is loaded (two multi-GB
@@ -79,8 +84,7 @@ def record(a: Backend, prompts: list[list[int]], new_tokens: int = 32,
 def compare_to(ref: Reference, b: Backend, *, decode_b: DecodeOptions | None = None,
                tolerance: float = 1e-4, min_agreement: float = 1.0) -> ParityReport:
     """B teacher-forced on A's recorded tokens, step by step."""
-    if ref.cfg != b.cfg.to_dict():
-        raise InputError("the two artifacts have different model configs; they are not the same model")
+    _check_same_model(ref.cfg, b)
     decode_b = ref.decode if decode_b is None else decode_b
     rows = []
     for prompt, steps in ref.runs:
@@ -109,7 +113,6 @@ def compare(a: Backend, b: Backend, prompts: list[list[int]], new_tokens: int = 
             tolerance: float = 1e-4, min_agreement: float = 1.0) -> ParityReport:
     """Backend A generates greedily, B is fed A's tokens. `decode_b` defaults to `decode_a`
     (for instance to compare an exit mode against none, give both)."""
-    if a.cfg.to_dict() != b.cfg.to_dict():
-        raise InputError("the two artifacts have different model configs; they are not the same model")
+    _check_same_model(a.cfg.to_dict(), b)  # before A's run, not after it
     return compare_to(record(a, prompts, new_tokens, decode_a), b, decode_b=decode_b, tolerance=tolerance,
                       min_agreement=min_agreement)
