@@ -1,8 +1,10 @@
 """`export_onnx`: checkpoint directory -> ONNX artifact directory, parity-gated.
 
-Stages: load -> torch export of the stepped graphs -> compose (unroll | loop) -> MoE
-lowering -> onnx.checker + shape inference + contract check -> onnxruntime parity gate ->
-atomic write with manifest.json and validation.json. Any failure leaves no OUT_DIR.
+Stages: load -> torch export of the stepped graphs -> the gate's eager reference (then the
+torch weights are freed) -> compose (unroll | loop) -> MoE lowering -> onnx.checker + shape
+inference + contract check -> write into a temporary directory -> onnxruntime parity gate on
+those files -> manifest.json and validation.json -> rename to OUT_DIR. Any failure leaves no
+OUT_DIR.
 """
 
 from __future__ import annotations
@@ -210,28 +212,56 @@ def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage
     return graphs
 
 
-def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOptions,
-                    stage: Callable[[str], None]):
+def gate_scenarios(cfg: MythosConfig, opts: OnnxExportOptions) -> list:
+    """The parity gate's scenarios for this export: exit=propagate too where the export carries
+    it (`loop` composed with the fill, `stepped` with the fill graph)."""
+    from mythos_deploy.exporters.onnx_validate import default_scenarios
+    propagate = opts.loop == "stepped" or (opts.loop == "loop" and opts.loop_export != "while_loop")
+    return default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len, propagate=propagate)
+
+
+def record_reference(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Callable[[str], None]) -> list:
+    """The eager half of the gate (exporters/onnx_validate.py): after it the torch model can go."""
+    from mythos_deploy.exporters.onnx_validate import record_eager
+    return record_eager(model, gate_scenarios(cfg, opts), progress=lambda s: stage(f"parity gate, eager reference: {s}"))
+
+
+def check_graphs(records: list, cfg: MythosConfig, graphs: dict, opts: OnnxExportOptions,
+                 stage: Callable[[str], None], paths: dict | None = None):
+    """The onnxruntime half of the gate, on the graph files at `paths` (the artifact being
+    written) or, without them, on a scratch copy. `plugin` graphs run with each MythosMoE node
+    swapped for its standard-op form (onnxruntime cannot run the plugin)."""
     from mythos_deploy.exporters.moe_lowering import count_moe_nodes, lower_moe
-    from mythos_deploy.exporters.onnx_validate import default_scenarios, validate
-    from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner
+    from mythos_deploy.exporters.onnx_validate import compare_records
+    from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner, carries_propagate
 
     note = ""
     if opts.moe == "plugin":
         graphs = {k: lower_moe(copy.deepcopy(g), "standard") for k, g in graphs.items()}
         note = ("plugin nodes cannot run in onnxruntime: validated the same graph with each "
                 "MythosMoE plugin node swapped for its standard-op form")
+        paths = None  # the artifact's graphs are not the ones that run
     elif any(count_moe_nodes(g) for g in graphs.values()):
         raise InternalError("an MoE placeholder survived lowering")
-    with tempfile.TemporaryDirectory(dir=scratch_root()) as scratch:
-        paths = {}
-        for name, g in graphs.items():  # via files: graphs over 2 GB cannot be serialised in memory
-            paths[name] = write_model(g, Path(scratch), f"{name}.onnx")
+    with contextlib.ExitStack() as scratch:
+        if paths is None:  # via files: graphs over 2 GB cannot be serialised in memory
+            root = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=scratch_root())))
+            paths = {name: write_model(g, root, f"{name}.onnx") for name, g in graphs.items()}
+        stage("parity gate, onnxruntime: loading the session")
         runner = OnnxModelRunner(paths, opts.loop, opts.loops)
-        scenarios = default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len,
-                                      propagate=runner.supports_propagate)
-        return validate(model, runner, opts.loop, opts.dtype, scenarios, note,
-                        progress=lambda s: stage(f"validate: {s}"))
+        wants = any(r.scenario.exit == "propagate" for r in records)
+        if wants and not runner.supports_propagate:
+            model = graphs.get("model")
+            got = carries_propagate(opts.loop, graphs, [i.name for i in model.graph.input] if model else ())
+            raise InternalError(f"the gate expected an export that carries exit=propagate; it does not ({got})")
+        return compare_records(records, runner, cfg, opts.loop, opts.dtype, note,
+                               progress=lambda s: stage(f"parity gate, onnxruntime: {s}"))
+
+
+def validate_graphs(model, cfg: MythosConfig, graphs: dict, opts: OnnxExportOptions,
+                    stage: Callable[[str], None]):
+    """Both halves of the gate on graphs in memory (tests; the export frees the model between them)."""
+    return check_graphs(record_reference(model, cfg, opts, stage), cfg, graphs, opts, stage)
 
 
 def save_graph(model, directory: Path, filename: str, external_bytes: int | None = None) -> Path:
@@ -296,36 +326,38 @@ def export_onnx(ckpt_dir: str | Path, out_dir: str | Path, options: OnnxExportOp
             store = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f"mythos-store-{os.getpid()}-",
                                                                            dir=scratch_root())))
         traced = trace_graphs(model, cfg, opts, stage, stepped, store)
-        if not opts.validate:
-            del model  # the torch weights (4 GB at 1b) are not needed past the trace
-            release_memory()
+        # the gate's eager half runs now, so that the torch weights (4 GB at 1b) are gone before
+        # onnxruntime maps the export's: one copy of the weights at a time
+        records = record_reference(model, cfg, opts, stage) if opts.validate else None
+        del model
+        release_memory()
         graphs = assemble_graphs(traced, cfg, opts, stage)
         del traced
-        report = None
-        if opts.validate:
-            report = validate_graphs(model, cfg, graphs, opts, stage).to_dict()
-            if not report["passed"]:
-                raise ParityError("export differs from eager PyTorch beyond tolerance: "
-                                  + "; ".join(report["failures"][:6]), report)
-            del model
-            release_memory()
-        return _write_artifact(ckpt_dir, out_dir, overwrite, graphs, cfg, opts, report, external_bytes,
+        return _write_artifact(ckpt_dir, out_dir, overwrite, graphs, cfg, opts, records, external_bytes,
                                extra_manifest, stage, t0)
 
 
 def _write_artifact(ckpt_dir, out_dir: Path, overwrite: bool, graphs: dict, cfg: MythosConfig,
-                    opts: OnnxExportOptions, report: dict | None, external_bytes: int,
+                    opts: OnnxExportOptions, records: list | None, external_bytes: int,
                     extra_manifest: dict | None, stage: Callable[[str], None], t0: float) -> ExportResult:
+    """Write the graphs into the artifact's temporary directory, run the gate's onnxruntime half
+    on those very files (no second copy), and only then let the directory become OUT_DIR."""
     stage("write artifact")
     from mythos_deploy.runtimes.onnx_runner import graph_files
     files = graph_files(opts.loop)
     contracts = contracts_for(cfg, opts.loop, opts.loops, opts.dtype)
+    report = None
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        for name, g in graphs.items():
-            save_graph(g, tmp, files[name], external_bytes)
-        carry_tokenizer(ckpt_dir, tmp)
-        if report is not None:
+        paths = {name: save_graph(g, tmp, files[name], external_bytes) for name, g in graphs.items()}
+        if records is not None:
+            report = check_graphs(records, cfg, graphs, opts, stage, paths).to_dict()
+            del records
+            if not report["passed"]:
+                raise ParityError("export differs from eager PyTorch beyond tolerance: "
+                                  + "; ".join(report["failures"][:6]), report)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+        carry_tokenizer(ckpt_dir, tmp)
+        stage("hash and manifest")
         manifest = write_manifest(
             tmp, "onnx", options=opts.to_dict(), config=cfg.to_dict(),
             source={"checkpoint": str(ckpt_dir), "sha256": checkpoint_sha256(ckpt_dir)},

@@ -7,12 +7,16 @@ Decode tokens are the eager model's greedy choices (teacher forcing), so one ear
 cannot hide later errors; greedy agreement is counted at every compared position. Exports
 that carry exit=propagate are also checked with it, against the eager backend's propagate
 (halted positions frozen, deeper cache rows from the frozen state, loops_run per call).
+
+The gate runs in two halves: `record_eager` runs every scenario on the eager model and keeps
+its inputs and outputs (megabytes); `compare_records` then feeds the export the same inputs.
+The torch weights can be freed between them, so the gate's peak is one copy of the weights,
+not two.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -193,15 +197,77 @@ def _with_slack(pasts: dict[str, np.ndarray], slack: int, g: torch.Generator) ->
     return out
 
 
+@dataclass
+class StepRecord:
+    """One eager step of a scenario: what was fed and what the reference answered."""
+    chunk: np.ndarray  # int64 [B, T]
+    logits: np.ndarray
+    halt_prob: np.ndarray
+    loops_used: np.ndarray
+    cache: dict[str, np.ndarray]  # the rows this step wrote, per graph output name
+    loops_run: int | None  # exit=propagate: the loops the eager backend ran
+
+
+@dataclass
+class ScenarioRecord:
+    scenario: Scenario
+    threshold: float
+    steps: list[StepRecord]
+
+
 @torch.no_grad()
-def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: list[Scenario],
-             note: str = "", act_threshold: float | None = None, seed: int = 0, progress=None) -> ValidationReport:
+def record_eager(model: MythosModel, scenarios: list[Scenario], act_threshold: float | None = None,
+                 seed: int = 0, progress=None) -> list[ScenarioRecord]:
+    """The eager side of the gate, run to the end before any onnxruntime session exists, so the
+    torch weights can be freed first (at 3b, the two copies do not fit 16 GB together). Decode
+    tokens are eager's greedy choices, so the records fix every input the export is fed."""
     cfg = model.cfg
     threshold = cfg.act_threshold if act_threshold is None else act_threshold
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for sc in scenarios:
+        if progress:
+            progress(sc.name)
+        total = sum(sc.chunks) + sc.decode_steps
+        sc_threshold = threshold if sc.act_threshold is None else sc.act_threshold
+        session = None
+        if sc.exit == "propagate":
+            from mythos_deploy.options import DecodeOptions, ExitMode
+            from mythos_deploy.runtimes.eager import EagerBackend
+            session = EagerBackend(model).start(sc.batch, total, DecodeOptions(sc.n_loops, sc_threshold, ExitMode.PROPAGATE))
+            cache = session.cache
+        else:
+            cache = model.new_cache(sc.batch, total, sc.n_loops)
+        ids = torch.randint(0, cfg.vocab_size, (sc.batch, sum(sc.chunks)), generator=g)
+        feeds = [ids[:, a:b] for a, b in zip(np.cumsum([0] + sc.chunks[:-1]), np.cumsum(sc.chunks))]
+        steps, pos, nxt = [], 0, None
+        for step in range(len(feeds) + sc.decode_steps):
+            chunk = feeds[step] if step < len(feeds) else nxt
+            loops_run = None
+            if session is not None:
+                s = session.step(chunk.numpy())
+                logits, halt, used, loops_run = s.logits, s.halt_prob, s.loops_used, int(s.loops_run)
+            else:
+                ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=sc_threshold)
+                logits, halt, used = ref.logits.numpy(), ref.halt_prob.numpy(), ref.loops_used.numpy()
+            T = chunk.shape[1]
+            steps.append(StepRecord(chunk.numpy().copy(), np.array(logits), np.array(halt), np.array(used),
+                                    {k: v.copy() for k, v in _cache_rows(cache, cfg, sc.n_loops, pos, pos + T).items()},
+                                    loops_run))
+            nxt = torch.from_numpy(np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None]))
+            pos += T
+        records.append(ScenarioRecord(sc, sc_threshold, steps))
+    return records
+
+
+def compare_records(records: list[ScenarioRecord], runner, cfg, loop_mode: str, dtype: str, note: str = "",
+                    seed: int = 0, progress=None) -> ValidationReport:
+    """The onnxruntime side: the export fed the recorded inputs, its outputs against the records."""
     tol = TOLERANCES[dtype]
     report = ValidationReport(dtype, loop_mode, note)
-    g = torch.Generator().manual_seed(seed)
-    for sc in scenarios:
+    g = torch.Generator().manual_seed(seed + 1)  # the unfilled rows' noise
+    for rec in records:
+        sc = rec.scenario
         if progress:
             progress(sc.name)
         stats: dict[str, OutputStat] = {}
@@ -214,50 +280,34 @@ def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: 
             st.max_abs = max(st.max_abs, err if np.isfinite(err) else float("inf"))
             st.ref_max = max(st.ref_max, float(np.max(np.abs(ref))) if ref.size else 0.0)
 
-        total = sum(sc.chunks) + sc.decode_steps
-        sc_threshold = threshold if sc.act_threshold is None else sc.act_threshold
         propagate = sc.exit == "propagate"
-        session = None
-        if propagate:
-            from mythos_deploy.options import DecodeOptions, ExitMode
-            from mythos_deploy.runtimes.eager import EagerBackend
-            session = EagerBackend(model).start(sc.batch, total, DecodeOptions(sc.n_loops, sc_threshold, ExitMode.PROPAGATE))
-            cache = session.cache
-        else:
-            cache = model.new_cache(sc.batch, total, sc.n_loops)
         pasts = empty_pasts(cfg, sc.batch, sc.n_loops, dtype)
-        ids = torch.randint(0, cfg.vocab_size, (sc.batch, sum(sc.chunks)), generator=g)
-        feeds = [ids[:, a:b] for a, b in zip(np.cumsum([0] + sc.chunks[:-1]), np.cumsum(sc.chunks))]
         pos = 0
-        step = 0
-        while step < len(feeds) + sc.decode_steps:
-            chunk = feeds[step] if step < len(feeds) else nxt
-            if session is not None:
-                s = session.step(chunk.numpy())
-                ref = SimpleNamespace(logits=torch.from_numpy(s.logits), halt_prob=torch.from_numpy(s.halt_prob),
-                                      loops_used=torch.from_numpy(s.loops_used))
-            else:
-                ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=sc_threshold)
-            out = runner.forward(chunk.numpy(), pos, _with_slack(pasts, sc.slack, g), sc.n_loops, sc_threshold,
+        for st in rec.steps:
+            out = runner.forward(st.chunk, pos, _with_slack(pasts, sc.slack, g), sc.n_loops, rec.threshold,
                                  early_exit=propagate, propagate=propagate)
-            T = chunk.shape[1]
-            if session is not None:  # the Loop must stop where eager's did
+            if st.loops_run is not None:  # the Loop must stop where eager's did
                 report.loops_total += 1
-                report.loops_mismatch += int(int(out["loops_run"]) != s.loops_run)
-            record("logits", out["logits"], ref.logits.numpy(), "logits")
-            record("halt_prob", out["halt_prob"], ref.halt_prob.numpy(), "halt_prob")
-            for name, rows in _cache_rows(cache, cfg, sc.n_loops, pos, pos + T).items():
+                report.loops_mismatch += int(int(out["loops_run"]) != st.loops_run)
+            record("logits", out["logits"], st.logits, "logits")
+            record("halt_prob", out["halt_prob"], st.halt_prob, "halt_prob")
+            for name, rows in st.cache.items():
                 record(name, out[name], rows, "cache")
             append_new_rows(pasts, out)
-            agree = out["logits"].argmax(-1) == ref.logits.numpy().argmax(-1)
+            agree = out["logits"].argmax(-1) == st.logits.argmax(-1)
             report.greedy_total += agree.size
             report.greedy_agree += int(agree.sum())
             report.loops_total += out["loops_used"].size
-            report.loops_mismatch += int((out["loops_used"] != ref.loops_used.numpy()).sum())
-            report.positions += ref.halt_prob.numel()
-            report.ill_conditioned += int((ref.halt_prob < ILL_CONDITIONED_CUM).sum())
-            nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
-            pos += T
-            step += 1
+            report.loops_mismatch += int((out["loops_used"] != st.loops_used).sum())
+            report.positions += st.halt_prob.size
+            report.ill_conditioned += int((st.halt_prob < ILL_CONDITIONED_CUM).sum())
+            pos += st.chunk.shape[1]
         report.stats.extend(stats.values())
     return report
+
+
+def validate(model: MythosModel, runner, loop_mode: str, dtype: str, scenarios: list[Scenario],
+             note: str = "", act_threshold: float | None = None, seed: int = 0, progress=None) -> ValidationReport:
+    """The whole gate in one call: eager records, then the runner against them."""
+    records = record_eager(model, scenarios, act_threshold, seed, progress)
+    return compare_records(records, runner, model.cfg, loop_mode, dtype, note, seed, progress)

@@ -8,15 +8,17 @@ expert tables. The multiples come from what each stage holds at its peak:
 - export without the gate: the checkpoint's tensors (memory-mapped, 1.0 W); the trace
   streams weights to a scratch store and never holds a second copy; an artifact small
   enough to keep its weights inline (< 1 GiB) is serialised whole (2.2x its bytes);
-- export with the gate: the eager model (W), onnxruntime's mapping of the graph's weights
-  (W) and its arena and prepacked copies (about 0.1 W);
+- export with the gate: one copy of the weights at a time. The gate's eager half runs right
+  after the trace and the torch weights are freed before onnxruntime maps the written
+  artifact's (W plus its arena and prepacked copies, about 0.1 W);
 - quantize (int8 / int4): the fp32 source's onnxruntime session for the gate (W mapped plus its
   arena; the quantized session loads after it is freed) plus what the quantizer left:
   1.56 W for int8, 1.25 W for int4;
 - generate: the artifact's weights as onnxruntime holds them (1.75x its bytes) plus the cache.
 
-Disk: the export keeps the weight store (W plus the MoE lowering's fused tables), the gate's
-scratch copy (W) and the artifact (W) at the same time. Times are a start-up cost plus seconds per GB
+Disk: the export keeps the weight store (W plus the MoE lowering's fused tables) and the
+artifact (W) at the same time; the gate runs on the artifact's own files (a `plugin` export's
+gate runs a standard-op copy, W more). Times are a start-up cost plus seconds per GB
 of weights on the 2-core machine they were measured on (benchmarks/scale.py; the measured
 numbers are in benchmarks/results/scale_*.json).
 """
@@ -33,7 +35,7 @@ from mythos_deploy.errors import InputError
 GB = 1e9
 BASE = {"init": 0.42 * GB, "export": 0.55 * GB, "export+gate": 0.60 * GB, "quantize": 0.50 * GB,
         "generate": 0.42 * GB}
-RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 2.10, "quantize": 1.56, "quantize int4": 1.25,
+RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 1.10, "quantize": 1.56, "quantize int4": 1.25,
              "generate": 1.75}
 SECONDS_FIXED = {"init": 2.0, "export": 15.0, "export+gate": 17.0, "quantize": 4.0, "generate": 2.0}
 SECONDS_PER_GB = {"init": 7.7, "export": 13.1, "export+gate": 26.4, "quantize": 43.8, "quantize int4": 39.5,
@@ -65,9 +67,11 @@ def weight_bytes(cfg: MythosConfig) -> tuple[float, float]:
     return float(memory_estimate(cfg, 4)["total"]), float(p["routed_experts"] * 4)
 
 
-def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | None = None) -> StagePlan:
+def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | None = None,
+               moe: str | None = None) -> StagePlan:
     """The predicted peak RSS, disk space and time of one stage for `cfg`. `dtype` is the
-    export dtype; `quant` (int8 | int4) sizes `generate` on a quantized artifact."""
+    export dtype; `quant` (int8 | int4) sizes `generate` on a quantized artifact; `moe` the
+    export's MoE lowering (`plugin` gates a second, standard-op copy)."""
     if stage not in STAGES:
         raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     W, experts = weight_bytes(cfg)
@@ -83,7 +87,7 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
         disk = W + fused + out
     elif stage == "export+gate":
         rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0) + inline
-        disk = W + fused + 2 * out
+        disk = W + fused + out + (out if moe == "plugin" else 0)
     elif stage == "quantize":
         q = {"int8": 0.27, "int4": 0.15}.get(quant or "int4", 0.15) * W
         rss = BASE[stage] + RSS_PER_W["quantize int4" if quant == "int4" else stage] * W

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -82,6 +83,62 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+def clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def stage_progress(planned_seconds: float | None = None, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """A live line for a long job: the stage, a bar against the memory model's predicted time,
+    the stage's and the job's elapsed time and the time left by the plan. Each finished stage
+    is printed with its duration, so a log shows where the minutes went. Yields `stage(text)`;
+    "A: B" is step B of stage A."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
+    from rich.progress_bar import ProgressBar
+    from rich.text import Text
+
+    planned = float(planned_seconds) if planned_seconds else None
+    state = {"top": None, "t0": time.monotonic(), "start": time.monotonic()}
+
+    class PlanBar(BarColumn):
+        def render(self, task):
+            done = time.monotonic() - state["start"]
+            if planned is None:
+                return ProgressBar(total=None, width=self.bar_width, pulse=True, animation_time=task.get_time())
+            return ProgressBar(total=planned, completed=min(done, 0.99 * planned), width=self.bar_width)
+
+    class Times(ProgressColumn):
+        def render(self, task):
+            now = time.monotonic()
+            text = f"{clock(now - state['t0'])} in stage, {clock(now - state['start'])} in all"
+            if planned is not None:
+                left = planned - (now - state["start"])
+                text += f", ~{clock(left)} left by the plan" if left > 0 else f", {clock(-left)} past the plan"
+            return Text(text, style="progress.elapsed")
+
+    def finish_stage(now: float) -> None:
+        if state["top"] is not None and not quiet:
+            progress.console.print(f"  [green]done[/green] {escape(state['top'])} in {now - state['t0']:.1f} s",
+                                   highlight=False)
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), PlanBar(bar_width=24), Times(),
+                        console=err, transient=True, disable=quiet)
+    with progress:
+        task = progress.add_task("starting", total=None)
+
+        def stage(text: str) -> None:
+            top, now = text.split(":")[0], time.monotonic()
+            if top != state["top"]:
+                finish_stage(now)
+                state.update(top=top, t0=now)
+            progress.update(task, description=escape(text))
+
+        yield stage
+        finish_stage(time.monotonic())
 
 
 def main() -> None:

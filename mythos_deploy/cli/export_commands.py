@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mythos_deploy.cli.app import app, out, err, handle_errors, fmt_bytes
+from mythos_deploy.cli.app import app, out, err, handle_errors, fmt_bytes, stage_progress
 from mythos_deploy.errors import InputError
 from mythos_deploy.options import (ExportDtype, LoopExport, LoopMode, MlaForm, MoeLowering, PastForm, PluginMode,
                                    Precision, QuantMode)
@@ -72,8 +72,6 @@ def onnx_cmd(
     tolerance exit with status 4 and write nothing.
     """
     with handle_errors():
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
         from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
         from mythos_deploy.errors import ParityError
 
@@ -81,24 +79,20 @@ def onnx_cmd(
                                  past=past, loop_export=loop_export)
         from mythos_deploy.checkpoint import load_config
         from mythos_deploy.plan import check_plan, plan_stage
-        plan = plan_stage(load_config(path), "export" if no_validate else "export+gate", str(dtype))
+        plan = plan_stage(load_config(path), "export" if no_validate else "export+gate", str(dtype), moe=str(moe))
         line = check_plan(plan, output, force_plan)  # refused up front, not at minute 2
         if not as_json:
             err.print(f"plan: {escape(line)}")
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err, transient=True, disable=as_json) as progress:
-            task = progress.add_task("starting", total=None)
-            try:
-                result = export_onnx(path, output, opts, overwrite=force,
-                                     stage=lambda s: progress.update(task, description=s))
-            except ParityError as exc:
-                progress.stop()
-                if exc.report:
-                    if as_json:
-                        print(json.dumps({"validation": exc.report}, indent=2))
-                    else:
-                        print_validation(exc.report)
-                raise
+        try:
+            with stage_progress(plan.seconds, quiet=as_json) as stage:
+                result = export_onnx(path, output, opts, overwrite=force, stage=stage)
+        except ParityError as exc:  # the report is printed after the live display is gone
+            if exc.report:
+                if as_json:
+                    print(json.dumps({"validation": exc.report}, indent=2))
+                else:
+                    print_validation(exc.report)
+            raise
         if as_json:
             print(json.dumps({"manifest": result.manifest, "validation": result.report}, indent=2))
             return
@@ -146,16 +140,19 @@ def quantize(
         from mythos_deploy.config import MythosConfig
         from mythos_deploy.manifest import read_manifest
         from mythos_deploy.plan import check_plan, plan_stage
+        planned = None
         if (path / "manifest.json").is_file():
             manifest = read_manifest(path)
             if isinstance(manifest.get("config"), dict):
                 cfg = MythosConfig.from_dict(manifest["config"])
-                line = check_plan(plan_stage(cfg, "quantize", quant=str(mode)), output, force_plan)
+                plan = plan_stage(cfg, "quantize", quant=str(mode))
+                line = check_plan(plan, output, force_plan)
+                planned = plan.seconds if str(mode) in ("int8", "int4") else None  # fitted for these
                 if not as_json:
                     err.print(f"plan: {escape(line)}")
-        with err.status(f"quantizing ({mode})") as status:
+        with stage_progress(planned, quiet=as_json) as stage:
             try:
-                result = quantize_artifact(path, output, opts, overwrite=force, stage=lambda s: status.update(s))
+                result = quantize_artifact(path, output, opts, overwrite=force, stage=stage)
             except ParityError as exc:
                 if exc.report and as_json:
                     print(json.dumps({"gate": exc.report}, indent=2))
@@ -236,8 +233,6 @@ def build(
     optimization profiles from the I/O contract, build each graph, write atomically. Needs
     TensorRT (pip install 'mythos-deploy[tensorrt]'); everything before it runs anywhere."""
     with handle_errors():
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
         from mythos_deploy.exporters.trt_build import BuildOptions, build_engines, parse_profile, plan
 
         opts = BuildOptions(precision=precision, profile=parse_profile(profile), decode_profile=decode_profile,
@@ -257,10 +252,8 @@ def build(
             out.print(t)
             out.print("dry run: checks and lint pass; nothing built")
             return
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err, transient=True, disable=as_json) as progress:
-            task = progress.add_task("checking", total=None)
-            result = build_engines(path, output, opts, overwrite=force, stage=lambda s: progress.update(task, description=s))
+        with stage_progress(None, quiet=as_json) as stage:
+            result = build_engines(path, output, opts, overwrite=force, stage=stage)
         if as_json:
             print(json.dumps({"manifest": result.manifest, "seconds": result.seconds}, indent=2))
             return

@@ -222,3 +222,37 @@ def test_stale_weight_stores_of_killed_exports_are_removed(tmp_path, monkeypatch
     assert remove_stale_stores() == [f"mythos-store-{dead.pid}-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"mythos-store-{os.getpid()}-live",
                                                                  "mythos-store-notapid-x"])
+
+
+def test_the_gate_holds_one_copy_of_the_weights(tiny_ckpt, tmp_path, monkeypatch):
+    """The gate's eager half runs before onnxruntime loads anything, the torch model is freed
+    in between, and onnxruntime runs the artifact's own files (no second copy on disk)."""
+    import weakref
+    from pathlib import Path
+    from mythos_deploy.exporters import onnx_export
+    from mythos_deploy.runtimes import onnx_runner
+    monkeypatch.setenv("MYTHOS_EXTERNAL_DATA_BYTES", SMALL)
+    monkeypatch.setenv("MYTHOS_SCRATCH_DIR", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    models, seen = [], []
+    real_load, real_runner = onnx_export.load_checkpoint, onnx_runner.OnnxModelRunner
+
+    def loaded(path):
+        m = real_load(path)
+        models.append(weakref.ref(m))
+        return m
+
+    class Runner(real_runner):
+        def __init__(self, graphs, *args, **kw):
+            seen.append((dict(graphs), models[0]() is None, sorted(p.name for p in (tmp_path / "scratch").iterdir())))
+            super().__init__(graphs, *args, **kw)
+
+    monkeypatch.setattr(onnx_export, "load_checkpoint", loaded)
+    monkeypatch.setattr(onnx_runner, "OnnxModelRunner", Runner)
+    res = export_onnx(tiny_ckpt, tmp_path / "o", OnnxExportOptions(loop="loop", moe="ort", loops=3))
+    assert res.report["passed"] and any(s["scenario"].startswith("propagate") for s in res.report["outputs"])
+    (paths, freed, scratch), = seen
+    assert freed  # no torch weights left when onnxruntime maps the export's
+    assert {Path(p).parent.name.split("-")[0] for p in paths.values()} == {".o.tmp"}  # the artifact being written
+    assert len(scratch) == 1 and scratch[0].startswith("mythos-store-")  # the weight store, no validation copy
+    assert json.loads((tmp_path / "o" / "validation.json").read_text())["passed"]

@@ -18,9 +18,10 @@ def test_every_preset_has_a_plan_that_grows_with_the_model():
         peaks = [plans[n][stage].peak_rss for n in names]
         assert peaks == sorted(peaks) and peaks[0] > 0
     one = plans["1b"]
-    assert one["export+gate"].peak_rss > one["export"].peak_rss  # the gate holds eager + onnxruntime
+    assert one["export+gate"].peak_rss > one["export"].peak_rss  # onnxruntime's arena on top of one copy
     assert one["generate"].peak_rss < one["export"].peak_rss / 2  # int4 weights
-    assert 8e9 < one["export+gate"].peak_rss < 12e9 and 4e9 < one["export"].peak_rss < 6e9  # measured: 9.3, 4.7 GB
+    assert one["export+gate"].peak_rss < 1.3 * one["export"].peak_rss  # one copy of the weights at a time
+    assert 4e9 < one["export"].peak_rss < 6e9  # measured: 4.8 GB
 
 
 def test_check_plan_refuses_with_numbers(monkeypatch, tmp_path):
@@ -41,7 +42,7 @@ def test_cli_prints_the_plan_and_refuses_before_any_work(tiny_ckpt, tmp_path, mo
     r = CliRunner().invoke(app, ["inspect", "--preset", "3b", "--plan", "--json"])
     assert r.exit_code == 0
     stages = {s["stage"]: s for s in json.loads(r.output)["plan"]["stages"]}
-    assert set(stages) == set(plan_mod.STAGES) and stages["export+gate"]["peak_rss_gb"] > 20
+    assert set(stages) == set(plan_mod.STAGES) and 12 < stages["export+gate"]["peak_rss_gb"] < 16
     r = CliRunner().invoke(app, ["inspect", "--preset", "1b", "--plan"])
     assert r.exit_code == 0 and "export+gate" in r.output and "fits here" in r.output
     monkeypatch.setattr(plan_mod, "available_memory", lambda: 1e6)  # 1 MB: nothing fits
