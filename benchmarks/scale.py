@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,10 @@ def run_stage(name: str, argv: list[str], log) -> dict:
     seconds = time.perf_counter() - t0
     row = {"stage": name, "exit_code": proc.returncode, "seconds": round(seconds, 1),
            "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
-           "output_tail": output.strip().splitlines()[-3:]}
+           "output_tail": output.strip().splitlines()[-3:],
+           # the CLI prints each finished stage with its duration ("  done <stage> in 12.3 s")
+           "stage_seconds": {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s*done (.+) in ([\d.]+) s$",
+                                                                                output, re.M)}}
     log(f"  -> exit {proc.returncode}, {seconds:.0f} s, peak RSS {row['peak_rss_gb']} GB")
     return row
 
@@ -107,7 +111,7 @@ TARGETS = {  # issue 16: per preset, stage -> peak RSS (GB) and seconds it must 
 def targets(data: dict) -> dict:
     """Each target the run is held to, met or missed, from the recorded numbers."""
     out = {}
-    limits = TARGETS.get(data["preset"], {})
+    limits = TARGETS.get(data.get("preset"), {})
     for row in data["stages"]:
         if row["stage"] in limits:
             gb, secs = limits[row["stage"]]

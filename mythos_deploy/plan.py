@@ -38,7 +38,7 @@ BASE = {"init": 0.42 * GB, "export": 0.55 * GB, "export+gate": 0.60 * GB, "quant
 RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 1.10, "quantize": 1.56, "quantize int4": 1.25,
              "generate": 1.75}
 SECONDS_FIXED = {"init": 2.0, "export": 15.0, "export+gate": 17.0, "quantize": 4.0, "generate": 2.0}
-SECONDS_PER_GB = {"init": 7.7, "export": 13.1, "export+gate": 26.4, "quantize": 43.8, "quantize int4": 39.5,
+SECONDS_PER_GB = {"init": 7.7, "export": 13.1, "export+gate": 50.5, "quantize": 43.8, "quantize int4": 39.5,
                   "generate": 6.0}  # generate: per GB of the artifact
 INLINE_BYTES = 1 << 30  # exporters/external_data.py's default threshold
 STAGES = ("init", "export", "export+gate", "quantize", "generate")

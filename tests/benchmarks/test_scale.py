@@ -28,3 +28,5 @@ def test_targets_are_judged_from_the_recorded_numbers(tmp_path):
     assert t["eager decode at least as fast as OpenMythos"]["met"]
     assert t["int4 decode >= 5x OpenMythos"]["met"] and not t["int4 decode within 1.6x of its floor"]["met"]
     assert targets({"stages": []}) == {}
+    t3 = targets({"preset": "3b", "stages": [_row("export+gate", 13.3, 615), _row("int4", 16.5, 540)]})
+    assert t3["export+gate: peak RSS <= 16.0 GB"]["met"] and not t3["int4: peak RSS <= 16.0 GB"]["met"]
