@@ -82,12 +82,9 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
     inline = 2.2 * out if out <= INLINE_BYTES else 0.0
     if stage == "init":
         rss, disk = BASE[stage] + RSS_PER_W[stage] * W, W
-    elif stage == "export":
+    elif stage in ("export", "export+gate"):
         rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0) + inline
-        disk = W + fused + out
-    elif stage == "export+gate":
-        rss = BASE[stage] + RSS_PER_W[stage] * W + (W / 2 if dtype == "fp16" else 0) + inline
-        disk = W + fused + out + (out if moe == "plugin" else 0)
+        disk = W + fused + out + (out if stage == "export+gate" and moe == "plugin" else 0)
     elif stage == "quantize":
         q = {"int8": 0.27, "int4": 0.15}.get(quant or "int4", 0.15) * W
         rss = BASE[stage] + RSS_PER_W["quantize int4" if quant == "int4" else stage] * W
