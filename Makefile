@@ -53,10 +53,10 @@ soak:
 	$(PY) -m benchmarks.soak
 
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast:
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) ckpt out .pytest_cache .hypothesis *.egg-info

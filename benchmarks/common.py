@@ -11,10 +11,22 @@ from pathlib import Path
 import numpy as np
 
 
+def cpu_model() -> str:
+    """The CPU's model name: torch's CPU matmuls (MKL) run at half speed on some vendors' chips,
+    so a ratio against OpenMythos means little without it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     import torch
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     try:
         import onnxruntime
         info["onnxruntime"] = onnxruntime.__version__

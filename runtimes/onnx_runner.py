@@ -8,6 +8,7 @@ This is the low-level engine call; cache buffers and generation live above it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,6 +38,8 @@ def make_session(model: Any, providers: list[str] | None = None, threads: int = 
     opts.log_severity_level = 3
     if basic_only:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # MYTHOS_ORT_THREADS: the default thread count where the caller names none (0: every core)
+    threads = threads or int(os.environ.get("MYTHOS_ORT_THREADS", "0") or 0)
     if threads:
         opts.intra_op_num_threads = threads
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)

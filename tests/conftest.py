@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,11 @@ import torch
 
 from mythos_deploy import MythosConfig, MythosModel
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the 2-core machine: one thread each, torch and
+# onnxruntime (its idle pool threads spin, which two workers cannot afford)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("MYTHOS_ORT_THREADS", "1")
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
