@@ -107,8 +107,8 @@ ON_PLUGIN = ("qdq-int4", "qdq-int8", "build-dry-run")
 PLAN_KEYS = {"int8": ("quantize", "fp32", "int8", None), "int4": ("quantize", "fp32", "int4", None),
              "int4-b128": ("quantize", "fp32", "int4", None),
              "generate": ("generate", "fp32", "int4", None), "fp16": ("export", "fp16", None, "ort"),
-             "plugin": ("export", "fp32", None, "plugin"), "qdq-int4": ("quantize", "fp32", "int4", None),
-             "qdq-int8": ("quantize", "fp32", "int8", None),
+             "plugin": ("export", "fp32", None, "plugin"), "qdq-int4": ("quantize", "fp32", "qdq-int4", None),
+             "qdq-int8": ("quantize", "fp32", "qdq-int8", None),
              **{m: ("export", "fp32", None, None) for m in ("unroll", "stepped", "while_loop")}}
 
 
@@ -144,6 +144,8 @@ def targets(data: dict) -> dict:
             out[f"{row['stage']}: peak RSS <= {gb} GB" + (f", <= {secs} s" if secs else "")] = {
                 "met": met, "measured": {"peak_rss_gb": row["peak_rss_gb"], "seconds": row["seconds"]}}
         out.setdefault("memory model within 25% at every stage", {"met": True, "worst": 0.0})
+        if row["exit_code"] != 0:  # refused up front by the plan (or failed): nothing ran to compare
+            continue
         worst = out["memory model within 25% at every stage"]
         worst["worst"] = max(worst["worst"], abs(row.get("rss_prediction_error", 0)))
         worst["met"] = worst["worst"] <= 0.25

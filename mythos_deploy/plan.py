@@ -15,6 +15,8 @@ expert tables. The multiples come from what each stage holds at its peak:
   arena; the quantized session loads after it is freed) plus what the quantizer left:
   1.56 W for int8, 1.25 W for int4;
 - generate: the artifact's weights as onnxruntime holds them (1.75x its bytes) plus the cache.
+- quantize for TensorRT (qdq-int8 / qdq-int4 / fp8): every graph loaded whole, at least 5.5 W
+  (a lower bound: 1b qdq-int4 was killed past 5.0 W; it is not streamed like int8/int4).
 
 Disk: the export keeps the weight store (W plus the MoE lowering's fused tables) and the
 artifact (W) at the same time; the gate runs on the artifact's own files (a `plugin` export's
@@ -36,6 +38,11 @@ GB = 1e9
 BASE = {"init": 0.42 * GB, "export": 0.55 * GB, "export+gate": 0.60 * GB, "quantize": 0.50 * GB,
         "generate": 0.42 * GB}
 RSS_PER_W = {"init": 1.25, "export": 1.02, "export+gate": 1.10, "quantize": 1.56, "quantize int4": 1.25,
+             # TensorRT Q/DQ (qdq-int8, qdq-int4, fp8) loads every graph whole (a stepped export's
+             # step and fill graphs each hold the recurrent block), quantized copies beside them and
+             # a dequantized copy for the gate: 1b qdq-int4 passed 21.5 GB (5.0 W) and was killed.
+             # A lower bound, so that this machine refuses it up front instead of running out
+             "quantize qdq": 5.5,
              "generate": 1.75}
 SECONDS_FIXED = {"init": 2.0, "export": 15.0, "export+gate": 17.0, "quantize": 4.0, "generate": 2.0}
 SECONDS_PER_GB = {"init": 7.7, "export": 13.1, "export+gate": 50.5, "quantize": 43.8, "quantize int4": 39.5,
@@ -87,7 +94,9 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
         disk = W + fused + out + (out if stage == "export+gate" and moe == "plugin" else 0)
     elif stage == "quantize":
         q = {"int8": 0.27, "int4": 0.15}.get(quant or "int4", 0.15) * W
-        rss = BASE[stage] + RSS_PER_W["quantize int4" if quant == "int4" else stage] * W
+        key = {"int4": "quantize int4", "qdq-int8": "quantize qdq", "qdq-int4": "quantize qdq",
+               "fp8": "quantize qdq"}.get(quant or "", stage)
+        rss = BASE[stage] + RSS_PER_W[key] * W
         disk = 2 * q
     else:
         size = {"int8": 0.27, "int4": 0.15}.get(quant, 1.0) * out

@@ -24,6 +24,21 @@ def test_every_preset_has_a_plan_that_grows_with_the_model():
     assert 4e9 < one["export"].peak_rss < 6e9  # measured: 4.8 GB
 
 
+def test_tensorrt_quantization_is_planned_as_loading_every_graph_whole(monkeypatch, tmp_path):
+    """1b qdq-int4 ran this 24 GB machine out of memory (killed past 21.5 GB): its plan says so
+    and refuses it up front, while int8/int4 (streamed) fit."""
+    cfg = MythosConfig.from_name("1b")
+    monkeypatch.setattr(plan_mod, "available_memory", lambda: 23e9)
+    for mode in ("qdq-int8", "qdq-int4", "fp8"):
+        p = plan_mod.plan_stage(cfg, "quantize", quant=mode)
+        assert p.peak_rss > 21.5e9
+        with pytest.raises(InputError, match="will not fit"):
+            plan_mod.check_plan(p, tmp_path)
+    for mode in ("int8", "int4"):
+        assert plan_mod.plan_stage(cfg, "quantize", quant=mode).peak_rss < 8e9
+        plan_mod.check_plan(plan_mod.plan_stage(cfg, "quantize", quant=mode), tmp_path)
+
+
 def test_check_plan_refuses_with_numbers(monkeypatch, tmp_path):
     p = plan_mod.plan_stage(MythosConfig.from_name("3b"), "export+gate")
     monkeypatch.setattr(plan_mod, "available_memory", lambda: 8e9)
