@@ -33,15 +33,8 @@ _names = count()
 
 def external_bytes_threshold(default: int = DEFAULT_EXTERNAL_BYTES) -> int:
     """Bytes of weights above which graphs keep them in external data (MYTHOS_EXTERNAL_DATA_BYTES)."""
-    raw = os.environ.get("MYTHOS_EXTERNAL_DATA_BYTES")
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        from mythos_deploy.errors import InputError
-        raise InputError(f"MYTHOS_EXTERNAL_DATA_BYTES must be an integer number of bytes, got {raw!r}") from None
-    return max(0, value)
+    from mythos_deploy.options import env_int
+    return max(0, env_int("MYTHOS_EXTERNAL_DATA_BYTES", default, "bytes"))
 
 
 def _info(t) -> dict[str, str]:

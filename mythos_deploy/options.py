@@ -8,11 +8,24 @@ lists the choices itself), the dataclasses of the exporters and runtimes coerce 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mythos_deploy.errors import InputError
+
+
+def env_int(name: str, default: int, unit: str) -> int:
+    """An integer environment setting (MYTHOS_*), `default` when unset; anything else than an
+    integer is an InputError naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"{name} must be an integer number of {unit}, got {raw!r}") from None
 
 if TYPE_CHECKING:
     from mythos_deploy.config import MythosConfig

@@ -8,7 +8,6 @@ This is the low-level engine call; cache buffers and generation live above it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mythos_deploy.manifest import Manifest
-from mythos_deploy.options import QuantMode
+from mythos_deploy.options import QuantMode, env_int
 
 from mythos_deploy.errors import CheckpointError, InputError, MissingDependencyError
 
@@ -39,7 +38,7 @@ def make_session(model: Any, providers: list[str] | None = None, threads: int = 
     if basic_only:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # MYTHOS_ORT_THREADS: the default thread count where the caller names none (0: every core)
-    threads = threads or int(os.environ.get("MYTHOS_ORT_THREADS", "0") or 0)
+    threads = threads or env_int("MYTHOS_ORT_THREADS", 0, "threads")
     if threads:
         opts.intra_op_num_threads = threads
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)

@@ -195,3 +195,20 @@ def test_absurd_config_is_refused_with_a_memory_estimate_before_allocating(two_a
     r = CliRunner().invoke(app, ["generate", str(art), "--prompt-ids", "1,2", "--max-new-tokens", "1", "--no-verify"])
     assert r.exit_code == 2, r.output
     assert "GiB before it runs" in r.output and "this machine has" in r.output, r.output
+
+
+def test_ort_threads_env_is_checked(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from mythos_deploy.errors import InputError
+    from mythos_deploy.runtimes.onnx_runner import make_session
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    monkeypatch.setenv("MYTHOS_ORT_THREADS", "many")
+    with pytest.raises(InputError, match="MYTHOS_ORT_THREADS must be an integer number of threads, got 'many'"):
+        make_session(model)
+    monkeypatch.setenv("MYTHOS_ORT_THREADS", "1")
+    assert make_session(model).get_session_options().intra_op_num_threads == 1
