@@ -208,28 +208,31 @@ def main(argv: list[str] | None = None) -> dict:
     if "export+gate" not in stages:  # a model too large for the gate here: quantize the ungated export
         paths["onnx"] = work / "onnx-nogate"
     log = lambda s: print(f"[scale {time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    outputs = {"init": paths["ckpt"], "export": work / "onnx-nogate", "export+gate": paths["onnx"],
+               **{k: paths[k] for k in ("int8", "int4", "int4-b128")}, **{m: work / f"onnx-{m}" for m in MODES},
+               **{q: work / q for q in ("qdq-int4", "qdq-int8")}}
+
+    def quantize(key: str, src: Path, mode: str, *extra: str) -> tuple[str, list[str]]:
+        return "quantize", cli + ["quantize", str(src), "-o", str(outputs[key]), "--mode", mode, *extra, "--force",
+                                  "--accept-accuracy-loss", "--json"]
+
     commands = {
         "init": ("init", cli + ["init", "--preset", args.preset, "--seed", "0", "-o", str(paths["ckpt"]), "--force"]),
-        "export": ("export", cli + ["onnx", str(paths["ckpt"]), "-o", str(work / "onnx-nogate"), "--loop", "loop",
+        "export": ("export", cli + ["onnx", str(paths["ckpt"]), "-o", str(outputs["export"]), "--loop", "loop",
                                     "--moe", "ort", "--no-validate", "--force"]),
         "export+gate": ("export+gate", cli + ["onnx", str(paths["ckpt"]), "-o", str(paths["onnx"]), "--loop", "loop",
                                               "--moe", "ort", "--force"]),
-        "int8": ("quantize", cli + ["quantize", str(paths["onnx"]), "-o", str(paths["int8"]), "--mode", "int8",
-                                    "--force", "--accept-accuracy-loss", "--json"]),
-        "int4": ("quantize", cli + ["quantize", str(paths["onnx"]), "-o", str(paths["int4"]), "--mode", "int4",
-                                    "--force", "--accept-accuracy-loss", "--json"]),
+        "int8": quantize("int8", paths["onnx"], "int8"),
+        "int4": quantize("int4", paths["onnx"], "int4"),
         # the same with one scale per 128 weights instead of 32: 15% fewer bytes per token
-        "int4-b128": ("quantize", cli + ["quantize", str(paths["onnx"]), "-o", str(paths["int4-b128"]), "--mode", "int4",
-                                         "--block-size", "128", "--force", "--accept-accuracy-loss", "--json"]),
+        "int4-b128": quantize("int4-b128", paths["onnx"], "int4", "--block-size", "128"),
         "generate": ("generate", cli + ["generate", str(paths["int4"]), "--prompt-ids", "1,2,3,4,5,6,7,8",
                                         "--max-new-tokens", "8", "--json"]),
-        **{m: ("export", cli + ["onnx", str(paths["ckpt"]), "-o", str(work / f"onnx-{m}"), *flags, "--no-validate",
+        **{m: ("export", cli + ["onnx", str(paths["ckpt"]), "-o", str(outputs[m]), *flags, "--no-validate",
                                 "--force"]) for m, flags in MODES.items()},
-        "qdq-int4": ("quantize", cli + ["quantize", str(work / "onnx-plugin"), "-o", str(work / "qdq-int4"), "--mode",
-                                        "qdq-int4", "--force", "--accept-accuracy-loss", "--json"]),
-        "qdq-int8": ("quantize", cli + ["quantize", str(work / "onnx-plugin"), "-o", str(work / "qdq-int8"), "--mode",
-                                        "qdq-int8", "--force", "--accept-accuracy-loss", "--json"]),
-        "build-dry-run": ("build", cli + ["build", str(work / "onnx-plugin"), "-o", str(work / "engine"), "--dry-run"]),
+        "qdq-int4": quantize("qdq-int4", outputs["plugin"], "qdq-int4"),
+        "qdq-int8": quantize("qdq-int8", outputs["plugin"], "qdq-int8"),
+        "build-dry-run": ("build", cli + ["build", str(outputs["plugin"]), "-o", str(work / "engine"), "--dry-run"]),
     }
     rows = []
     for key in stages:
@@ -239,27 +242,23 @@ def main(argv: list[str] | None = None) -> dict:
         row = run_stage(key, argv_ + (["--force-plan"] if args.force_plan and plan_key in ("export", "export+gate", "quantize")
                                       else []), log)
         predict(cfg, row)
-        if key in ("int8", "int4", "int4-b128", "qdq-int4", "qdq-int8") and row["exit_code"] == 0:
+        if plan_key == "quantize" and row["exit_code"] == 0:
             try:
                 result = json.loads("".join(l for l in row.pop("output_tail")))  # noqa: E741
             except ValueError:
                 result = None
-            out_json = paths.get(key, work / key) / "validation.json"
+            out_json = outputs[key] / "validation.json"
             if out_json.exists():
                 row["gate"] = json.loads(out_json.read_text())["quantization_gate"]
             row["result"] = result
-        row["artifact_bytes"] = {"init": dir_bytes(paths["ckpt"]), "export": dir_bytes(work / "onnx-nogate"),
-                                 "export+gate": dir_bytes(paths["onnx"]), "int8": dir_bytes(paths["int8"]),
-                                 "int4": dir_bytes(paths["int4"]), "int4-b128": dir_bytes(paths["int4-b128"]),
-                                 **{m: dir_bytes(work / f"onnx-{m}") for m in MODES},
-                                 **{q: dir_bytes(work / q) for q in ("qdq-int4", "qdq-int8")}}.get(key)
+        row["artifact_bytes"] = dir_bytes(outputs[key]) if key in outputs else None
         rows.append(row)
-        if key == "export" and "export+gate" in stages and (work / "onnx-nogate").exists():
-            shutil.rmtree(work / "onnx-nogate")  # the same graph as the gated export; only its cost is measured
+        if key == "export" and "export+gate" in stages and outputs["export"].exists():
+            shutil.rmtree(outputs["export"])  # the same graph as the gated export; only its cost is measured
         # each export form and Q/DQ artifact is only measured; the plugin export waits for the stages run on it
-        done = [work / f"onnx-{key}"] if key in MODES and key != "plugin" else [work / key] if key in ON_PLUGIN else []
+        done = [outputs[key]] if (key in MODES and key != "plugin") or key in ("qdq-int4", "qdq-int8") else []
         if key in ON_PLUGIN + ("plugin",) and not any(k in ON_PLUGIN for k in stages[stages.index(key) + 1:]):
-            done.append(work / "onnx-plugin")
+            done.append(outputs["plugin"])
         for d in done:
             shutil.rmtree(d, ignore_errors=True)
     W, experts = weight_bytes(cfg)
