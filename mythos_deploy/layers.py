@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mythos_deploy.config import MythosConfig
+from mythos_deploy.options import env_int
 
 
 class CacheView(Protocol):
@@ -29,6 +30,44 @@ def tail_sigmoid(x: torch.Tensor) -> torch.Tensor:
     Sigmoid returns 0 below x ~ -18 and is ~18% off near -16; this form, exported as Neg, Exp,
     Add and Reciprocal, is within 1e-7 relative over [-25, -5] (tests/exporters/test_tails.py)."""
     return torch.reciprocal(1.0 + torch.exp(-x))
+
+
+_ONEDNN_MIN_WEIGHT = 1 << 18  # elements: below it oneDNN's ~25 us per call costs more than it saves
+_ONEDNN_MAX_ROWS = 256
+_onednn: bool | None = None
+_PLAIN = (torch.Tensor, nn.Parameter)  # not FakeTensor / FunctionalTensor: tracing never takes oneDNN
+
+
+def _onednn_linear_available() -> bool:
+    global _onednn
+    if _onednn is None:
+        _onednn = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                   and env_int("MYTHOS_ONEDNN_LINEAR", 1, "0/1 (0 turns the oneDNN decode path off)") != 0)
+    return _onednn
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for fp32 inference of a few rows on the CPU (decode, short prefills),
+    which runs through oneDNN's inner product: torch's default CPU path (MKL sgemv) reads
+    weights at about half the memory bandwidth on AMD EPYC, oneDNN at 1.5-2x that (measured
+    in benchmarks/results/scale_1b.json, eager vs `MYTHOS_ONEDNN_LINEAR=0`). Only plain CPU
+    tensors without autograd take it: under torch.export, torch.compile or a fake/functional
+    tensor mode, and for training, it is F.linear, so graphs and gradients never see it."""
+    if (type(x) is torch.Tensor and type(weight) in _PLAIN and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous()
+            and weight.numel() >= _ONEDNN_MIN_WEIGHT and x.numel() <= _ONEDNN_MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and _onednn_linear_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict names) whose forward is `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -73,9 +112,9 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate = Linear(dim, hidden, bias=False)
+        self.up = Linear(dim, hidden, bias=False)
+        self.down = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -101,15 +140,15 @@ class MLAttention(nn.Module):
         self.nope_dim = cfg.qk_nope_head_dim
         self.v_dim = cfg.v_head_dim
         self.scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_down = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank)
-        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
-        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
-        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.q_up_nope = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
+        self.q_up_rope = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
+        self.kv_down = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_up = nn.Linear(cfg.kv_lora_rank,
+        self.kv_up = Linear(cfg.kv_lora_rank,
                                cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         # absorbed: fold kv_up into the query and output sides (DeepSeek-V2) so attention runs
         # in the latent space and the cached latents are never re-expanded per head. Same
         # numbers up to rounding; the exporter enables it, the eager reference keeps it off.
@@ -169,10 +208,10 @@ class GQAttention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
         self.groups = cfg.n_heads // cfg.n_kv_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def cache_entry(self, x, cos, sin) -> torch.Tensor:
         """What this layer caches for the positions of x: [rotated k | v]."""

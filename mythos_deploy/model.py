@@ -15,7 +15,7 @@ from torch import nn
 from mythos_deploy.cache import KVCache
 from mythos_deploy.config import MythosConfig
 from mythos_deploy.errors import InputError
-from mythos_deploy.layers import Expert, RMSNorm, TransformerBlock, rope_tables, tail_sigmoid
+from mythos_deploy.layers import Expert, Linear, RMSNorm, TransformerBlock, rope_tables, tail_sigmoid
 from mythos_deploy.moe import MoEFFN
 
 
@@ -50,7 +50,7 @@ def loop_index_embeddings(h: torch.Tensor, loops: torch.Tensor, loop_dim: int) -
 class LoRAAdapter(nn.Module):
     def __init__(self, dim: int, rank: int, max_loops: int):
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
+        self.down = Linear(dim, rank, bias=False)
         self.B = nn.Parameter(torch.empty(rank, dim))
         self.scale = nn.Embedding(max_loops, rank)
 
@@ -82,7 +82,7 @@ class LTIInjection(nn.Module):
 class ACTHalting(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.halt = nn.Linear(dim, 1)
+        self.halt = Linear(dim, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # -> [B,T] fp32
         return tail_sigmoid(self.halt(h).float()).squeeze(-1)
@@ -157,7 +157,7 @@ class MythosModel(nn.Module):
         self.coda = nn.ModuleList(
             [TransformerBlock(cfg, Expert(cfg.dim, cfg.dense_ffn_dim)) for _ in range(cfg.coda_layers)])
         self.norm = RMSNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)

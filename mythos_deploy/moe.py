@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mythos_deploy.config import MythosConfig
-from mythos_deploy.layers import Expert
+from mythos_deploy.layers import Expert, Linear, linear
 
 
 def moe_experts_grouped(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tensor:
@@ -25,8 +25,8 @@ def moe_experts_grouped(x, topk_idx, gates, w_gate, w_up, w_down) -> torch.Tenso
     for e in torch.unique(topk_idx).tolist():
         rows, slots = (topk_idx == e).nonzero(as_tuple=True)
         xe = x[rows]
-        h = F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e])
-        out = out.index_add(0, rows, F.linear(h, w_down[e]) * gates[rows, slots].unsqueeze(-1))
+        h = F.silu(linear(xe, w_gate[e])) * linear(xe, w_up[e])
+        out = out.index_add(0, rows, linear(h, w_down[e]) * gates[rows, slots].unsqueeze(-1))
     return out
 
 
@@ -127,7 +127,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.n_experts = cfg.n_experts
         self.topk = cfg.n_experts_per_tok
-        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.router = Linear(cfg.dim, cfg.n_experts, bias=False)
         self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
         E, F_, D = cfg.n_experts, cfg.expert_dim, cfg.dim
         self.experts_gate = nn.Parameter(torch.empty(E, F_, D))  # [E,F,D]
