@@ -170,13 +170,16 @@ def quantize_last_axis(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray
     return np.ascontiguousarray(q), np.ascontiguousarray((scale if block else scale[..., 0]).astype(np.float32))
 
 
-def _qmoe(model, bits: int, block_size: int) -> str:
+def _qmoe(model, bits: int, block_size: int, accuracy_level: int) -> str:
     """The `ort` lowering's com.microsoft::MoE nodes -> com.microsoft::QMoE with int8 or int4
     expert weights in blocks of `block_size` along K when both the hidden and expert sizes
     divide by it, as QMoE requires (else per output row), same fused interleaved SwiGLU
     layout. Blocked is also the fast kernel: onnxruntime 1.32's CPU QMoE took 248 us per
     batch-1 call per output row against 35 us (int8) / 65 us (int4) blocked, bench-preset
-    shapes (benchmarks/decode_profile.py). Returns what was done ("" when there is no MoE node)."""
+    shapes (benchmarks/decode_profile.py). `accuracy_level` 4 lets blocked int4 experts use
+    int8 activations and int8 dot products, as MatMulNBits does: at 1b, QMoE went from 60 to
+    20 ms per token here (0 keeps fp32 activations; blocked int8 always uses int8 ones).
+    Returns what was done ("" when there is no MoE node)."""
     from onnx import helper, numpy_helper
     inits = {t.name: t for t in model.graph.initializer}
     done: dict[tuple[str, int], tuple[str, str]] = {}
@@ -202,7 +205,7 @@ def _qmoe(model, bits: int, block_size: int) -> str:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             out.append(helper.make_node("QMoE", [x, router, *ins[:-1]], list(n.output), name=n.name or None,
                                         domain="com.microsoft", expert_weight_bits=bits, **attrs,
-                                        **({"block_size": block} if block else {})))
+                                        **({"block_size": block, "accuracy_level": accuracy_level} if block else {})))
         del g.node[:]
         g.node.extend(out)
     return f"int{bits} QMoE ({', '.join(sorted(kinds))})" if kinds else ""
@@ -344,6 +347,12 @@ def _nbits_embedding(model, bits: int) -> bool:
                             name=f"{g.name}/q{bits}", domain="com.microsoft", bits=bits, block_size=bs, gather_axis=0,
                             quantize_axis=1),
            helper.make_node("Transpose", [f"{y}/btd"], [y], name=f"{g.name}/dbt", perm=[2, 0, 1])]
+    if K % bs:  # MatMulNBits pads K to whole blocks: the gathered rows carry the padding, cut it
+        bounds = [f"{q}::rows_{k}" for k in ("start", "end", "axis")]
+        model.graph.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), name)
+                                       for name, v in zip(bounds, (0, K, 2)))
+        new[-1:] = [helper.make_node("Slice", [f"{y}/btd", *bounds], [f"{y}/cut"], name=f"{g.name}/cut"),
+                    helper.make_node("Transpose", [f"{y}/cut"], [y], name=f"{g.name}/dbt", perm=[2, 0, 1])]
     _replace_node(model.graph, g, new)
     return True
 
@@ -375,7 +384,7 @@ def quantize_graph(src: Path, dst: Path, mode: str, moe: str, *, block_size: int
             q.process()
             model = q.model.model
             if moe == "ort":
-                experts = _qmoe(model, bits, block_size)
+                experts = _qmoe(model, bits, block_size, accuracy_level)
             elif bits == 8:
                 experts = f"int8 tables, integer MatMuls ({_int8_experts(model)} tables)"
             else:

@@ -119,8 +119,8 @@ def quantize(
     gate_tokens: int = typer.Option(256, "--gate-tokens", help="Positions the accuracy gate compares (teacher-forced greedy tokens)."),
     exclude: List[str] = typer.Option([], "--exclude", metavar="NAME", help="Keep nodes whose name contains this in float (repeatable)."),
     block_size: int = typer.Option(32, help="int8 / int4 / qdq-int4 weight block size along K (one scale per block per output channel)."),
-    accuracy_level: int = typer.Option(4, help="int8 / int4 MatMulNBits accuracy level (4 = int8 compute, fastest on CPU; "
-                                               "0 = fp32 compute, slow for int8)."),
+    accuracy_level: int = typer.Option(4, help="int8 / int4 accuracy level of MatMulNBits and of blocked QMoE experts "
+                                               "(4 = int8 activations and dot products, fastest on CPU; 0 = fp32 activations)."),
     accept_accuracy_loss: bool = typer.Option(False, "--accept-accuracy-loss", help="Write the artifact even if the gate fails (recorded in the manifest)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Run even if the memory model predicts it will not fit "
