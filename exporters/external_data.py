@@ -47,17 +47,41 @@ def is_external(t) -> bool:
 
 
 def _np_dtype(t) -> np.dtype:
+    return _np_dtype_of(t.data_type)
+
+
+def _packed_bits(data_type: int) -> int:
+    """Bits per element of the ONNX types stored several to a byte (int4, uint4, float4,
+    int2, uint2), else 0."""
+    from onnx import TensorProto
+    names = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
+    return next((b for n, b in names.items() if getattr(TensorProto, n, None) == data_type), 0)
+
+
+def _data_bytes(data_type: int, shape) -> int:
+    n = int(np.prod(shape, dtype=np.int64))
+    bits = _packed_bits(data_type)
+    return -(-n * bits // 8) if bits else n * np.dtype(_np_dtype_of(data_type)).itemsize
+
+
+def _np_dtype_of(data_type: int) -> np.dtype:
     from onnx import helper
-    return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
 
 
 def tensor_nbytes(t) -> int:
-    """Bytes of a tensor's data, inline or external, without reading it."""
+    """Bytes of a tensor's data, inline or external, without reading it (packed for int4)."""
     if is_external(t):
         return int(_info(t).get("length", 0))
     if t.HasField("raw_data"):
         return len(t.raw_data)
-    return int(np.prod(t.dims, dtype=np.int64)) * _np_dtype(t).itemsize
+    return _data_bytes(t.data_type, t.dims)
+
+
+def raw_bytes(t) -> bytes:
+    """An inline tensor's data as ONNX stores it (int4 packed two to a byte)."""
+    from onnx import numpy_helper
+    return t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
 
 
 def _source(t, base_dir: Path | None) -> tuple[Path, int, int]:
@@ -76,10 +100,10 @@ def _checked_source(t, base_dir: Path | None) -> tuple[Path, int, int, np.dtype,
     path, offset, length = _source(t, base_dir)
     dtype = _np_dtype(t)
     shape = tuple(int(d) for d in t.dims)
-    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != length:
+    if _data_bytes(t.data_type, shape) != length:
         from mythos_deploy.errors import CheckpointError
         raise CheckpointError(f"external data of {t.name!r} holds {length} bytes, its shape {shape} needs "
-                              f"{int(np.prod(shape)) * dtype.itemsize}")
+                              f"{_data_bytes(t.data_type, shape)}")
     return path, offset, length, dtype, shape
 
 
@@ -92,6 +116,16 @@ def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
     path, offset, length, dtype, shape = _checked_source(t, base_dir)
     if length == 0:
         return np.zeros(shape, dtype)
+    if _packed_bits(t.data_type):  # several elements to a byte: unpacked by onnx, from a copy
+        import onnx
+        inline = onnx.TensorProto()
+        inline.CopyFrom(t)
+        del inline.external_data[:]
+        inline.data_location = onnx.TensorProto.DEFAULT
+        with open(path, "rb") as f:
+            f.seek(offset)
+            inline.raw_data = f.read(length)
+        return numpy_helper.to_array(inline)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
@@ -155,10 +189,29 @@ def make_store(directory: Path) -> Path:
     return directory
 
 
+STORE_KEY = "mythos.weight_store"  # metadata of a model in memory; write_model drops it
+
+
+def use_store(model, directory: Path) -> None:
+    """Send `model`'s new large tensors to the store `directory` (see make_store), also when
+    its weights are read in place from an artifact that must not be written to."""
+    drop_store_key(model)
+    model.metadata_props.add(key=STORE_KEY, value=str(Path(directory).resolve()))
+
+
+def drop_store_key(model) -> None:
+    keep = [p for p in model.metadata_props if p.key != STORE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+
+
 def store_dir(model) -> Path | None:
     """The weight store a model's initializers live in (None: the model holds its weights,
-    or reads them from an artifact it must not write to)."""
+    or reads them from an artifact it must not write to), or the one `use_store` named."""
     from mythos_deploy.exporters.graph_passes import iter_graphs
+    for p in model.metadata_props:
+        if p.key == STORE_KEY:
+            return Path(p.value)
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if is_external(t):
@@ -177,12 +230,20 @@ def materialize(model, keep_external=lambda t: False) -> int:
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if is_external(t) and not keep_external(t):
-                data = np.ascontiguousarray(tensor_array(t))
+                path, offset, length, _, _ = _checked_source(t, None)
+                with open(path, "rb") as f:  # the bytes as stored (int4 stays packed)
+                    f.seek(offset)
+                    data = f.read(length)
                 del t.external_data[:]
                 t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = data.tobytes()
-                done += data.nbytes
+                t.raw_data = data
+                done += len(data)
     return done
+
+
+def helper_dtype(dtype: np.dtype) -> int:
+    from onnx import helper
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]):
@@ -192,7 +253,7 @@ def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Ite
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     store = store_dir(model)
-    if store is None or nbytes < MIN_EXTERNAL_TENSOR:
+    if store is None or nbytes < MIN_EXTERNAL_TENSOR or _packed_bits(helper_dtype(dtype)):  # int4: inline, packed
         parts = [np.asarray(c, dtype) for c in chunks]
         arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return numpy_helper.from_array(np.ascontiguousarray(arr.reshape(shape)), name)
@@ -265,6 +326,7 @@ def write_model(model, directory: Path, filename: str, external_bytes: int | Non
     path = directory / filename
     out = ModelProto()
     out.CopyFrom(model)
+    drop_store_key(out)
     if base_dir is not None:
         adopt(out, base_dir)
     tensors = [t for g in iter_graphs(out.graph) for t in g.initializer]
@@ -286,7 +348,7 @@ def write_model(model, directory: Path, filename: str, external_bytes: int | Non
             if is_external(t):
                 _copy_range(*_source(t, None), f)
             else:
-                f.write(np.ascontiguousarray(tensor_array(t)).tobytes())
+                f.write(raw_bytes(t))  # as stored: int4 stays packed
             name, dtype, shape = t.name, _np_dtype(t), tuple(t.dims)
             t.Clear()
             t.CopyFrom(_external_proto(name, dtype, shape, data_name, offset, nbytes))

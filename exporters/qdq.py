@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mythos_deploy.exporters import graph_passes
+from mythos_deploy.exporters.external_data import new_tensor, tensor_array
 from mythos_deploy.exporters.onnx_compose import iter_graphs, node_attr
 
 TRT_DOMAIN, TRT_INT4_DQ = "trt", "TRT_INT4DequantizeLinear"
@@ -116,7 +117,7 @@ def insert_qdq(model, uses: list[WeightUse], amax: dict[str, float], kind: str) 
     for u in uses:
         key = (u.weight, u.k_axis)
         if key not in done_w:
-            w = numpy_helper.to_array(inits[u.weight]).astype(np.float32)
+            w = tensor_array(inits[u.weight]).astype(np.float32)  # read in place (external data: mmap)
             base = f"{u.weight}::{kind}/k{u.k_axis}"
             if kind == "int8":
                 q, scale = _per_channel_int8(w, u.k_axis)
@@ -167,7 +168,7 @@ def insert_int4(model, uses: list[WeightUse], block_size: int) -> dict:
     for u in uses:
         key = (u.weight, u.k_axis)
         if key not in done:
-            w = numpy_helper.to_array(inits[u.weight]).astype(np.float32)
+            w = tensor_array(inits[u.weight]).astype(np.float32)  # read in place (external data: mmap)
             wk = w if u.k_axis == 0 else w.T  # [K, N]
             K, N = wk.shape
             if K % block_size:
@@ -195,10 +196,9 @@ def insert_int4(model, uses: list[WeightUse], block_size: int) -> dict:
 
 def _dequantize(node, inits) -> np.ndarray:
     """What a DequantizeLinear (or the trt int4 one) of constant inputs computes, in fp32."""
-    from onnx import numpy_helper
-    q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-    s = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2]
+    q = tensor_array(inits[node.input[0]]).astype(np.float32)
+    s = tensor_array(inits[node.input[1]]).astype(np.float32)
+    zp = (tensor_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2]
           else np.zeros_like(s))
     axis, block = node_attr(node, "axis", 1), node_attr(node, "block_size", 0)
     if block:  # blocked: scale has the data's rank, `block` elements per scale along axis
@@ -216,15 +216,14 @@ def ort_copy(model):
     becomes the fp32 initializer it computes; activation Q/DQ pairs stay. Run fp8 graphs at
     ORT_ENABLE_BASIC (runtimes/onnx_runner.py does): at EXTENDED, onnxruntime 1.32 removes a
     Relu in front of an fp8 QuantizeLinear (its Relu+Q fusion reads the fp8 zero point as an
-    integer type's minimum), which changes the numbers."""
-    from onnx import numpy_helper
-
+    integer type's minimum), which changes the numbers. In a store-backed model the fp32
+    weights go to the store one at a time (never all in memory)."""
     m = copy.deepcopy(model)
     inits = {t.name: t for t in m.graph.initializer}
     keep, new = [], []
     for n in m.graph.node:
         if n.op_type in ("DequantizeLinear", TRT_INT4_DQ) and all(i in inits for i in n.input if i):
-            new.append(numpy_helper.from_array(_dequantize(n, inits), n.output[0]))
+            new.append(new_tensor(m, _dequantize(n, inits), n.output[0]))
         else:
             keep.append(n)
     if new:
@@ -235,13 +234,18 @@ def ort_copy(model):
     return m
 
 
-def calibrate(graphs: dict, names: dict[str, list[str]], manifest: Manifest, n_prompts: int = 8,
+def calibrate(graphs: dict, names: dict[str, list[str]], manifest: Manifest, workdir, n_prompts: int = 8,
               prompt_len: int = 16, new_tokens: int = 16, seed: int = 0) -> dict[str, dict[str, float]]:
     """max |x| of each tensor in `names[graph]` over generated data: seeded random prompts, each
     prefilled on an empty cache and continued greedily (the model's own tokens) through the
     cache, at the export's loop count. `graphs` must run in onnxruntime (plugin nodes lowered).
     A stepped export's exit=propagate fill graph is calibrated on the states the step graph
-    sees: after each step call it runs on that call's h, e and loop index."""
+    sees: after each step call it runs on that call's h, e and loop index. The graphs, with the
+    calibrated tensors as extra outputs, are written to `workdir` (onnxruntime takes external
+    data only from files next to the graph) and one session per graph reads them there."""
+    from pathlib import Path
+
+    from mythos_deploy.exporters.external_data import write_model
     from mythos_deploy.exporters.onnx_validate import append_new_rows, empty_pasts
     from mythos_deploy.config import MythosConfig
     from mythos_deploy.runtimes.onnx_runner import OnnxModelRunner
@@ -261,8 +265,9 @@ def calibrate(graphs: dict, names: dict[str, list[str]], manifest: Manifest, n_p
                                    "loop_indices": np.asarray(feeds["loop_index"], np.int64).reshape(1)})
             return out
 
-    runner = Tracking({g: with_outputs(m, [t for t in names[g] if t not in inputs[g]]) for g, m in graphs.items()},
-                      opts.loop, opts.loops)
+    files = {g: write_model(with_outputs(m, [t for t in names[g] if t not in inputs[g]]), Path(workdir), f"calib_{g}.onnx")
+             for g, m in graphs.items()}
+    runner = Tracking(files, opts.loop, opts.loops)
     prompt_len = max(1, min(prompt_len, cfg.max_seq_len // 2))
     new_tokens = max(0, min(new_tokens, cfg.max_seq_len - prompt_len))
     rng = np.random.default_rng(seed)

@@ -152,7 +152,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         work = Path(scratch)
         from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
         if opts.mode.is_qdq:
-            info, base, quant = _qdq_graphs(src_dir, work, files, manifest, opts, stage)
+            info, base, load_quant = _qdq_graphs(src_dir, work, files, manifest, opts, stage)
         else:
             info = {}
             for name, f in files.items():
@@ -160,7 +160,9 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
                 info[name] = quantize_graph(src_dir / f, work / f, opts.mode, options.moe, block_size=opts.block_size,
                                          accuracy_level=opts.accuracy_level, exclude=opts.exclude)
             release_memory()  # the graphs quantize_graph held are gone before a session loads
-            base, quant = load(src_dir, verify=False), None
+            base = load(src_dir, verify=False)
+            load_quant = lambda: OrtBackend(work, manifest.with_fields(  # noqa: E731
+                quantization={**opts.to_dict(), "graphs": info}))
         for f in files.values():
             if (work / f).stat().st_size == 0:
                 raise ParityError(f"quantized {f} is empty")
@@ -172,11 +174,10 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
         # the fp32 run first, then the quantized one: the two sessions are never resident together
         reference = record(base, prompts, per)
         task_gate_needed = _trained_on_hops(manifest)
-        if quant is None:
-            if not task_gate_needed:
-                base = None
-                release_memory()
-            quant = OrtBackend(work, manifest.with_fields(quantization={**opts.to_dict(), "graphs": info}))
+        if not task_gate_needed:
+            base = None
+            release_memory()
+        quant = load_quant()
         parity = compare_to(reference, quant, tolerance=float("inf"), min_agreement=MIN_AGREEMENT[opts.mode])
         report = {**parity.to_dict(), "passed": bool(parity.passed and parity.all_finite)}
         task = None
@@ -212,14 +213,18 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, opts: QuantizeOp
 
 def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts: QuantizeOptions, stage):
     """TensorRT Q/DQ: quantize each graph into `work` (the artifact's files), lint it, and
-    return what was done plus two onnxruntime backends for the gate: the fp32 source and the
-    quantized graphs, both with plugin nodes in their standard form (int4 weights dequantized)."""
+    return what was done, the fp32 source as onnxruntime runs it (a backend) and a function
+    that loads the quantized graphs as onnxruntime runs them, both with plugin nodes in their
+    standard form (int4 weights dequantized): the gate records the first, frees it, then loads
+    the second. The graphs are read without their weights: each weight is read in place when
+    it is quantized, and new large tensors (the standard lowering's expert tables, the gate's
+    dequantized weights) go to a scratch store in `work`, so no graph is ever whole in memory."""
     import copy
 
     import onnx
 
     from mythos_deploy.exporters import qdq
-    from mythos_deploy.exporters.external_data import write_model
+    from mythos_deploy.exporters.external_data import adopt, make_store, use_store, write_model
     from mythos_deploy.exporters.moe_lowering import lower_moe
     from mythos_deploy.exporters.graph_passes import IR_VERSION
     from mythos_deploy.exporters.onnx_ops import register_schemas
@@ -228,16 +233,29 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
     from mythos_deploy.runtimes.onnxruntime_backend import OrtBackend
     register_schemas()
     plugin = manifest.options.moe == MoeLowering.PLUGIN
-    runnable = (lambda m: lower_moe(copy.deepcopy(m), "standard")) if plugin else (lambda m: m)
-    models = {name: onnx.load(str(src_dir / f)) for name, f in files.items()}
+    (work / "store").mkdir()
+    store = make_store(work / "store")
+
+    def graph(f: str):
+        m = onnx.load(str(src_dir / f), load_external_data=False)
+        adopt(m, src_dir)
+        use_store(m, store)
+        return m
+
+    def runnable(m):  # a copy as onnxruntime runs it (the copy holds no weights: cheap)
+        m = copy.deepcopy(m)
+        return lower_moe(m, "standard") if plugin else m
+    models = {name: graph(f) for name, f in files.items()}
     uses = {name: qdq.weight_matmuls(m, opts.exclude, subgraphs=opts.mode == "qdq-int4") for name, m in models.items()}
     kind = {"qdq-int8": "int8", "fp8": "fp8"}.get(opts.mode)
-    fp32 = {n: runnable(m) for n, m in models.items()}  # the source as onnxruntime runs it
     amax = {}
     if kind:
         stage(f"calibrate activations ({opts.calib_prompts} generated prompts)")
-        amax = qdq.calibrate(fp32, {n: qdq.activations(u) for n, u in uses.items()}, manifest,
-                             n_prompts=opts.calib_prompts)
+        (work / "calib").mkdir()
+        amax = qdq.calibrate({n: runnable(m) for n, m in models.items()}, {n: qdq.activations(u) for n, u in uses.items()},
+                             manifest, work / "calib", n_prompts=opts.calib_prompts)
+        shutil.rmtree(work / "calib")
+        release_memory()
     std_manifest = manifest.with_options(moe=MoeLowering.STANDARD)
     (work / "ort").mkdir()
     if plugin:
@@ -247,23 +265,27 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
         stage(f"quantize {f} ({opts.mode})")
         m = models[name]
         if plugin:
-            write_model(fp32[name], work / "base", f)
+            write_model(runnable(m), work / "base", f)
         done = (qdq.insert_qdq(m, uses[name], amax.get(name, {}), kind) if kind
                 else qdq.insert_int4(m, uses[name], opts.block_size))
         m.ir_version = IR_VERSION
-        onnx.checker.check_model(m, full_check=True)
         findings = [x for x in lint_model(m, name) + quant_param_findings(m) if x.severity == "error"]
         if findings:
             raise InternalError(f"{opts.mode} graph {f} fails the TensorRT lint: " + "; ".join(x.message for x in findings[:3]))
         write_model(m, work, f)  # external data above the threshold: past 2 GiB too
+        onnx.checker.check_model(str(work / f), full_check=True)
         write_model(qdq.ort_copy(runnable(m)), work / "ort", f)
+        models[name] = None  # its quantized weights (inline) are written
+        for t in store.glob("t*.bin"):  # this graph's lowered tables and dequantized weights are written too
+            t.unlink()
         info[name] = {"mode": opts.mode, **done, "target": "tensorrt (explicit quantization)",
                       "experts": ("float inside the MythosMoE plugin (no int path)" if plugin
                                   else "float (standard lowering's expert tables and If branches)"),
                       **({"block_size": opts.block_size} if opts.mode == "qdq-int4" else
                          {"calibration": f"max |x| over {opts.calib_prompts} generated prompts"})}
+    release_memory()
     base = OrtBackend(work / "base" if plugin else src_dir, std_manifest if plugin else manifest)
-    return info, base, OrtBackend(work / "ort", std_manifest.with_fields(quantization={"mode": str(opts.mode)}))
+    return info, base, lambda: OrtBackend(work / "ort", std_manifest.with_fields(quantization={"mode": str(opts.mode)}))
 
 
 def _fp16_reexport(src_dir: Path, out_dir: Path, manifest: Manifest, opts: QuantizeOptions, overwrite: bool,

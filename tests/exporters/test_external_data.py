@@ -16,6 +16,7 @@ from mythos_deploy.cli import app
 from mythos_deploy.errors import CheckpointError
 from mythos_deploy.exporters import external_data as xd
 from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_form, export_onnx
+from mythos_deploy.manifest import read_manifest, verify_files
 from mythos_deploy.runtimes import load
 
 SMALL = "2048"  # bytes: every tiny-preset weight table is above it
@@ -87,6 +88,25 @@ def test_checker_sees_a_store_backed_model(tmp_path):
     with pytest.raises(onnx.checker.ValidationError):
         xd.check_model_file(sm, "g")
     assert sorted(p.name for p in tmp_path.iterdir()) == [xd.STORE_MARK, "g.onnx", "g.onnx.data"]  # no probe left
+
+
+def test_int4_tensors_stay_packed_in_external_data(tmp_path):
+    """int4 is stored two to a byte: writing, mapping back and materializing keep it so (the
+    qdq-int4 weights of a graph past the threshold were once written one to a byte)."""
+    import ml_dtypes
+    q = np.random.default_rng(0).integers(-8, 8, (64, 33)).astype(ml_dtypes.int4)
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.INT4, [64, 33])],
+                          [numpy_helper.from_array(q, "w")])
+    xd.write_model(helper.make_model(g), tmp_path, "m.onnx", external_bytes=10)
+    assert (tmp_path / "m.onnx.data").stat().st_size == 64 * 33 // 2
+    same = lambda a: np.array_equal(np.asarray(a).astype(np.int8), q.astype(np.int8))  # noqa: E731
+    assert same(numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0]))  # onnx's own reader
+    lazy = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    xd.adopt(lazy, tmp_path)
+    assert same(xd.tensor_array(lazy.graph.initializer[0]))
+    xd.materialize(lazy)
+    assert same(numpy_helper.to_array(lazy.graph.initializer[0]))
 
 
 def test_threshold_env_is_checked(monkeypatch):
@@ -182,10 +202,14 @@ def test_cli_export_with_external_data(tiny_ckpt, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("moe, mode", [("ort", "int4"), ("standard", "int8"), ("stepped-standard", "qdq-int8")])
+@pytest.mark.parametrize("moe, mode", [("ort", "int4"), ("standard", "int8"), ("stepped-standard", "qdq-int8"),
+                                       ("stepped-plugin", "qdq-int4")])
 def test_quantize_an_external_data_artifact(tiny_ckpt, tmp_path, monkeypatch, moe, mode):
     """Quantization reads the source's external data in place (expert tables expert by
-    expert) and writes its own; the result equals the in-memory path's, tensor for tensor."""
+    expert) and writes its own; the result equals the in-memory path's, tensor for tensor.
+    The Q/DQ modes read the graphs without their weights and put the gate's dequantized
+    weights (and a plugin export's standard-op tables) in a scratch store, never in the
+    artifact or the source."""
     from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
     loop, moe = moe.split("-") if "-" in moe else ("unroll", moe)
     opts = OnnxExportOptions(loop=loop, moe=moe, loops=2, validate=False)
@@ -204,7 +228,13 @@ def test_quantize_an_external_data_artifact(tiny_ckpt, tmp_path, monkeypatch, mo
         assert ta.keys() == tb.keys()
         for k in ta:
             np.testing.assert_array_equal(ta[k], tb[k])
-    load(tmp_path / "q")  # verifies its files, the external data included
+        assert not any(p.key == xd.STORE_KEY for p in b.metadata_props)  # the scratch store's path stays behind
+    src_files = {p.name for p in (tmp_path / "src").iterdir()}
+    assert src_files == {*read_manifest(tmp_path / "src")["files"], "manifest.json"}  # nothing written into the source
+    if moe == "plugin":  # onnxruntime cannot run the plugin: its files are verified, and built in test_trt_build
+        verify_files(tmp_path / "q", read_manifest(tmp_path / "q"))
+    else:
+        load(tmp_path / "q")  # verifies its files, the external data included
 
 
 def test_stale_weight_stores_of_killed_exports_are_removed(tmp_path, monkeypatch):
