@@ -24,19 +24,23 @@ def test_every_preset_has_a_plan_that_grows_with_the_model():
     assert 4e9 < one["export"].peak_rss < 6e9  # measured: 4.8 GB
 
 
-def test_tensorrt_quantization_is_planned_as_loading_every_graph_whole(monkeypatch, tmp_path):
-    """1b qdq-int4 ran this 24 GB machine out of memory (killed past 21.5 GB): its plan says so
-    and refuses it up front, while int8/int4 (streamed) fit."""
+def test_tensorrt_quantization_is_planned_as_streamed(monkeypatch, tmp_path):
+    """1b Q/DQ streams since it was measured here at 7.1-7.9 GB (it loaded every graph whole
+    and was killed past 21.5 GB before): the plan fits it on this 24 GB machine, within 25% of
+    the measured peak, with the scratch space of its fp32 and standard-op copies."""
     cfg = MythosConfig.from_name("1b")
     monkeypatch.setattr(plan_mod, "available_memory", lambda: 23e9)
+    measured = {"qdq-int4": 7.13e9, "qdq-int8": 7.86e9}
     for mode in ("qdq-int8", "qdq-int4", "fp8"):
         p = plan_mod.plan_stage(cfg, "quantize", quant=mode)
-        assert p.peak_rss > 21.5e9
-        with pytest.raises(InputError, match="will not fit"):
-            plan_mod.check_plan(p, tmp_path)
+        assert abs(p.peak_rss / measured.get(mode, 7.5e9) - 1) < 0.25
+        assert p.disk > 4 * plan_mod.weight_bytes(cfg)[0]
+        plan_mod.check_plan(p, tmp_path)
+    monkeypatch.setattr(plan_mod, "available_memory", lambda: 6e9)
+    with pytest.raises(InputError, match="will not fit"):
+        plan_mod.check_plan(plan_mod.plan_stage(cfg, "quantize", quant="qdq-int4"), tmp_path)
     for mode in ("int8", "int4"):
         assert plan_mod.plan_stage(cfg, "quantize", quant=mode).peak_rss < 8e9
-        plan_mod.check_plan(plan_mod.plan_stage(cfg, "quantize", quant=mode), tmp_path)
 
 
 def test_check_plan_refuses_with_numbers(monkeypatch, tmp_path):
