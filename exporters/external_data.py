@@ -61,12 +61,17 @@ def _packed_bits(data_type: int) -> int:
 def _data_bytes(data_type: int, shape) -> int:
     n = int(np.prod(shape, dtype=np.int64))
     bits = _packed_bits(data_type)
-    return -(-n * bits // 8) if bits else n * np.dtype(_np_dtype_of(data_type)).itemsize
+    return -(-n * bits // 8) if bits else n * _np_dtype_of(data_type).itemsize
 
 
 def _np_dtype_of(data_type: int) -> np.dtype:
     from onnx import helper
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def _onnx_dtype(dtype: np.dtype) -> int:
+    from onnx import helper
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 def tensor_nbytes(t) -> int:
@@ -107,6 +112,20 @@ def _checked_source(t, base_dir: Path | None) -> tuple[Path, int, int, np.dtype,
     return path, offset, length, dtype, shape
 
 
+def _stored_bytes(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def _inline(t, data: bytes) -> None:
+    """Make `t` an inline tensor holding `data` (its bytes as ONNX stores them)."""
+    from onnx import TensorProto
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = data
+
+
 def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
     """A tensor's value. External data is memory-mapped read-only (no copy; pages are read
     as they are touched and can be dropped again by the kernel)."""
@@ -117,14 +136,9 @@ def tensor_array(t, base_dir: Path | None = None) -> np.ndarray:
     if length == 0:
         return np.zeros(shape, dtype)
     if _packed_bits(t.data_type):  # several elements to a byte: unpacked by onnx, from a copy
-        import onnx
-        inline = onnx.TensorProto()
+        inline = type(t)()
         inline.CopyFrom(t)
-        del inline.external_data[:]
-        inline.data_location = onnx.TensorProto.DEFAULT
-        with open(path, "rb") as f:
-            f.seek(offset)
-            inline.raw_data = f.read(length)
+        _inline(inline, _stored_bytes(path, offset, length))
         return numpy_helper.to_array(inline)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
@@ -205,6 +219,13 @@ def drop_store_key(model) -> None:
     model.metadata_props.extend(keep)
 
 
+def clear_store(directory: Path) -> None:
+    """Remove the tensors new_tensor_rows wrote into the store `directory` (the mark stays):
+    for a caller done with every model that referenced them."""
+    for t in Path(directory).glob("t*_*.bin"):
+        t.unlink()
+
+
 def store_dir(model) -> Path | None:
     """The weight store a model's initializers live in (None: the model holds its weights,
     or reads them from an artifact it must not write to), or the one `use_store` named."""
@@ -224,26 +245,15 @@ def store_dir(model) -> Path | None:
 def materialize(model, keep_external=lambda t: False) -> int:
     """Read external tensors back inline (for code that needs `raw_data`, such as
     onnxruntime's quantizers), except those `keep_external` selects. Returns bytes read."""
-    import onnx
     from mythos_deploy.exporters.graph_passes import iter_graphs
     done = 0
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if is_external(t) and not keep_external(t):
                 path, offset, length, _, _ = _checked_source(t, None)
-                with open(path, "rb") as f:  # the bytes as stored (int4 stays packed)
-                    f.seek(offset)
-                    data = f.read(length)
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = data
-                done += len(data)
+                _inline(t, _stored_bytes(path, offset, length))  # the bytes as stored (int4 stays packed)
+                done += length
     return done
-
-
-def helper_dtype(dtype: np.dtype) -> int:
-    from onnx import helper
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]):
@@ -253,7 +263,7 @@ def new_tensor_rows(model, name: str, shape: tuple[int, ...], dtype, chunks: Ite
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     store = store_dir(model)
-    if store is None or nbytes < MIN_EXTERNAL_TENSOR or _packed_bits(helper_dtype(dtype)):  # int4: inline, packed
+    if store is None or nbytes < MIN_EXTERNAL_TENSOR or _packed_bits(_onnx_dtype(dtype)):  # int4: inline, packed
         parts = [np.asarray(c, dtype) for c in chunks]
         arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return numpy_helper.from_array(np.ascontiguousarray(arr.reshape(shape)), name)

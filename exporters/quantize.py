@@ -224,7 +224,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
     import onnx
 
     from mythos_deploy.exporters import qdq
-    from mythos_deploy.exporters.external_data import adopt, make_store, use_store, write_model
+    from mythos_deploy.exporters.external_data import adopt, clear_store, make_store, use_store, write_model
     from mythos_deploy.exporters.moe_lowering import lower_moe
     from mythos_deploy.exporters.graph_passes import IR_VERSION
     from mythos_deploy.exporters.onnx_ops import register_schemas
@@ -276,8 +276,7 @@ def _qdq_graphs(src_dir: Path, work: Path, files: dict, manifest: Manifest, opts
         onnx.checker.check_model(str(work / f), full_check=True)
         write_model(qdq.ort_copy(runnable(m)), work / "ort", f)
         models[name] = None  # its quantized weights (inline) are written
-        for t in store.glob("t*.bin"):  # this graph's lowered tables and dequantized weights are written too
-            t.unlink()
+        clear_store(store)  # this graph's lowered tables and dequantized weights are written too
         info[name] = {"mode": opts.mode, **done, "target": "tensorrt (explicit quantization)",
                       "experts": ("float inside the MythosMoE plugin (no int path)" if plugin
                                   else "float (standard lowering's expert tables and If branches)"),

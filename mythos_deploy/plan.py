@@ -50,6 +50,7 @@ SECONDS_FIXED = {"init": 2.0, "export": 15.0, "export+gate": 17.0, "quantize": 4
 SECONDS_PER_GB = {"init": 7.7, "export": 13.1, "export+gate": 50.5, "quantize": 43.8, "quantize int4": 39.5,
                   "quantize qdq": 150.0,  # 1b: 544 s qdq-int4, 726 s qdq-int8 (calibration included)
                   "generate": 6.0}  # generate: per GB of the artifact
+QUANTIZE_KEYS = {"int4": "quantize int4", "qdq-int8": "quantize qdq", "qdq-int4": "quantize qdq", "fp8": "quantize qdq"}
 INLINE_BYTES = 1 << 30  # exporters/external_data.py's default threshold
 STAGES = ("init", "export", "export+gate", "quantize", "generate")
 
@@ -85,6 +86,7 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
     if stage not in STAGES:
         raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     W, experts = weight_bytes(cfg)
+    key = QUANTIZE_KEYS.get(quant or "", stage) if stage == "quantize" else stage  # its RSS_PER_W / SECONDS_PER_GB row
     out = W / 2 if dtype == "fp16" else W  # the artifact's weights
     fused = 2 / 3 * experts  # the ort lowering's interleaved gate/up table (standard: the transposes, ~W)
     # an artifact below the external-data threshold is serialised whole: its weights inline in a
@@ -97,8 +99,6 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
         disk = W + fused + out + (out if stage == "export+gate" and moe == "plugin" else 0)
     elif stage == "quantize":
         q = {"int8": 0.27, "int4": 0.15}.get(quant or "int4", 0.15) * W
-        key = {"int4": "quantize int4", "qdq-int8": "quantize qdq", "qdq-int4": "quantize qdq",
-               "fp8": "quantize qdq"}.get(quant or "", stage)
         rss = BASE[stage] + RSS_PER_W[key] * W
         disk = 4.5 * W if key == "quantize qdq" else 2 * q
     else:
@@ -107,10 +107,7 @@ def plan_stage(cfg: MythosConfig, stage: str, dtype: str = "fp32", quant: str | 
     if stage == "generate":
         seconds = SECONDS_FIXED[stage] + SECONDS_PER_GB[stage] * size / GB
     else:
-        qkey = {"int4": "quantize int4", "qdq-int8": "quantize qdq", "qdq-int4": "quantize qdq",
-                "fp8": "quantize qdq"}.get(quant or "", stage)
-        per = SECONDS_PER_GB[qkey if stage == "quantize" else stage]
-        seconds = SECONDS_FIXED[stage] + per * W / GB
+        seconds = SECONDS_FIXED[stage] + SECONDS_PER_GB[key] * W / GB
     return StagePlan(stage, rss, disk, seconds)
 
 
