@@ -336,7 +336,7 @@ def share_tied_embedding(model) -> bool:
 
 
 def slice_pasts(model, contract: GraphContract) -> int:
-    """Read only the filled rows of every past input: a Slice to [0, past_len) along its
+    """Read only the filled rows of every past input: a Slice to [0, max(past_len)) along its
     `past` axis, feeding every reader (Loop/If bodies included). The runtime passes whole
     preallocated buffers, so without this a decode step concatenates, normalises and
     attends over the full budget with the unfilled rows masked: its cost grows with the
@@ -348,7 +348,8 @@ def slice_pasts(model, contract: GraphContract) -> int:
     if not pasts:
         return 0
     g = model.graph
-    nodes = [helper.make_node("Unsqueeze", ["past_len", "past_rows/zero"], ["past_rows/end"])]
+    # rows are at their own lengths: read up to the longest (ReduceMax over the batch -> [1])
+    nodes = [helper.make_node("ReduceMax", ["past_len"], ["past_rows/end"], keepdims=1)]
     axes = {spec.shape.index("past") for spec in pasts}
     inits = [numpy_helper.from_array(np.array([0], np.int64), "past_rows/zero"),
              *[numpy_helper.from_array(np.array([a], np.int64), f"past_rows/axis{a}") for a in sorted(axes)]]

@@ -138,8 +138,8 @@ def sample_inputs(contract: GraphContract, sizes: dict[str, int], seed: int = 0,
         dt = _TORCH_DTYPES[spec.dtype]
         if spec.name == "input_ids":
             out[spec.name] = torch.randint(0, vocab, shape, generator=g)
-        elif spec.name == "past_len":
-            out[spec.name] = torch.tensor(sizes.get("past", 0))
+        elif spec.name == "past_len":  # [batch]: every row at the full past (tracing needs shapes only)
+            out[spec.name] = torch.full(shape, sizes.get("past", 0), dtype=torch.int64)
         elif spec.name == "act_threshold":
             out[spec.name] = torch.tensor(0.99)
         elif spec.name == "loop_index":

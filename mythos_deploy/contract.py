@@ -7,7 +7,9 @@ Cache layout (every mode): one tensor per prelude/coda slot `[batch, past, W]`, 
 recurrent slots stacked as `[loops, batch, past, W]` (slot `recurrent_loop_t` is row t).
 `W = cfg.cache_width` (MLA: c_kv then the rotated shared RoPE key; GQA: rotated k then v).
 The graphs take the past and return only the *new* rows for the input positions
-(`new_*`, `[.., batch, seq, W]`): present = past[:past_len] ++ new. The runtime owns
+(`new_*`, `[.., batch, seq, W]`): present = past[:past_len] ++ new. `past_len` is int64
+`[batch]`: each row has its own cached length, its own RoPE positions and its own mask, so
+one call can carry a row with 5 cached tokens beside one with 500. The runtime owns
 preallocated buffers and writes the new rows in place, so nothing re-concatenates the cache
 per token. Past rows at index >= past_len are ignored, so a runtime may pass a longer
 buffer than is filled; past = 0 (an empty cache) is valid.
@@ -61,6 +63,22 @@ class GraphContract:
         return cls(data["name"], specs(data["inputs"]), specs(data["outputs"]))
 
 
+# each row's cached length: rows of one call may be at different positions (continuous
+# batching). Earlier exports took one scalar for every row; `per_row_positions` tells them apart.
+PAST_LEN = TensorSpec("past_len", "int64", ("batch",))
+
+
+def per_row_positions(past_len_shape) -> bool:
+    """Whether a graph's past_len input (its declared shape) takes one length per row; exports
+    made before per-row positions take one scalar for the whole batch."""
+    return len(tuple(past_len_shape)) == 1
+
+
+def contracts_per_row(contracts: list[dict]) -> bool:
+    """per_row_positions for every graph of an artifact, from its manifest's contract list."""
+    return all(per_row_positions(i["shape"]) for c in contracts for i in c["inputs"] if i["name"] == "past_len")
+
+
 def _past(name: str, W: int, dt: str, loops=None) -> TensorSpec:
     lead = () if loops is None else (loops,)
     return TensorSpec(f"past_{name}", dt, lead + ("batch", "past", W))
@@ -74,7 +92,7 @@ def _new(name: str, W: int, dt: str, loops=None) -> TensorSpec:
 def stepped_contracts(cfg: MythosConfig, dtype: str = "fp32") -> list[GraphContract]:
     dt, W, D = FLOAT[dtype], cfg.cache_width, cfg.dim
     ids = TensorSpec("input_ids", "int64", ("batch", "seq"))
-    past_len = TensorSpec("past_len", "int64", ())
+    past_len = PAST_LEN
     act = [TensorSpec("h_out", "float32", ("batch", "seq", D)), TensorSpec("cum", "float32", ("batch", "seq")),
            TensorSpec("halted", "bool", ("batch", "seq")), TensorSpec("loops_used", "int32", ("batch", "seq"))]
     pre = [f"prelude_{i}" for i in range(cfg.prelude_layers)]
@@ -101,7 +119,7 @@ def fill_contract(cfg: MythosConfig, dtype: str = "fp32") -> GraphContract:
     dt, W, D = FLOAT[dtype], cfg.cache_width, cfg.dim
     return GraphContract(
         "fill", (TensorSpec("h", dt, ("batch", "seq", D)), TensorSpec("e", dt, ("batch", "seq", D)),
-                 TensorSpec("loop_indices", "int64", ("loops",)), TensorSpec("past_len", "int64", ())),
+                 TensorSpec("loop_indices", "int64", ("loops",)), PAST_LEN),
         (TensorSpec("rows", dt, ("loops", "batch", "seq", W)),))
 
 
@@ -111,7 +129,7 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
     loops = n_loops if loop_mode == "unroll" else "loops"
     pre = [f"prelude_{i}" for i in range(cfg.prelude_layers)]
     coda = [f"coda_{i}" for i in range(cfg.coda_layers)]
-    inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")), TensorSpec("past_len", "int64", ())]
+    inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")), PAST_LEN]
     if loop_mode == "loop":
         # early_exit=True lets the Loop stop once every position has halted; the rows of
         # new_recurrent past loops_run are then zeros and the runtime fills them (fill-forward).

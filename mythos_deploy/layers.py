@@ -95,15 +95,16 @@ def rope_tables(width: int, max_len: int, theta: float) -> tuple[torch.Tensor, t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2k], x[2k+1]) -> (x0 c - x1 s, x1 c + x0 s). x: [B, T, ..., d];
-    cos/sin: [T, d] from rope_tables. The same numbers as the pairwise form (a + (-b) is
-    a - b exactly in IEEE arithmetic), in a handful of graph nodes: the pair swap is one
-    reshape-flip-reshape instead of split/squeeze/stack per half."""
+    cos/sin: [R, T, d] rows of rope_tables, R = 1 (every row at the same positions) or B
+    (per-row positions). The same numbers as the pairwise form (a + (-b) is a - b exactly in
+    IEEE arithmetic), in a handful of graph nodes: the pair swap is one reshape-flip-reshape
+    instead of split/squeeze/stack per half."""
     shape = x.shape
     xf = x.float()
     swapped = xf.reshape(*shape[:-1], shape[-1] // 2, 2).flip(-1).reshape(shape)
     extra = x.dim() - 3  # broadcast tables over head dims between T and d
-    c = cos.reshape(cos.shape[0], *([1] * extra), cos.shape[1])
-    s = sin.reshape(sin.shape[0], *([1] * extra), sin.shape[1])
+    c = cos.reshape(cos.shape[0], cos.shape[1], *([1] * extra), cos.shape[2])
+    s = sin.reshape(sin.shape[0], sin.shape[1], *([1] * extra), sin.shape[2])
     return (xf * c + swapped * s).to(x.dtype)
 
 
@@ -122,10 +123,10 @@ class Expert(nn.Module):
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             scale: float) -> torch.Tensor:
-    """q [B,H,T,d], k [B,H,S,d], v [B,H,S,dv], mask [T,S] bool (True = may attend)."""
+    """q [B,H,T,d], k [B,H,S,d], v [B,H,S,dv], mask [R,T,S] bool (True = may attend; R = 1 or B)."""
     scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale  # [B,H,T,S]
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
     return torch.matmul(F.softmax(scores, dim=-1).to(v.dtype), v)  # [B,H,T,dv]
 
 
@@ -193,7 +194,7 @@ class MLAttention(nn.Module):
         scores = (torch.matmul(q_lat, cn.transpose(-2, -1))
                   + torch.matmul(q_rope.transpose(1, 2), k_rope.transpose(-2, -1))).float() * self.scale
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         o_lat = torch.matmul(F.softmax(scores, dim=-1).to(cn.dtype), cn)  # [B,H,T,R]
         out = torch.matmul(o_lat, w_uv.transpose(-2, -1))  # [B,H,T,v]
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -143,6 +143,8 @@ class RecurrentCore(nn.Module):
         B, T, D = h.shape
         R = loops.shape[0]
         x = self.norm(loop_index_embeddings(h, loops, self.cfg.loop_dim) + e.unsqueeze(0))
+        # tables [1 or B, T, d] -> [R*B, T, d], matching x's rows (loop-major)
+        cos, sin = (tab.expand(B, T, tab.shape[-1]).repeat(R, 1, 1) for tab in (cos, sin))
         return self.block.cache_entry(x.reshape(R * B, T, D), cos, sin).reshape(R, B, T, -1)
 
 
@@ -248,17 +250,20 @@ class MythosModel(nn.Module):
         return ModelOutput(logits, loops_used, halt_prob)
 
     def positions(self, T: int, start_pos, past, device) -> tuple[torch.Tensor, ...]:
-        """RoPE tables for the new positions and the attention mask [T, past+T].
+        """RoPE tables [R, T, d] for the new positions and the attention mask [R, T, past+T].
 
-        Keys are `past` cached positions followed by the T new ones. Cached key j is valid
-        when j < start_pos (a caller may pass a longer preallocated buffer than is filled);
-        new token i (absolute position start_pos+i) sees new tokens up to itself.
+        `start_pos` is an int, a 0-d tensor (every row at the same position: R = 1, broadcast
+        over the batch) or an int64 tensor [B] (row b at its own position: R = B). Keys are
+        `past` cached positions followed by the T new ones. Cached key j of row b is valid
+        when j < start_pos[b] (a caller may pass a longer buffer than is filled, and rows of
+        one call may be at different lengths); new token i sees new tokens up to itself.
         """
-        pos = torch.arange(T, device=device) + start_pos  # [T]
-        past_ok = (torch.arange(past, device=device) < start_pos).unsqueeze(0).expand(T, past)
+        start = torch.as_tensor(start_pos, dtype=torch.int64, device=device).reshape(-1, 1)  # [R,1]
+        pos = torch.arange(T, device=device).unsqueeze(0) + start  # [R,T]
+        past_ok = torch.arange(past, device=device).reshape(1, 1, past) < start.unsqueeze(-1)  # [R,1,past]
         new = torch.arange(T, device=device)
-        new_ok = new.unsqueeze(0) <= new.unsqueeze(1)  # [T,T] causal
-        mask = torch.cat([past_ok, new_ok], dim=1)  # [T,past+T]
+        new_ok = (new.unsqueeze(0) <= new.unsqueeze(1)).unsqueeze(0)  # [1,T,T] causal
+        mask = torch.cat([past_ok.expand(pos.shape[0], T, past), new_ok.expand(pos.shape[0], T, T)], dim=2)
         return self.rope_cos[pos], self.rope_sin[pos], mask
 
     def run_prelude(self, input_ids, start_pos, views: dict, past=None) -> torch.Tensor:
@@ -277,7 +282,7 @@ class MythosModel(nn.Module):
     def propagated_entries(self, h, e, start_pos, loops) -> torch.Tensor:
         """[len(loops), B, T, W]: the recurrent cache rows of `loops` (ints or an int64 tensor)
         for positions frozen at h."""
-        cos, sin, _ = self.positions(h.shape[1], start_pos, 0, h.device)
+        cos, sin, _ = self.positions(h.shape[1], start_pos, 0, h.device)  # [1 or B, T, d]
         loops = torch.as_tensor(loops, dtype=torch.int64, device=h.device).reshape(-1)
         return self.recurrent.propagated_entries(h, e, loops, cos, sin)
 

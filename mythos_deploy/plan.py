@@ -157,5 +157,24 @@ def check_plan(plan: StagePlan, out_dir: Path, force: bool = False) -> str:
     return line
 
 
+def pool_bytes(cfg: MythosConfig, n_loops: int, max_batch: int, max_len: int, itemsize: int = 4) -> float:
+    """The batching engine's slot pool: every cache slot (prelude, one per loop, coda) for
+    `max_batch` rows of `max_len` positions, `cfg.cache_width` values each."""
+    slots = cfg.prelude_layers + n_loops + cfg.coda_layers
+    return float(slots * max_batch * max_len * cfg.cache_width * itemsize)
+
+
+def check_pool(cfg: MythosConfig, n_loops: int, max_batch: int, max_len: int, itemsize: int = 4) -> float:
+    """Refuse, before allocating it, a slot pool that will not fit the memory available now
+    (with a quarter of it kept for activations and the rest of the process). Returns its bytes."""
+    need = pool_bytes(cfg, n_loops, max_batch, max_len, itemsize)
+    mem = available_memory()
+    if mem is not None and need > 0.75 * mem:
+        raise InputError(f"a slot pool of {max_batch} x {max_len} positions needs {need / GB:.2f} GB "
+                         f"({cfg.prelude_layers + n_loops + cfg.coda_layers} cache slots x {cfg.cache_width} values); "
+                         f"{mem / GB:.1f} GB is available: lower --max-batch or --max-len")
+    return need
+
+
 def plan_dict(plans: list[StagePlan]) -> list[dict]:
     return [{**asdict(p), "peak_rss_gb": round(p.peak_rss / GB, 2), "disk_gb": round(p.disk / GB, 2)} for p in plans]

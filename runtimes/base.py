@@ -55,25 +55,64 @@ def check_ids(ids, cfg: MythosConfig) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def write_new_rows(buffers: dict, out: dict, pos: int, exit: ExitMode) -> None:
+def _is_prefix(rows: np.ndarray, batch: int) -> bool:
+    return rows.size == batch and bool((rows == np.arange(batch)).all())
+
+
+def gather_pasts(buffers: dict, rows: np.ndarray, upto: int, contiguous, index=None) -> dict:
+    """The `past_*` inputs of a call on the session rows `rows` (sorted, distinct): views of
+    the preallocated buffers where the rows are the whole batch, else a copy of just those
+    rows and their first `upto` positions (the longest row's length; graphs ignore rows at or
+    past a row's own length, so a shorter buffer than the session's is valid). `contiguous`
+    makes an array of the buffers' kind contiguous (numpy or torch); `index` converts `rows`
+    for indexing (torch tensors take a tensor)."""
+    batch = next(iter(buffers.values())).shape[-3]
+    if _is_prefix(rows, batch):
+        return dict(buffers)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    sel = slice(lo, hi) if hi - lo == rows.size else (rows if index is None else index(rows))
+    out = {}
+    for name, buf in buffers.items():
+        if name == "past_recurrent":
+            out[name] = contiguous(buf[:, sel, :upto])
+        else:
+            out[name] = buf[sel] if isinstance(sel, slice) else contiguous(buf[sel, :upto])
+    return out
+
+
+def write_new_rows(buffers: dict, out: dict, rows: np.ndarray, starts: np.ndarray, exit: ExitMode,
+                   index=None) -> None:
     """Write a call's new cache rows (the graph's `new_*` outputs) into a session's
-    preallocated `past_*` buffers (numpy or torch) at [pos, pos + T). Recurrent rows: every
-    row is new with exit=propagate; otherwise rows from `loops_run` on repeat row loops_run-1
-    (fill-forward; nothing to repeat when every loop ran)."""
+    preallocated `past_*` buffers (numpy or torch): session row rows[i] at its own positions
+    [starts[i], starts[i] + T). Recurrent rows: every row is new with exit=propagate;
+    otherwise rows from `loops_run` on repeat row loops_run-1 (fill-forward; nothing to repeat
+    when every loop ran). `index` converts index arrays for the buffers (torch takes tensors)."""
     n_loops = buffers["past_recurrent"].shape[0]
     filled = n_loops if exit == ExitMode.PROPAGATE else int(out.get("loops_run", n_loops))
+    T = out["new_recurrent"].shape[-2]
+    batch = buffers["past_recurrent"].shape[1]
+    if _is_prefix(rows, batch) and (starts == starts[0]).all():  # lockstep: plain slices
+        b, p = slice(None), slice(int(starts[0]), int(starts[0]) + T)
+    else:
+        conv = index or (lambda a: a)
+        b, p = conv(rows[:, None]), conv(starts[:, None] + np.arange(T))  # [n,1], [n,T]
     for name, buf in buffers.items():
         new = out[name.replace("past_", "new_")]
-        T = new.shape[-2]
         if name == "past_recurrent":
-            buf[:filled, :, pos:pos + T] = new[:filled]
-            buf[filled:, :, pos:pos + T] = new[filled - 1]
+            buf[:filled, b, p] = new[:filled]
+            if filled < n_loops:
+                buf[filled:, b, p] = new[filled - 1]
         else:
-            buf[:, pos:pos + T] = new
+            buf[b, p] = new
 
 
 class Session(ABC):
+    """One generation's cache slots. Rows need not move in lockstep: `step_rows` advances any
+    subset of rows, each at its own cached length (`lengths`), and `reset_rows` frees rows for
+    new requests (what runtimes/engine.py's continuous batching does). `step` advances every
+    row together."""
     backend_name = "runtime"
+    per_row_positions = True  # False for exports made before per-row positions: lockstep only
 
     def __init__(self, cfg: MythosConfig, batch: int, budget: int, decode: DecodeOptions):
         """`decode` is resolved (Backend.start): n_loops and act_threshold are set."""
@@ -83,34 +122,74 @@ class Session(ABC):
             raise CacheError(f"sequence budget must be in [1, max_seq_len={cfg.max_seq_len}], got {budget}")
         self.cfg, self.batch, self.budget, self.decode = cfg, batch, budget, decode
         self.n_loops, self.act_threshold, self.exit = decode.n_loops, float(decode.act_threshold), decode.exit
-        self.length = 0
+        self.lengths = np.zeros(batch, np.int64)  # cached positions per row
 
-    def _check_step(self, ids: np.ndarray) -> None:
-        if ids.shape[0] != self.batch:
-            raise InputError(f"this session has batch {self.batch}, got {ids.shape[0]} rows")
-        if self.length + ids.shape[1] > self.budget:
-            raise CacheError(f"sequence budget exceeded: {self.length} cached + {ids.shape[1]} new > "
-                             f"budget {self.budget} (max_seq_len {self.cfg.max_seq_len})")
+    @property
+    def length(self) -> int:
+        """The cached length of a lockstep session (the longest row's)."""
+        return int(self.lengths.max())
+
+    def _rows(self, rows, n: int) -> np.ndarray:
+        arr = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if arr.size != n:
+            raise InputError(f"{n} rows of ids for {arr.size} session rows")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.batch):
+            raise InputError(f"session rows must be in [0, {self.batch}), got {arr.tolist()}")
+        if np.unique(arr).size != arr.size or (np.diff(arr) < 0).any():
+            raise InputError(f"session rows must be distinct and ascending, got {arr.tolist()}")
+        return arr
 
     def step(self, ids) -> StepOutput:
+        """Advance every row by one chunk of ids [batch, T]."""
         ids = check_ids(ids, self.cfg)
-        self._check_step(ids)
-        out = self._step(ids)
-        start = self.length
-        self.length += ids.shape[1]
-        if not np.isfinite(out.logits).all():
+        if ids.shape[0] != self.batch:
+            raise InputError(f"this session has batch {self.batch}, got {ids.shape[0]} rows")
+        return self.step_rows(ids, np.arange(self.batch))
+
+    def step_rows(self, ids, rows, check_finite: bool = True) -> StepOutput:
+        """Advance session rows `rows` (ascending) by ids[i] each, every row at its own cached
+        length. With `check_finite`, non-finite logits raise NumericalError; without, the
+        caller judges each row (the engine fails one request, not its neighbours)."""
+        ids = check_ids(ids, self.cfg)
+        rows = self._rows(rows, ids.shape[0])
+        starts = self.lengths[rows].copy()
+        T = ids.shape[1]
+        over = np.flatnonzero(starts + T > self.budget)
+        if over.size:
+            r = int(rows[over[0]])
+            raise CacheError(f"sequence budget exceeded: {int(self.lengths[r])} cached + {T} new > "
+                             f"budget {self.budget} (max_seq_len {self.cfg.max_seq_len}) in row {r}")
+        if not self.per_row_positions and (starts != starts[0]).any():
+            raise InputError("this artifact was exported before per-row positions: rows of one call must all be "
+                             "at one cached length; re-export it with this version (mythos-export onnx CKPT -o DIR) "
+                             "to batch requests of different lengths")
+        out = self._step(ids, rows, starts)
+        self.lengths[rows] = starts + T
+        if check_finite and not np.isfinite(out.logits).all():
             bad = np.argwhere(~np.isfinite(out.logits).all(-1))[0]
+            start = int(starts[bad[0]])
             stage = "prefill" if start == 0 else "decode"
-            raise NumericalError(f"{self.backend_name}: non-finite logits ({stage} step, batch row {bad[0]}, "
+            raise NumericalError(f"{self.backend_name}: non-finite logits ({stage} step, batch row {int(rows[bad[0]])}, "
                                  f"position {start + bad[1]}); the weights or activations overflowed. "
                                  "This session is unusable; check the model with `mythos-export parity`")
         return out
 
+    def reset_rows(self, rows) -> None:
+        """Forget what rows `rows` hold: their next call starts at position 0. Nothing is
+        cleared: a row's stale positions are at or past its length, which every graph ignores."""
+        self.lengths[np.asarray(rows, dtype=np.int64)] = 0
+
     @abstractmethod
-    def _step(self, ids: np.ndarray) -> StepOutput: ...
+    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> StepOutput:
+        """Run ids [n, T] on session rows `rows` at cached lengths `starts` (both int64 [n])
+        and write their new cache rows in place."""
 
     @abstractmethod
     def cache_nbytes(self) -> int: ...
+
+    def commit_memory(self) -> None:
+        """Touch every cache buffer so its memory is committed now (zero pages are mapped
+        lazily): a pool that does not fit fails at start, not mid-request."""
 
 
 class Backend(ABC):

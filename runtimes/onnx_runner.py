@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mythos_deploy.contract import per_row_positions
 from mythos_deploy.manifest import Manifest
 from mythos_deploy.options import QuantMode, env_int
 
@@ -66,6 +67,8 @@ class OnnxModelRunner:
         self.loop_mode, self.n_loops = loop_mode, n_loops
         self.sessions = {name: make_session(g, providers, threads, basic_only) for name, g in graphs.items()}
         self.output_names = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
+        lens = [i.shape for s in self.sessions.values() for i in s.get_inputs() if i.name == "past_len"]
+        self.per_row = all(per_row_positions(shape) for shape in lens)
 
     @property
     def supports_propagate(self) -> bool:
@@ -78,7 +81,7 @@ class OnnxModelRunner:
         outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
         return dict(zip(self.output_names[name], outs))
 
-    def forward(self, input_ids: np.ndarray, past_len: int, pasts: dict[str, np.ndarray],
+    def forward(self, input_ids: np.ndarray, past_len, pasts: dict[str, np.ndarray],
                 n_loops: int | None = None, act_threshold: float = 0.99,
                 early_exit: bool = False, propagate: bool = False) -> dict[str, np.ndarray]:
         """`propagate` (exit=propagate, with early_exit): `loop` graphs that take it freeze
@@ -90,8 +93,8 @@ class OnnxModelRunner:
         rows = getattr(pasts.get("past_recurrent"), "shape", (n_loops,))[0]
         if rows != n_loops:  # every loop reads its own row; onnxruntime would fail deep inside the Loop
             raise InputError(f"past_recurrent has {rows} loop rows but n_loops={n_loops}; pass one row per loop")
-        base = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                "past_len": np.array(past_len, dtype=np.int64),
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        base = {"input_ids": input_ids, "past_len": past_len_feed(past_len, input_ids.shape[0], self.per_row),
                 "act_threshold": np.array(act_threshold, dtype=np.float32), **pasts}
         if self.loop_mode in ("unroll", "loop"):
             if self.loop_mode == "loop":
@@ -102,6 +105,24 @@ class OnnxModelRunner:
             out.setdefault("loops_run", np.array(n_loops))
             return out
         return drive_stepped(self._run, base, n_loops, early_exit, NUMPY_OPS, propagate)
+
+
+def past_len_feed(past_len, batch: int, per_row: bool) -> np.ndarray:
+    """`past_len` (an int, or one length per row) as a graph takes it: int64 [batch] where the
+    graph has per-row positions, a scalar for exports made before them, which can run only
+    rows at one common length."""
+    lens = np.asarray(past_len, dtype=np.int64)
+    if lens.ndim == 0:
+        lens = np.full((batch,), int(lens), np.int64)
+    if lens.shape != (batch,):
+        raise InputError(f"past_len must be one int or one length per row ({batch}), got shape {lens.shape}")
+    if per_row:
+        return lens
+    if (lens != lens[0]).any():
+        raise InputError("this artifact was exported before per-row positions: its rows must all be at one "
+                         f"cached length (got {sorted(set(lens.tolist()))}); re-export it with this version "
+                         "(mythos-export onnx CKPT -o DIR) to batch requests of different lengths")
+    return np.array(lens[0], np.int64)
 
 
 NUMPY_OPS = SimpleNamespace(zeros=lambda shape, dtype: np.zeros(shape, dtype), index=lambda t: np.array(t, np.int64),

@@ -3,8 +3,9 @@
 - Engines are deserialized with the MythosMoE plugin registered (runtimes/trt_plugin.py).
 - Every I/O tensor is a torch CUDA tensor; the cache slots are preallocated per session
   ([batch, budget, W], recurrent [n_loops, batch, budget, W]) and passed whole with
-  `past_len` (the graphs ignore rows at or past it), so nothing is concatenated per token;
-  the graphs' new rows are copied into place at [past_len, past_len + T).
+  `past_len`, one length per row (the graphs ignore rows at or past a row's own length), so
+  nothing is concatenated per token; the graphs' new rows are copied into place at
+  [past_len[b], past_len[b] + T). A call on some rows passes just those rows.
 - One CUDA stream per backend. The optimization profile is picked per call: `decode` for
   one-token calls, `prefill` otherwise (the profiles the build wrote into the manifest).
 - `cuda_graph=True` captures the single-graph engine's decode call (T = 1) once per session
@@ -29,8 +30,9 @@ import numpy as np
 from mythos_deploy.errors import CheckpointError, InputError, InternalError
 from mythos_deploy.manifest import Manifest
 from mythos_deploy.options import ExitMode, ExportDtype, MoeLowering
-from mythos_deploy.runtimes.base import Backend, Session, StepOutput, write_new_rows
-from mythos_deploy.runtimes.onnx_runner import carries_propagate, drive_stepped
+from mythos_deploy.runtimes.base import Backend, Session, StepOutput, gather_pasts, write_new_rows
+from mythos_deploy.contract import contracts_per_row
+from mythos_deploy.runtimes.onnx_runner import carries_propagate, drive_stepped, past_len_feed
 
 
 def _torch_dtype(trt, torch, dt):
@@ -100,32 +102,41 @@ class TrtSession(Session):
         self.buffers["past_recurrent"] = mk(self.n_loops, batch, budget, W)
         self.buffers.update({f"past_coda_{i}": mk(batch, budget, W) for i in range(cfg.coda_layers)})
         self.graph = None  # captured decode call
+        self.per_row_positions = backend.per_row
 
-    def _scalars(self, pos: int) -> dict:
+    def _scalars(self, starts: np.ndarray) -> dict:
         torch, dev = self.b.torch, self.b.device
-        return {"past_len": torch.tensor(pos, dtype=torch.int64, device=dev),
+        lens = past_len_feed(starts, starts.size, self.per_row_positions)
+        return {"past_len": torch.from_numpy(np.ascontiguousarray(lens)).to(dev),
                 "act_threshold": torch.tensor(self.act_threshold, dtype=torch.float32, device=dev),
                 "n_loops": torch.tensor(self.n_loops, dtype=torch.int64, device=dev),
                 "early_exit": torch.tensor(self.exit != ExitMode.NONE, device=dev),
                 "propagate": torch.tensor(self.exit == ExitMode.PROPAGATE, device=dev)}
 
-    def _forward(self, ids, pos: int) -> dict:
+    def _forward(self, ids, rows: np.ndarray, starts: np.ndarray) -> dict:
         b, torch, dev = self.b, self.b.torch, self.b.device
         x = torch.from_numpy(np.ascontiguousarray(ids)).to(dev)  # TensorRT reads raw memory: no strided views
         T = ids.shape[1]
+        pasts = gather_pasts(self.buffers, rows, int(starts.max()), lambda t: t.contiguous(), self._index)
         if b.loop_mode != "stepped":
-            if T == 1 and b.cuda_graph and b.loop_mode == "unroll" and dev == "cuda":
-                return self._decode_graph(x, pos)
-            return b.engines["model"].run({"input_ids": x, **self._scalars(pos), **self.buffers}, b.stream, T)
+            if (T == 1 and b.cuda_graph and b.loop_mode == "unroll" and dev == "cuda"
+                    and rows.size == self.batch):
+                return self._decode_graph(x, starts)
+            return b.engines["model"].run({"input_ids": x, **self._scalars(starts), **pasts}, b.stream, T)
         return drive_stepped(lambda name, feeds: b.engines[name].run(feeds, b.stream, T),
-                             {"input_ids": x, **self._scalars(pos), **self.buffers}, self.n_loops,
+                             {"input_ids": x, **self._scalars(starts), **pasts}, self.n_loops,
                              self.exit != ExitMode.NONE, b.ops, self.exit == ExitMode.PROPAGATE)
 
-    def _decode_graph(self, x, pos: int) -> dict:
-        """Capture the engine's one-token call once, then replay it with new inputs."""
+    def _index(self, a: np.ndarray):
+        return self.b.torch.from_numpy(np.ascontiguousarray(a)).to(self.b.device)
+
+    def _decode_graph(self, x, starts: np.ndarray) -> dict:
+        """Capture the engine's one-token call on every row once, then replay it with new
+        inputs (the token ids and each row's past_len)."""
         b, torch = self.b, self.b.torch
+        scalars = self._scalars(starts)
         if self.graph is None:
-            self.static = {"input_ids": x.clone(), **self._scalars(pos), **self.buffers}
+            self.static = {"input_ids": x.clone(), **scalars, **self.buffers}
             eng = b.engines["model"]
             self.static_out = eng.run(dict(self.static), b.stream, 1)  # warm-up; allocates outputs
             graph = torch.cuda.CUDAGraph()
@@ -133,23 +144,25 @@ class TrtSession(Session):
                 eng.run(dict(self.static), b.stream, 1, out=self.static_out)
             self.graph = graph
         self.static["input_ids"].copy_(x)
-        self.static["past_len"].fill_(pos)
+        self.static["past_len"].copy_(scalars["past_len"])
         self.graph.replay()
         return self.static_out
 
-    def _step(self, ids: np.ndarray) -> StepOutput:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> StepOutput:
         b = self.b
-        pos = self.length
         with b.stream_context():
-            out = self._forward(ids, pos)
+            out = self._forward(ids, rows, starts)
             ran = int(out.get("loops_run", self.n_loops))
-            write_new_rows(self.buffers, out, pos, self.exit)
+            write_new_rows(self.buffers, out, rows, starts, self.exit, self._index)
         b.stream.synchronize()
         return StepOutput(out["logits"].float().cpu().numpy(), out["loops_used"].cpu().numpy(),
                           out["halt_prob"].float().cpu().numpy(), ran)
 
     def cache_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    def commit_memory(self) -> None:
+        pass  # device memory from torch.zeros is committed already
 
 
 class _HostStream:
@@ -174,6 +187,7 @@ class TensorRTBackend(Backend):
         self.trt, self.torch, self.device = trt, torch, device
         opts = self._read_manifest(path, manifest)
         self.cache_dtype = torch.float16 if opts.dtype == ExportDtype.FP16 else torch.float32
+        self.cache_itemsize = 2 if opts.dtype == ExportDtype.FP16 else 4
         self.cuda_graph = cuda_graph
         if opts.moe == MoeLowering.PLUGIN:
             register(trtp, trt, mode=manifest.get("build", {}).get("plugin", "aot"))
@@ -189,6 +203,7 @@ class TensorRTBackend(Backend):
         self.engines = {name: TrtEngine(trt, runtime, self.path / f, list(manifest.data["profiles"][name]), device)
                         for name, f in manifest.data["engines"].items()}
         self.name = f"tensorrt[{self.loop_mode},{manifest.get('build', {}).get('precision', '?')}]"
+        self.per_row = contracts_per_row(manifest.data["contract"])
         self.propagate = carries_propagate(self.loop_mode, self.engines,
                                            self.engines["model"].inputs if "model" in self.engines else ())
 
