@@ -1,7 +1,8 @@
 """The parity gate: run an export with onnxruntime against the eager reference.
 
 Scenarios cover prefill of several lengths, empty and non-empty caches, chunked prefill,
-16 greedy decode steps, batch 1 and 3, and (for `loop`/`stepped`) several loop counts
+16 greedy decode steps, batch 1 and 3, rows at different lengths in one call (against eager
+running each row alone), and (for `loop`/`stepped`) several loop counts
 including one beyond max_loop_iters. Errors are collected per output, then judged once.
 Decode tokens are the eager model's greedy choices (teacher forcing), so one early flip
 cannot hide later errors; greedy agreement is counted at every compared position. Exports
@@ -58,6 +59,10 @@ class Scenario:
     slack: int = 0
     exit: str = "none"  # or "propagate": the reference is the eager backend's propagate
     act_threshold: float | None = None  # None: validate()'s
+    # rows at different lengths in one call: row b is prefilled alone with ragged[b] tokens,
+    # then every row takes `chunks` and `decode_steps` together, each at its own past_len.
+    # The reference is eager running each row alone.
+    ragged: tuple[int, ...] = ()
 
 
 @dataclass
@@ -144,11 +149,14 @@ def default_scenarios(loop_mode: str, n_loops: int, max_loop_iters: int, max_seq
     if loop_mode != "unroll":
         for n in sorted({2, max_loop_iters, 2 * max_loop_iters} - {n_loops}):
             sc.append(Scenario(f"loops={n} prefill4+decode3", 1, [4], 3, n))
+    # rows at their own lengths in one call (continuous batching), with unfilled noise rows
+    sc.append(Scenario("ragged rows 5/1/8, chunk2 +decode3, 3 unfilled rows", 3, [2], 3, n_loops, slack=3,
+                       ragged=(5, 1, 8)))
     if propagate:  # a low threshold too, so that positions halt at different loops
         sc += [Scenario("propagate prefill6+decode6", 1, [6], 6, n_loops, exit="propagate"),
                Scenario("propagate threshold 0.5, batch2 chunked 4+3 +decode4", 2, [4, 3], 4, n_loops,
                         exit="propagate", act_threshold=0.5)]
-    return [s for s in sc if sum(s.chunks) + s.decode_steps <= max_seq_len]
+    return [s for s in sc if max(s.ragged, default=0) + sum(s.chunks) + s.decode_steps <= max_seq_len]
 
 
 def _cache_rows(cache, cfg, n_loops, start, end) -> dict[str, np.ndarray]:
@@ -206,6 +214,7 @@ class StepRecord:
     loops_used: np.ndarray
     cache: dict[str, np.ndarray]  # the rows this step wrote, per graph output name
     loops_run: int | None  # exit=propagate: the loops the eager backend ran
+    rows: tuple[int, ...] | None = None  # ragged scenarios: the rows a solo step ran (None: all)
 
 
 @dataclass
@@ -228,6 +237,9 @@ def record_eager(model: MythosModel, scenarios: list[Scenario], act_threshold: f
     for sc in scenarios:
         if progress:
             progress(sc.name)
+        if sc.ragged:
+            records.append(_record_ragged(model, sc, threshold if sc.act_threshold is None else sc.act_threshold, g))
+            continue
         total = sum(sc.chunks) + sc.decode_steps
         sc_threshold = threshold if sc.act_threshold is None else sc.act_threshold
         session = None
@@ -260,6 +272,50 @@ def record_eager(model: MythosModel, scenarios: list[Scenario], act_threshold: f
     return records
 
 
+def _record_ragged(model: MythosModel, sc: Scenario, threshold: float, g: torch.Generator) -> ScenarioRecord:
+    """Each row alone on its own cache: its own prompt, then the chunks and decode steps every
+    row takes together in the export. The joint steps' records stack the rows' solo outputs."""
+    cfg = model.cfg
+    solo = []  # per row: [(chunk, logits, halt, used, cache rows)] for prefill, chunks, decode
+    for length in sc.ragged:
+        cache = model.new_cache(1, length + sum(sc.chunks) + sc.decode_steps, sc.n_loops)
+        feeds = [torch.randint(0, cfg.vocab_size, (1, n), generator=g) for n in (length, *sc.chunks)]
+        row, pos, nxt = [], 0, None
+        for step in range(len(feeds) + sc.decode_steps):
+            chunk = feeds[step] if step < len(feeds) else nxt
+            ref = model(chunk, cache=cache, n_loops=sc.n_loops, act_threshold=threshold)
+            T = chunk.shape[1]
+            row.append((chunk.numpy().copy(), ref.logits.numpy(), ref.halt_prob.numpy(), ref.loops_used.numpy(),
+                        {k: v.copy() for k, v in _cache_rows(cache, cfg, sc.n_loops, pos, pos + T).items()}))
+            nxt = ref.logits[:, -1].argmax(-1)[:, None]
+            pos += T
+        solo.append(row)
+    steps = [StepRecord(*row[0][:4], row[0][4], None, rows=(b,)) for b, row in enumerate(solo)]
+    for k in range(1, len(solo[0])):
+        parts = [row[k] for row in solo]
+        cache = {name: np.concatenate([p[4][name] for p in parts], axis=-3) for name in parts[0][4]}
+        steps.append(StepRecord(*(np.concatenate([p[i] for p in parts]) for i in range(4)), cache, None))
+    return ScenarioRecord(sc, threshold, steps)
+
+
+def _ragged_pasts(row_pasts: list[dict], slack: int, g: torch.Generator) -> tuple[dict, np.ndarray]:
+    """Stack rows at different lengths into one call's pasts, padded to the longest row (plus
+    `slack`) with large noise that the graph must ignore; returns them and past_len [B]."""
+    lens = np.array([next(iter(p.values())).shape[-2] for p in row_pasts], np.int64)
+    longest = int(lens.max()) + slack
+    out = {}
+    for name in row_pasts[0]:
+        axis = _past_axis(name)
+        padded = []
+        for p, n in zip(row_pasts, lens):
+            shape = list(p[name].shape)
+            shape[axis] = longest - int(n)
+            noise = (torch.randn(shape, generator=g) * 100).numpy().astype(p[name].dtype)
+            padded.append(np.concatenate([p[name], noise], axis=axis))
+        out[name] = np.concatenate(padded, axis=axis - 1)
+    return out, lens
+
+
 def compare_records(records: list[ScenarioRecord], runner, cfg, loop_mode: str, dtype: str, note: str = "",
                     seed: int = 0, progress=None) -> ValidationReport:
     """The onnxruntime side: the export fed the recorded inputs, its outputs against the records."""
@@ -282,9 +338,16 @@ def compare_records(records: list[ScenarioRecord], runner, cfg, loop_mode: str, 
 
         propagate = sc.exit == "propagate"
         pasts = empty_pasts(cfg, sc.batch, sc.n_loops, dtype)
+        row_pasts = [empty_pasts(cfg, 1, sc.n_loops, dtype) for _ in sc.ragged]
         pos = 0
         for st in rec.steps:
-            out = runner.forward(st.chunk, pos, _with_slack(pasts, sc.slack, g), sc.n_loops, rec.threshold,
+            if sc.ragged and st.rows is not None:  # one row alone, at its own length
+                feed, past_len = _with_slack(row_pasts[st.rows[0]], sc.slack, g), 0
+            elif sc.ragged:
+                feed, past_len = _ragged_pasts(row_pasts, sc.slack, g)
+            else:
+                feed, past_len = _with_slack(pasts, sc.slack, g), pos
+            out = runner.forward(st.chunk, past_len, feed, sc.n_loops, rec.threshold,
                                  early_exit=propagate, propagate=propagate)
             if st.loops_run is not None:  # the Loop must stop where eager's did
                 report.loops_total += 1
@@ -293,7 +356,12 @@ def compare_records(records: list[ScenarioRecord], runner, cfg, loop_mode: str, 
             record("halt_prob", out["halt_prob"], st.halt_prob, "halt_prob")
             for name, rows in st.cache.items():
                 record(name, out[name], rows, "cache")
-            append_new_rows(pasts, out)
+            if sc.ragged:
+                for b in (st.rows if st.rows is not None else range(len(sc.ragged))):
+                    i = 0 if st.rows is not None else b
+                    append_new_rows(row_pasts[b], {k: v[..., i:i + 1, :, :] for k, v in out.items() if k.startswith("new_")})
+            else:
+                append_new_rows(pasts, out)
             agree = out["logits"].argmax(-1) == st.logits.argmax(-1)
             report.greedy_total += agree.size
             report.greedy_agree += int(agree.sum())

@@ -54,6 +54,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     stop_ids: Sequence[int] = ()
     id: str | None = None
+    keep_logits: bool = False  # each Token carries its position's logits (parity checks)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Token:
     loops_used: int  # recurrent loops its position ran before halting
     halt_prob: float
     time: float  # time.perf_counter() when it was sampled
+    logits: np.ndarray | None = None  # [V], with Request.keep_logits
 
 
 @dataclass
@@ -406,7 +408,8 @@ class Engine:
                                       seen)[0])
             tok = picks[i]
             h.state, h.pending = "decode", tok
-            h._emit(Token(tok, len(h.tokens), int(used[i]), float(halt[i]), now))
+            h._emit(Token(tok, len(h.tokens), int(used[i]), float(halt[i]), now,
+                          logits[i].copy() if h.request.keep_logits else None))
             self.tokens_out += 1
             if tok in h.stops:
                 self._end(h, "stop")

@@ -85,3 +85,25 @@ def test_a_shifted_halting_bias_fails(honest):
     bad = _tampered(graph, lambda t: t.name.endswith("act.halt.bias"), lambda a: a + 0.5)
     report = _gate(model, cfg, opts, bad)
     assert not report.passed
+
+
+class _OneLengthForAll:
+    """A runner that feeds every row the first row's past_len: what a graph that ignored the
+    per-row lengths (one scalar broadcast) would compute."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def forward(self, ids, past_len, pasts, *args, **kw):
+        lens = np.broadcast_to(np.asarray(past_len, np.int64), (ids.shape[0],))
+        return self.runner.forward(ids, np.full_like(lens, lens[0]), pasts, *args, **kw)
+
+
+def test_ragged_scenario_catches_one_length_for_every_row(honest):
+    model, cfg, opts, graph = honest
+    runner = OnnxModelRunner({"model": graph}, opts.loop, opts.loops)
+    ragged = [s for s in default_scenarios(opts.loop, opts.loops, cfg.max_loop_iters, cfg.max_seq_len) if s.ragged]
+    assert ragged, "the gate has a ragged scenario"
+    assert validate(model, runner, opts.loop, "fp32", ragged).passed
+    report = validate(model, _OneLengthForAll(runner), opts.loop, "fp32", ragged)
+    assert not report.passed and _worst(report) > 10
