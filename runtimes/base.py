@@ -192,10 +192,27 @@ class Session(ABC):
         lazily): a pool that does not fit fails at start, not mid-request."""
 
 
+def tokenizer_dir(path: Path) -> Path:
+    """Checkpoints and artifacts keep their tokenizer files; an artifact made before they were
+    carried on names its source checkpoint."""
+    import json
+
+    from mythos_deploy.tokenizer import has_tokenizer
+    if has_tokenizer(path):
+        return Path(path)
+    try:
+        src = json.loads((Path(path) / "manifest.json").read_text()).get("source", {}).get("checkpoint")
+    except (OSError, ValueError):
+        src = None
+    return Path(src) if src and has_tokenizer(src) else Path(path)
+
+
 class Backend(ABC):
     name: str = "backend"
     cfg: MythosConfig
     default_loops: int
+    artifact_dir: Path | None = None  # where load() opened it: its tokenizer lives there
+    _tokenizer: object = None
     variable_depth: bool = True  # n_loops may differ from default_loops
     fill_forward: bool = True  # exit="fill-forward" supported
     propagate: bool = False  # exit="propagate" supported (the eager backend so far)
@@ -211,6 +228,17 @@ class Backend(ABC):
         self.loop_mode, self.default_loops = opts.loop, opts.loops
         self.variable_depth = self.fill_forward = self.loop_mode != LoopMode.UNROLL
         return opts
+
+    @property
+    def tokenizer(self):
+        """The artifact's tokenizer (mythos_deploy.tokenizer.Tokenizer), loaded on first use;
+        None where the artifact carries none (then give token ids). An artifact made before
+        tokenizers were carried falls back to its source checkpoint's."""
+        if self._tokenizer is None and self.artifact_dir is not None:
+            from mythos_deploy.tokenizer import has_tokenizer, load_tokenizer
+            found = tokenizer_dir(self.artifact_dir)
+            self._tokenizer = load_tokenizer(found, self.cfg.vocab_size) if has_tokenizer(found) else False
+        return self._tokenizer or None
 
     def start(self, batch: int, budget: int, decode: DecodeOptions = DecodeOptions()) -> Session:
         """A session of `batch` rows and `budget` positions; `decode`'s None fields take this

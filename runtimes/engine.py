@@ -29,7 +29,7 @@ import collections
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -48,8 +48,9 @@ class QueueFullError(InputError):
 
 @dataclass(frozen=True)
 class Request:
-    """One generation: its prompt ids, how many tokens at most, how to sample, where to stop."""
-    prompt: Sequence[int]
+    """One generation: its prompt (token ids, or text for the artifact's tokenizer), how many
+    tokens at most, how to sample, where to stop."""
+    prompt: Sequence[int] | str
     max_new_tokens: int = 32
     sampling: SamplingParams = SamplingParams()
     stop_ids: Sequence[int] = ()
@@ -271,10 +272,21 @@ class Engine:
                    for s in request.stop_ids):
             raise InputError(f"stop ids must be token ids in [0, {self.cfg.vocab_size}), got {list(request.stop_ids)}")
 
+    def encode(self, request: Request) -> Request:
+        """A request whose prompt is text, with its prompt encoded by the artifact's tokenizer."""
+        if not isinstance(request, Request) or not isinstance(request.prompt, str):
+            return request
+        tok = self.backend.tokenizer
+        if tok is None:
+            raise InputError("this artifact carries no tokenizer: give the prompt as token ids")
+        return replace(request, prompt=tok.encode(request.prompt))
+
     def submit(self, request: Request, on_token: Callable | None = None) -> RequestHandle:
-        """Queue a request; raises InputError for a bad one, QueueFullError when the queue is
-        full. `on_token(handle, token)` is called on the engine's thread for every token, and
-        with token None when the request ends."""
+        """Queue a request (its prompt as token ids, or text for the artifact's tokenizer);
+        raises InputError for a bad one, QueueFullError when the queue is full.
+        `on_token(handle, token)` is called on the engine's thread for every token, and with
+        token None when the request ends."""
+        request = self.encode(request)
         self.check_request(request)
         with self._lock:
             if len(self._queue) >= self.max_queue:
@@ -424,19 +436,28 @@ class Engine:
                 return
 
     def generate(self, requests: Sequence[Request]) -> list[RequestResult]:
-        """Submit every request (waiting for queue room), run them together, return results
-        in order."""
-        handles, pending = [], list(requests)
-        for r in pending:
-            self.check_request(r)
-        while pending or not all(h.done for h in handles):
+        """Run every request together (submitting as the queue has room) and return their
+        results in order. A bad request fails alone: its result has finish_reason "error"."""
+        results: list[RequestResult | RequestHandle] = []
+        for r in requests:
+            try:
+                r = self.encode(r)
+                self.check_request(r)
+                results.append(r)
+            except InputError as exc:
+                now = time.perf_counter()
+                results.append(RequestResult(getattr(r, "id", None) or f"req-{len(results) + 1}",
+                                             [], [], [], "error", str(exc), now, None, now))
+        pending = [i for i, r in enumerate(results) if isinstance(r, Request)]
+        while pending or self.has_work():
             while pending and len(self._queue) < self.max_queue:
-                handles.append(self.submit(pending.pop(0)))
+                i = pending.pop(0)
+                results[i] = self.submit(results[i])
             if self.running:
-                handles[-1].wait(0.05)
+                time.sleep(0.01)
             else:
                 self.step()
-        return [h.snapshot() for h in handles]
+        return [r.snapshot() if isinstance(r, RequestHandle) else r for r in results]
 
     @property
     def running(self) -> bool:

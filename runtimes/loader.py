@@ -16,7 +16,13 @@ def load(path: str | Path, backend: BackendName | str = BackendName.AUTO, provid
          threads: int = 0, verify: bool = True, dtype: WeightDtype | str = WeightDtype.FP32) -> Backend:
     """A checkpoint directory opens with the eager backend, an ONNX directory with
     onnxruntime, an engine directory with TensorRT. `verify` checks the manifest's version
-    and every file's sha256."""
+    and every file's sha256. The backend carries the artifact's tokenizer (`.tokenizer`)."""
+    opened = _open(path, backend, provider, threads, verify, dtype)
+    opened.artifact_dir = Path(path)
+    return opened
+
+
+def _open(path, backend, provider, threads, verify, dtype) -> Backend:
     path = Path(path)
     backend = choose(BackendName, backend, "backend")
     provider = choose(Provider, provider, "provider")

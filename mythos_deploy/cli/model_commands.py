@@ -198,12 +198,21 @@ def inspect(
 
 @app.command(epilog="Examples: mythos-export generate ckpt/tiny --prompt 'hello' --max-new-tokens 16\n\n"
                     "mythos-export generate out/tiny-onnx --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 7 --json\n\n"
-                    "mythos-export generate out/tiny-loop --prompt 'x' --loops 8 --exit fill-forward")
+                    "mythos-export generate out/tiny-loop --prompt 'x' --loops 8 --exit fill-forward\n\n"
+                    "mythos-export generate out/tiny-onnx --prompt 'a' --prompt 'a longer one' --max-batch 4 --json")
 def generate(
     path: Path = typer.Argument(..., help="A checkpoint directory (eager) or an ONNX artifact directory (onnxruntime)."),
-    prompt: Optional[str] = typer.Option(None, help="Text prompt, encoded with the artifact's tokenizer (BOS added "
-                                                    "when its config says so)."),
-    prompt_ids: Optional[str] = typer.Option(None, metavar="1,2,3", help="Comma-separated token ids, e.g. 1,2,3."),
+    prompt: List[str] = typer.Option([], help="Text prompt, encoded with the artifact's tokenizer (BOS added "
+                                              "when its config says so). Repeat it for several requests at once."),
+    prompt_ids: List[str] = typer.Option([], metavar="1,2,3", help="Comma-separated token ids, e.g. 1,2,3 "
+                                                                   "(repeatable)."),
+    requests: Optional[Path] = typer.Option(None, metavar="FILE.jsonl", help="One request per line: "
+                                            '{"prompt": "text"} or {"prompt_ids": [1, 2]}, with optional '
+                                            "max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, "
+                                            "stop_ids; the other options are the defaults."),
+    max_batch: int = typer.Option(8, help="Several requests run together through the batching engine, at most "
+                                          "this many at once (each at its own length)."),
+    chunk: int = typer.Option(64, help="Several requests: prompt tokens prefilled per engine step."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (the default when no sampling option is given)."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
@@ -228,39 +237,47 @@ def generate(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the manifest version and sha256 checks."),
     as_json: bool = typer.Option(False, "--json", help="Print token ids, per-token loops used and timings as JSON."),
 ) -> None:
-    """Generate from a checkpoint or an exported artifact, streaming tokens."""
+    """Generate from a checkpoint or an exported artifact, streaming tokens. Several prompts
+    (or --requests) run together through the continuous-batching engine; results come back
+    per request, in order."""
     with handle_errors():
-        from mythos_deploy.tokenizer import has_tokenizer, load_tokenizer
+        from mythos_deploy.cli.batch import run_batch
         from mythos_deploy.runtimes import load
         from mythos_deploy.runtimes.generation import generate as run_generation
         from mythos_deploy.runtimes.sampling import SamplingParams
 
-        if (prompt is None) == (prompt_ids is None):
-            raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+        if not prompt and not prompt_ids and requests is None:
+            raise InputError("give --prompt TEXT, --prompt-ids 1,2,3 or --requests FILE.jsonl")
         sampling_given = temperature is not None or top_k != 0 or top_p != 1.0
         if greedy and sampling_given:
             raise InputError("--greedy cannot be combined with --temperature/--top-k/--top-p")
         params = SamplingParams(greedy=not sampling_given, temperature=1.0 if temperature is None else temperature,
                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
         engine = load(path, backend=backend, provider=provider, verify=not no_verify, dtype=dtype)
-        tok_dir = _tokenizer_dir(path)
-        tok = load_tokenizer(tok_dir, engine.cfg.vocab_size) if prompt is not None or has_tokenizer(tok_dir) else None
-        ids = tok.encode(prompt) if prompt is not None else parse_ids(prompt_ids, "--prompt-ids")
-        if not ids:
-            raise InputError("the prompt is empty")
+        tok = engine.tokenizer
+        if prompt and tok is None:
+            raise InputError(f"{path} carries no tokenizer.json; give --prompt-ids instead of --prompt "
+                             "(or make the checkpoint with --tokenizer PATH)")
         if stop_ids is not None:
             stops = parse_ids(stop_ids, "--stop-ids") if stop_ids.strip().lower() != "none" else []
         else:  # the tokenizer's EOS ids
             stops = list(tok.eos_ids) if tok else []
+        decode = DecodeOptions(loops, act_threshold, exit_mode)
+        if requests is not None or len(prompt) + len(prompt_ids) > 1:
+            run_batch(engine, prompt, prompt_ids, requests, max_new_tokens, params, stops, decode, max_length,
+                      max_batch, chunk, as_json)
+            return
+        ids = tok.encode(prompt[0]) if prompt else parse_ids(prompt_ids[0], "--prompt-ids")
+        if not ids:
+            raise InputError("the prompt is empty")
         stream = tok.stream(ids) if tok else None
 
         def show(ev) -> None:
             piece = stream.push(ev.tokens[0]) if stream else f"{ev.tokens[0]} "
             out.print(piece, end="", markup=False, highlight=False)
 
-        result = run_generation(engine, ids, max_new_tokens, sampling=params, stop_tokens=stops,
-                                decode=DecodeOptions(loops, act_threshold, exit_mode), max_length=max_length,
-                                on_event=None if as_json else show)
+        result = run_generation(engine, ids, max_new_tokens, sampling=params, stop_tokens=stops, decode=decode,
+                                max_length=max_length, on_event=None if as_json else show)
         if as_json:
             data = {"backend": engine.name, **result.to_dict()}
             data["text"] = tok.decode(result.tokens[0]) if tok else None
@@ -273,18 +290,6 @@ def generate(
                       f"{sum(result.loops_used[0]) / len(result.loops_used[0]):.2f}, prefill "
                       f"{result.prefill_seconds * 1e3:.1f} ms{rate}, stop: {result.stop_reason}[/dim]")
 
-
-def _tokenizer_dir(path: Path) -> Path:
-    """Checkpoints and artifacts keep their tokenizer files; an artifact made before they were
-    carried on names its source checkpoint."""
-    from mythos_deploy.tokenizer import has_tokenizer
-    if has_tokenizer(path):
-        return path
-    try:
-        src = json.loads((path / "manifest.json").read_text()).get("source", {}).get("checkpoint")
-    except (OSError, ValueError):
-        src = None
-    return Path(src) if src and has_tokenizer(src) else path
 
 @app.command(epilog="Examples: mythos-export parity ckpt/tiny out/tiny-onnx\n\n"
                     "mythos-export parity out/tiny-loop out/tiny-loop --exit-b fill-forward --tolerance 1 --json")

@@ -66,7 +66,7 @@ def test_import_openmythos_command(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["generate", "{ck}", "--prompt-ids", "1,2,999"], "out of range"),
     (["generate", "{ck}", "--prompt-ids", "1,x"], "comma-separated"),
-    (["generate", "{ck}"], "exactly one of"),
+    (["generate", "{ck}"], "give --prompt TEXT, --prompt-ids"),
     (["generate", "{ck}", "--prompt-ids", "1", "--greedy", "--temperature", "1"], "cannot be combined"),
     (["generate", "{ck}", "--prompt-ids", "1", "--loops", "0"], "n_loops"),
     (["generate", "{ck}", "--prompt-ids", ",".join(["1"] * 200)], "no room"),
@@ -121,3 +121,26 @@ def test_generate_and_parity_on_onnx_artifacts(artifacts):
     r = run("inspect", od, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["artifact"]["options"]["loop"] == "stepped"
+
+
+def test_generate_several_requests_through_the_engine(tmp_path, demo_exports):
+    """Prompts of different lengths (flags and a JSONL file) run together; each request's
+    tokens equal its solo run; a bad request fails alone, and the exit status says so."""
+    od = demo_exports["loop"]
+    prompts = ["k4;q7;mk;rm;cq;wr;?w", "a1;?a", "b2;cb;?c"]
+    solo = []
+    for p in prompts:
+        r = run("generate", od, "--prompt", p, "--max-new-tokens", "3", "--stop-ids", "none", "--json")
+        assert r.exit_code == 0, r.output
+        solo.append(json.loads(r.stdout.strip().splitlines()[-1])["tokens"][0])
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text(json.dumps({"prompt": prompts[2], "id": "file"}) + "\n"
+                    + json.dumps({"prompt_ids": [1, 99999]}) + "\n")
+    r = run("generate", od, "--prompt", prompts[0], "--prompt", prompts[1], "--requests", reqs,
+            "--max-new-tokens", "3", "--stop-ids", "none", "--max-batch", "2", "--json")
+    assert r.exit_code == 2, r.output  # the out-of-range request
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["requests"]
+    assert [row["tokens"] for row in rows[:3]] == solo and rows[2]["id"] == "file"
+    assert rows[3]["finish_reason"] == "error" and "out of range" in rows[3]["error"]
+    r = run("generate", od, "--requests", tmp_path / "missing.jsonl")
+    assert r.exit_code == 2 and "cannot read the requests file" in r.output and "Traceback" not in r.output
