@@ -248,6 +248,9 @@ class Engine:
         self._slots: list[RequestHandle | None] = [None] * max_batch
         self._ids = 0
         self.submitted = self.completed = self.tokens_out = self.steps = 0
+        # time inside model calls: prefill chunks, decode calls and the rows those advanced
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.decode_rows = 0
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -364,7 +367,9 @@ class Engine:
             h = min(pre, key=lambda r: r.submitted)
             n = min(budget, len(h.prompt) - h.prefilled)
             ids = np.array([h.prompt[h.prefilled:h.prefilled + n]], dtype=np.int64)
+            t0 = time.perf_counter()
             out = self._call(ids, [h])
+            self.prefill_seconds += time.perf_counter() - t0
             budget -= n
             if out is None:
                 continue
@@ -375,7 +380,10 @@ class Engine:
             dec = [h for h in self._slots if h is not None and h.state == "decode" and not h.done]
         if dec:
             ids = np.array([[h.pending] for h in dec], dtype=np.int64)
+            t0 = time.perf_counter()
             out = self._call(ids, dec)
+            self.decode_seconds += time.perf_counter() - t0
+            self.decode_rows += len(dec)
             if out is not None:
                 self._sample(dec, out)
         self.steps += 1
