@@ -14,7 +14,7 @@ install:
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch 2.13.0 resolves to the local CPU wheel; any other version downloads gigabytes
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,bench,triton]'
+	$(PY) -m pip install --quiet -e '.[test,bench,triton,serve]'
 	# test oracle only: it pins torch 2.11.0 and imports transformers in its __init__
 	$(PY) -m pip install --quiet --no-deps open-mythos==0.5.0
 

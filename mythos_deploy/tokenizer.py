@@ -108,6 +108,8 @@ class Tokenizer:
     bos_id: int | None = None
     add_bos: bool = False
     eos_ids: tuple[int, ...] = ()
+    chat_template: str | None = None  # tokenizer_config.json's (the "default" one of a list)
+    special_tokens: dict = field(default_factory=dict)  # bos_token / eos_token text, for the template
 
     @property
     def vocab_size(self) -> int:
@@ -243,6 +245,12 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
     eos = config.get("eos_token")
     eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
     tok.eos_ids = tuple(dict.fromkeys(token_id("eos_token", e) for e in eos))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    tok.chat_template = template if isinstance(template, str) and template.strip() else None
+    tok.special_tokens = {k: _special(config[k]) for k in ("bos_token", "eos_token") if _special(config.get(k))}
     return tok
 
 

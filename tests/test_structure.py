@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # top-level folder -> where it installs (pyproject.toml [tool.setuptools.package-dir])
-LAYOUT = {"mythos_deploy": "mythos_deploy", "exporters": "mythos_deploy/exporters", "runtimes": "mythos_deploy/runtimes"}
+LAYOUT = {"mythos_deploy": "mythos_deploy", "exporters": "mythos_deploy/exporters", "runtimes": "mythos_deploy/runtimes",
+          "serving": "mythos_deploy/serving"}
 
 
 def _installed_tree(dest: Path) -> Path:
@@ -37,6 +38,7 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     assert top == {"mythos_deploy"}, top
     assert listed == ["mythos_deploy"], listed
     assert "mythos_deploy/exporters/onnx_export.py" in names
+    assert "mythos_deploy/serving/openai_server.py" in names
     assert "mythos_deploy/runtimes/loader.py" in names
     assert not any(n.startswith(("benchmarks/", "mythos_deploy/benchmarks/")) for n in names)
 
@@ -46,7 +48,7 @@ def test_only_the_namespace_imports_outside_the_checkout(tmp_path):
 import importlib, sys
 import mythos_deploy.exporters.onnx_export, mythos_deploy.runtimes.loader
 assert 'exporters' not in sys.modules and 'runtimes' not in sys.modules
-for name in ('exporters', 'runtimes', 'benchmarks'):
+for name in ('exporters', 'runtimes', 'serving', 'benchmarks'):
     try:
         importlib.import_module(name)
     except ImportError:
