@@ -2,6 +2,7 @@
 # `make test` runs the whole suite.
 PYTHON ?= python3
 VENV ?= .venv
+TRITON_VENV ?= .venv-triton
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/mythos-export
 # the shipped default: a 0.3M-parameter model trained on the multi-hop task (mythos_deploy/hops.py)
@@ -17,6 +18,14 @@ install:
 	$(PY) -m pip install --quiet -e '.[test,bench,triton,serve]'
 	# test oracle only: it pins torch 2.11.0 and imports transformers in its __init__
 	$(PY) -m pip install --quiet --no-deps open-mythos==0.5.0
+	# tritonserver 2.51 and its Python backend, from the wheel (its Python API is not used)
+	$(PY) -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
+	# the Python that Triton's backend stub runs model.py with: that stub is built against
+	# NumPy 1.x and corrupts BYTES tensors under NumPy 2, so this environment pins numpy<2
+	$(PYTHON) -m venv $(TRITON_VENV)
+	echo 'numpy<2' > $(TRITON_VENV)/constraints.txt
+	$(TRITON_VENV)/bin/pip install --quiet torch==2.13.0 -c $(TRITON_VENV)/constraints.txt
+	$(TRITON_VENV)/bin/pip install --quiet -e '.[serve]' -c $(TRITON_VENV)/constraints.txt
 
 ONNX ?= out/hops-onnx
 
@@ -59,7 +68,7 @@ test-fast:
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 clean:
-	rm -rf $(VENV) ckpt out .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) ckpt out .pytest_cache .hypothesis *.egg-info
 
 gpu-check:
 	$(PY) -m benchmarks.gpu_check

@@ -96,3 +96,78 @@ def serve(
         if not server.started:
             raise InputError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
         err.print("[dim]stopped[/dim]")
+
+
+@app.command("triton-repo", epilog="Examples: mythos-export triton-repo out/hops-onnx -o triton-repo\n\n"
+                                   "mythos-export triton-repo out/hops-onnx -o repo --name hops --instances 2 --copy")
+def triton_repo(
+    path: Path = typer.Argument(..., help="The artifact to serve (with its tokenizer): checkpoint, ONNX export or engines."),
+    output: Path = typer.Option(..., "-o", "--output", help="The model repository directory (created if needed)."),
+    name: Optional[str] = typer.Option(None, help="Model name in the repository (default: the artifact directory's)."),
+    instances: int = typer.Option(1, help="Model instances (each its own process, engine and copy of the weights)."),
+    max_batch: int = typer.Option(8, help="Requests each instance decodes together."),
+    max_len: Optional[int] = typer.Option(None, help="Positions per slot (default: max_seq_len, capped at 2048)."),
+    chunk: int = typer.Option(64, help="Prompt tokens prefilled per engine step."),
+    exit_mode: ExitMode = typer.Option(ExitMode.NONE, "--exit", help="none or propagate."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the artifact into the repository (default: reference it "
+                                                     "by absolute path)."),
+    force: bool = typer.Option(False, "--force", help="Replace the model if the repository has it."),
+) -> None:
+    """Write a Triton Inference Server model repository for an artifact: a decoupled
+    Python-backend model (config.pbtxt, model.py) that runs the batching engine, with the
+    generate extension's tensors (text_input, max_tokens, stream, temperature, top_p, seed, stop
+    -> text_output). The artifact's hashes are checked now and again when Triton loads it."""
+    with handle_errors():
+        from mythos_deploy.serving.triton_repo import write_repo
+        dest = write_repo(path, output, name or Path(path).resolve().name, instances, max_batch, max_len, chunk,
+                          str(exit_mode), copy, force)
+        err.print(f"wrote {escape(str(dest))} (config.pbtxt, 1/model.py{', 1/artifact' if copy else ''}); "
+                  f"serve it: mythos-export triton-serve {escape(str(output))}")
+
+
+@app.command("triton-serve", epilog="Examples: mythos-export triton-serve triton-repo\n\n"
+                                    "mythos-export triton-serve repo --http-port 8000 --grpc-port 8001 --python-env .venv-triton")
+def triton_serve(
+    repo: Path = typer.Argument(..., help="A model repository (mythos-export triton-repo)."),
+    http_port: int = typer.Option(8000, help="HTTP port (KServe v2 and the generate extension)."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port."),
+    python_env: Optional[Path] = typer.Option(None, envvar="MYTHOS_TRITON_ENV",
+                                              help="Python environment the backend runs model.py in (it must import "
+                                                   "mythos_deploy; with nvidia-pytriton's tritonserver, numpy<2). "
+                                                   "Default: .venv-triton beside this one, else this one."),
+    grace: int = typer.Option(10, help="Seconds SIGTERM waits for in-flight requests."),
+) -> None:
+    """Start tritonserver on a model repository in the foreground, with the environment it
+    needs (from NVIDIA's container, or the nvidia-pytriton wheel's copy on a plain machine);
+    SIGTERM stops it cleanly."""
+    with handle_errors():
+        import signal
+        import subprocess
+        import sys
+        import tempfile
+
+        from mythos_deploy.serving.triton_repo import check_python_env, find_tritonserver, triton_command
+        if not Path(repo).is_dir():
+            raise InputError(f"model repository not found: {repo}")
+        dist = find_tritonserver()
+        if python_env is None:
+            beside = Path(sys.prefix).parent / ".venv-triton"
+            python_env = beside if (beside / "bin" / "python").is_file() else Path(sys.prefix)
+        bin_dir = check_python_env(python_env, dist)
+        with tempfile.TemporaryDirectory(prefix="mythos-triton-") as work:
+            cmd, env = triton_command(repo, Path(work), http_port, grpc_port, metrics_port, bin_dir, dist, grace)
+            err.print(f"tritonserver on {escape(str(repo))}: HTTP :{http_port}, gRPC :{grpc_port}, metrics "
+                      f":{metrics_port} (model Python: {escape(str(python_env))})")
+            proc = subprocess.Popen(cmd, env=env)
+
+            def forward(sig, frame):
+                proc.send_signal(signal.SIGTERM)
+            old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                code = proc.wait()
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        if code != 0:
+            raise InputError(f"tritonserver exited with status {code} (its log above says why)")
