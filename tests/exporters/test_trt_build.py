@@ -33,7 +33,8 @@ def test_profiles_follow_the_contract(tiny_cfg):
     assert profs["decode"]["input_ids"] == [[1, 1], [1, 1], [4, 1]]
     assert profs["prefill"]["input_ids"] == [[1, 1], [1, ranges["seq"][1]], [4, cfg["max_seq_len"]]]
     assert profs["prefill"]["past_recurrent"] == [[4, 1, 0, W], [4, 1, ranges["past"][1], W], [4, 4, ranges["past"][2], W]]
-    assert "past_len" not in profs["prefill"] and "act_threshold" not in profs["prefill"]  # scalars: no profile
+    assert profs["prefill"]["past_len"] == [[1], [1], [4]]  # one length per row: follows batch
+    assert "act_threshold" not in profs["prefill"]  # scalars: no profile
     (loop,) = contracts_for(tiny_cfg, "loop", 4)
     assert profiles_for(loop, ranges, decode=False)["prefill"]["past_recurrent"][2][0] == ranges["loops"][2]
     step = contracts_for(tiny_cfg, "stepped", 4)[1]

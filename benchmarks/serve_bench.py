@@ -1,0 +1,158 @@
+"""Streaming clients through `mythos-export serve` against the engine in process.
+
+    python -m benchmarks.serve_bench [--preset bench] [--artifact DIR] [--clients 1 4 16]
+
+The artifact (default: a seeded random `bench` checkpoint, no tokenizer, exported with `--loop
+loop --moe ort`) is served on a loopback port with 16 slots. For c clients at once, each
+streams one completion (prompt ids of 8-256 tokens, 64 new tokens, greedy); without a
+tokenizer the server sends one SSE chunk per token (its id), so chunk times are token times.
+Reported: aggregate tokens/s, time to first token and inter-token latency p50/p99; the same
+requests through the engine in process (Engine.generate) for the HTTP overhead. The server
+process is started and stopped here, by its id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_json
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_artifact(root: Path, preset: str, seed: int) -> Path:
+    from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
+    from mythos_deploy.exporters.onnx_export import export_onnx
+    from mythos_deploy.options import OnnxExportOptions
+    cfg = MythosConfig.from_name(preset)
+    save_checkpoint(MythosModel(cfg).init_weights(seed).eval(), root / "ck")
+    export_onnx(root / "ck", root / "loop", OnnxExportOptions(loop="loop", moe="ort", validate=False))
+    return root / "loop"
+
+
+def prompts(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+def stream_one(url: str, model: str, prompt: list[int], n: int, out: dict) -> None:
+    import httpx
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    times, tokens = [], []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            text = json.loads(line[6:])["choices"][0]["text"]
+            if text:
+                times.append(time.perf_counter())
+                tokens += [int(t) for t in text.split()]
+    out.update(t0=t0, times=times, tokens=tokens)
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    from mythos_deploy.runtimes.engine import percentile
+    ttft = [r["times"][0] - r["t0"] for r in results if r["times"]]
+    itl = [g for r in results for g in np.diff(r["times"]).tolist()]
+    n = sum(len(r["tokens"]) for r in results)
+    return {"tokens": n, "seconds": wall, "tokens_per_s": n / wall,
+            "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+            "itl_p50_ms": percentile(itl, 50) * 1e3, "itl_p99_ms": percentile(itl, 99) * 1e3}
+
+
+def http_run(url: str, model: str, reqs: list[list[int]], n: int) -> tuple[dict, list]:
+    outs = [{} for _ in reqs]
+    threads = [threading.Thread(target=stream_one, args=(url, model, p, n, o)) for p, o in zip(reqs, outs)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(outs, time.perf_counter() - t0), [o["tokens"] for o in outs]
+
+
+def in_process(path: Path, reqs: list[list[int]], n: int, max_batch: int, max_len: int) -> tuple[dict, list]:
+    from mythos_deploy.runtimes import load
+    from mythos_deploy.runtimes.engine import Engine, Request
+    eng = Engine(load(path), max_batch=max_batch, max_len=max_len)
+    t0 = time.perf_counter()
+    res = eng.generate([Request(p, n) for p in reqs])
+    wall = time.perf_counter() - t0
+    outs = [{"t0": t0, "times": r.token_times, "tokens": r.tokens} for r in res]
+    return summarize(outs, wall), [r.tokens for r in res]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--artifact", default=None)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=8)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/serve_bench.json")
+    args = ap.parse_args(argv)
+    max_batch, max_len = max(args.clients), args.max_prompt + args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.artifact) if args.artifact else make_artifact(Path(tmp), args.preset, args.seed)
+        from mythos_deploy.runtimes import load
+        vocab = load(path).cfg.vocab_size
+        port = _port()
+        cli = Path(sys.executable).parent / "mythos-export"
+        server = subprocess.Popen([str(cli), "serve", str(path), "--port", str(port), "--max-batch", str(max_batch),
+                                   "--max-len", str(max_len), "--model-name", "bench"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        rows = []
+        try:
+            import httpx
+            for _ in range(300):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            http_run(url, "bench", prompts(vocab, 2, 8, 16, 999), 4)  # warm-up
+            for c in args.clients:
+                reqs = prompts(vocab, c, args.min_prompt, args.max_prompt, args.seed + c)
+                h, h_tokens = http_run(url, "bench", reqs, args.new_tokens)
+                e, e_tokens = in_process(path, reqs, args.new_tokens, max_batch, max_len)
+                rows.append({"clients": c, "http": h, "in_process": e, "same_tokens": h_tokens == e_tokens,
+                             "http_vs_in_process": h["tokens_per_s"] / e["tokens_per_s"]})
+                print(f"{c} clients: HTTP {h['tokens_per_s']:.1f} tok/s (ttft p50 {h['ttft_p50_ms']:.0f} ms, itl "
+                      f"p50/p99 {h['itl_p50_ms']:.1f}/{h['itl_p99_ms']:.1f} ms); in process {e['tokens_per_s']:.1f} "
+                      f"tok/s; HTTP/in-process {rows[-1]['http_vs_in_process']:.2f}; same tokens {rows[-1]['same_tokens']}",
+                      flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+    one = next((r for r in rows if r["clients"] == 1), None)
+    data = {"benchmark": "serve_bench", "artifact": str(path), "new_tokens": args.new_tokens,
+            "prompt_lengths": [args.min_prompt, args.max_prompt], "slots": max_batch, "rows": rows,
+            "scaling_vs_one_client": {r["clients"]: r["http"]["tokens_per_s"] / one["http"]["tokens_per_s"]
+                                      for r in rows} if one else {},
+            "triton": "not measured by this benchmark (tests/serving/test_triton.py checks its tokens)"}
+    path_out = write_json(args.out, data)
+    print(f"wrote {path_out}")
+    return data
+
+
+if __name__ == "__main__":
+    main()
