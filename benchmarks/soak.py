@@ -1,6 +1,7 @@
 """Soak benchmark: many generated tokens through onnxruntime, memory and latency over time.
 
     python -m benchmarks.soak [--preset bench] [--steps 10000] [--batch 1 --batch 4]
+    python -m benchmarks.soak --engine-requests 1000    # continuous batching (engine_soak)
 
 The cache budget policy is the runtime's own: a session holds at most max_seq_len positions,
 preallocated; at the limit the generation ends and a new session starts (a fresh prompt,
@@ -57,6 +58,58 @@ def soak(backend, batch: int, steps: int, prompt_len: int = 32, seed: int = 0) -
             **summarize(sessions)}
 
 
+def engine_soak(backend, n_requests: int, max_batch: int = 8, max_len: int = 96, seed: int = 0) -> dict:
+    """`n_requests` requests of random prompt lengths, new tokens and sampling through the
+    batching engine, arriving a few per iteration, a fifth of them cancelled at a random later
+    iteration. Judged: every request that was not cancelled gets the tokens `generate` gives it
+    alone; the pool's slots all come back; RSS after the last tenth within 5% (+16 MB) of after
+    the first."""
+    from mythos_deploy.runtimes import SamplingParams, generate
+    from mythos_deploy.runtimes.engine import Engine, Request
+    rng = np.random.default_rng(seed)
+    cfg = backend.cfg
+    eng = Engine(backend, max_batch=max_batch, max_len=max_len, chunk=16, max_queue=n_requests)
+    reqs, cancel_at = [], {}
+    for i in range(n_requests):
+        length = int(rng.integers(1, 48))
+        sp = SamplingParams() if rng.random() < 0.5 else SamplingParams(greedy=False, temperature=0.8, top_p=0.9,
+                                                                          seed=int(rng.integers(1 << 31)))
+        reqs.append(Request(rng.integers(0, cfg.vocab_size, length).tolist(), int(rng.integers(1, 17)), sp, id=str(i)))
+        if rng.random() < 0.2:
+            cancel_at[str(i)] = int(rng.integers(0, 6))
+    handles, pending, it, rss_trace = {}, list(reqs), 0, []
+    t0 = time.perf_counter()
+    while pending or eng.has_work():
+        for _ in range(int(rng.integers(0, 4))):
+            if pending:
+                r = pending.pop(0)
+                handles[r.id] = (eng.submit(r), it)
+        for rid, (h, born) in handles.items():
+            if rid in cancel_at and it - born == cancel_at[rid]:
+                h.cancel()
+        eng.step()
+        it += 1
+        if len(handles) % max(1, n_requests // 10) == 0 and (not rss_trace or rss_trace[-1][0] != len(handles)):
+            rss_trace.append((len(handles), round(rss_mb(), 1)))
+    seconds = time.perf_counter() - t0
+    mismatches, done, cancelled = [], 0, 0
+    for r in reqs:
+        res = handles[r.id][0].snapshot()
+        if res.finish_reason == "cancelled":
+            cancelled += 1
+            continue
+        done += 1
+        solo = generate(backend, list(r.prompt), r.max_new_tokens, sampling=r.sampling).tokens[0]
+        if res.tokens != solo:
+            mismatches.append(r.id)
+    stats = eng.stats()
+    first, last = rss_trace[0][1], rss_trace[-1][1]
+    return {"requests": n_requests, "completed": done, "cancelled": cancelled, "iterations": it,
+            "seconds": round(seconds, 1), "tokens": stats.tokens, "solo_mismatches": mismatches,
+            "slots_free_at_end": stats.free_slots, "slots": max_batch, "rss_mb_by_requests_submitted": rss_trace,
+            "memory_flat": last <= first * 1.05 + 16, "no_slot_leak": stats.free_slots == max_batch and stats.running == 0}
+
+
 def summarize(sessions: list[dict]) -> dict:
     """Flat memory: RSS after the last session within 5% (+16 MB) of after the first. No
     slowdown: the last session's mean decode latency within 10% of the first's (single
@@ -86,7 +139,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seq-len", type=int, default=None, help="override the preset's (shorter sessions)")
     ap.add_argument("--out", default="benchmarks/results/soak.json")
+    ap.add_argument("--engine-requests", type=int, default=0, help="instead: this many requests through the "
+                                                                    "batching engine (random lengths, cancellations)")
     args = ap.parse_args(argv)
+    if args.engine_requests:
+        return main_engine(args)
 
     from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
     from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
@@ -113,6 +170,23 @@ def main(argv=None) -> dict:
             "results": results}
     write_json(args.out, data)
     return data
+
+
+def main_engine(args) -> dict:
+    from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
+    from mythos_deploy.exporters.onnx_export import OnnxExportOptions, export_onnx
+    import mythos_deploy.runtimes
+    cfg = MythosConfig.from_name(args.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        ck, ox = Path(tmp) / "ck", Path(tmp) / "ox"
+        save_checkpoint(MythosModel(cfg).init_weights(0), ck)
+        export_onnx(ck, ox, OnnxExportOptions(loop="loop", moe="ort", validate=False))
+        r = engine_soak(mythos_deploy.runtimes.load(ox, threads=args.threads), args.engine_requests)
+    print(f"{r['requests']} requests ({r['cancelled']} cancelled) in {r['seconds']} s: solo mismatches "
+          f"{len(r['solo_mismatches'])}, memory flat {r['memory_flat']}, no slot leak {r['no_slot_leak']}")
+    out = args.out if args.out != "benchmarks/results/soak.json" else "benchmarks/results/soak_engine.json"
+    print(f"wrote {write_json(out, {'benchmark': 'soak_engine', 'preset': args.preset, **r})}")
+    return r
 
 
 if __name__ == "__main__":
