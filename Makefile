@@ -8,7 +8,7 @@ CLI := $(VENV)/bin/mythos-export
 # the shipped default: a 0.3M-parameter model trained on the multi-hop task (mythos_deploy/hops.py)
 CKPT ?= checkpoints/hops
 
-.PHONY: install demo demo-random demo-checkpoint bench soak gpu-check test test-fast clean
+.PHONY: install demo demo-random demo-checkpoint bench soak serve triton gpu-check test test-fast clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ install:
 	$(TRITON_VENV)/bin/pip install --quiet -e '.[serve]' -c $(TRITON_VENV)/constraints.txt
 
 ONNX ?= out/hops-onnx
+PORT ?= 8000
 
 # the main job: export the shipped checkpoint with the loop as an ONNX Loop (parity-gated),
 # answer a 4-hop query through onnxruntime, then the accuracy table through onnxruntime,
@@ -60,6 +61,17 @@ bench:
 # 10,000 decode steps at batch 1 and 4 on the bench preset (about 10 minutes on 2 cores)
 soak:
 	$(PY) -m benchmarks.soak
+
+# the OpenAI-compatible server on the demo export (make demo writes it); Ctrl-C stops it
+serve:
+	@test -d $(ONNX) || $(CLI) onnx $(CKPT) -o $(ONNX) --loop loop
+	$(CLI) serve $(ONNX) --port $(PORT)
+
+# the same export behind tritonserver (the nvidia-pytriton wheel's), HTTP on $(PORT)
+triton:
+	@test -d $(ONNX) || $(CLI) onnx $(CKPT) -o $(ONNX) --loop loop
+	$(CLI) triton-repo $(ONNX) -o out/triton-repo --name hops --force
+	$(CLI) triton-serve out/triton-repo --http-port $(PORT)
 
 test:
 	$(PY) -m pytest -q -n 2 --dist loadfile
