@@ -7,15 +7,15 @@ For each artifact (default: a seeded random `bench` checkpoint exported with `--
 8-256 and 64 new tokens each (greedy, no stop ids) are submitted together to an engine of c
 slots; then the same c requests run one after another (an engine of one slot). Reported:
 aggregate tokens/s (generated tokens / wall time), time to first token p50/p99, inter-token
-latency p50/p99, and the ratios. Also the slot pool's resident memory against the plan's
-prediction (plan.pool_bytes), and a check that every batched request got its solo tokens.
+latency p50/p99, and the ratios. Also the slot pool's resident memory, in a fresh process,
+against the plan's prediction (plan.pool_bytes), and a check that every batched request got
+its solo tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_json
-
-
-def rss() -> float:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024.0
 
 
 def make_requests(cfg, n: int, new_tokens: int, lo: int, hi: int, seed: int):
@@ -38,12 +34,9 @@ def make_requests(cfg, n: int, new_tokens: int, lo: int, hi: int, seed: int):
 
 
 def run(backend, requests, max_batch: int, chunk: int) -> dict:
-    from mythos_deploy.plan import pool_bytes
     from mythos_deploy.runtimes.engine import Engine, percentile
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    before = rss()
     eng = Engine(backend, max_batch=max_batch, max_len=max_len, chunk=chunk)
-    pool_measured = rss() - before
     t0 = time.perf_counter()
     results = eng.generate(requests)
     wall = time.perf_counter() - t0
@@ -57,10 +50,37 @@ def run(backend, requests, max_batch: int, chunk: int) -> dict:
             "prefill_seconds": eng.prefill_seconds, "decode_seconds": eng.decode_seconds,
             "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
             "itl_p50_ms": percentile(itl, 50) * 1e3, "itl_p99_ms": percentile(itl, 99) * 1e3,
-            "pool_predicted_bytes": pool_bytes(backend.cfg, eng.session.n_loops, max_batch, max_len,
-                                               getattr(backend, "cache_itemsize", 4)),
-            "pool_measured_bytes": pool_measured,
             "_tokens": [r.tokens for r in results]}
+
+
+POOL_PROBE = """
+import json, re, sys
+from pathlib import Path
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024.0
+from mythos_deploy.plan import pool_bytes
+from mythos_deploy.runtimes import load
+from mythos_deploy.runtimes.engine import Engine
+b = load(sys.argv[1])
+n, length = int(sys.argv[2]), int(sys.argv[3])
+before = rss()
+eng = Engine(b, max_batch=n, max_len=length)
+print(json.dumps({"measured": rss() - before, "predicted": pool_bytes(b.cfg, eng.session.n_loops, n, length,
+                                                                      getattr(b, "cache_itemsize", 4))}))
+"""
+
+
+def pool_memory(path: Path, max_batch: int, max_len: int) -> dict:
+    """The slot pool's resident memory in a fresh process (in this one, freed heap from earlier
+    runs would hold it): RSS after Engine() minus before, against plan.pool_bytes."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", POOL_PROBE, str(path), str(max_batch), str(max_len)],
+                       capture_output=True, text=True, check=True)
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"max_batch": max_batch, "max_len": max_len, "measured_bytes": d["measured"],
+            "predicted_bytes": d["predicted"], "measured_vs_predicted": d["measured"] / d["predicted"]}
 
 
 def one_at_a_time(backend, requests, chunk: int) -> dict:
@@ -83,13 +103,15 @@ def bench_artifact(path: Path, label: str, concurrency: list[int], new_tokens: i
         rows.append({"concurrency": c, "batched": together, "one_at_a_time": solo, "solo_tokens_equal": same,
                      "throughput_ratio": together["tokens_per_s"] / solo["tokens_per_s"],
                      "decode_throughput_ratio": together["decode_tokens_per_s"] / solo["decode_tokens_per_s"],
-                     "itl_p99_vs_solo_itl_p50": together["itl_p99_ms"] / solo["itl_p50_ms"],
-                     "pool_measured_vs_predicted": together["pool_measured_bytes"] / together["pool_predicted_bytes"]})
+                     "itl_p99_vs_solo_itl_p50": together["itl_p99_ms"] / solo["itl_p50_ms"]})
         print(f"{label} c={c}: {together['tokens_per_s']:.1f} tok/s batched vs {solo['tokens_per_s']:.1f} one at a "
               f"time ({rows[-1]['throughput_ratio']:.2f}x; decode calls {rows[-1]['decode_throughput_ratio']:.2f}x); ttft p50 {together['ttft_p50_ms']:.0f} ms, itl p50/p99 "
               f"{together['itl_p50_ms']:.1f}/{together['itl_p99_ms']:.1f} ms (solo itl p50 "
               f"{solo['itl_p50_ms']:.1f}); solo tokens equal: {same}", flush=True)
-    return {"artifact": str(path), "label": label, "backend": backend.name, "rows": rows}
+    pool = pool_memory(path, max(concurrency), hi + new_tokens)
+    print(f"{label} slot pool {pool['max_batch']} x {pool['max_len']}: measured {pool['measured_bytes'] / 1e6:.1f} MB, "
+          f"predicted {pool['predicted_bytes'] / 1e6:.1f} MB", flush=True)
+    return {"artifact": str(path), "label": label, "backend": backend.name, "rows": rows, "pool": pool}
 
 
 def make_bench_artifacts(root: Path, preset: str, seed: int) -> dict[str, Path]:

@@ -98,6 +98,75 @@ def in_process(path: Path, reqs: list[list[int]], n: int, max_batch: int, max_le
     return summarize(outs, wall), [r.tokens for r in res]
 
 
+def _rss_mb(pid: int) -> float:
+    import re
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
+
+
+def soak(url: str, pid: int, path: Path, n: int, vocab: int, seed: int, workers: int = 8) -> dict:
+    """`n` streaming requests, `workers` at a time, random prompt lengths, lengths and seeds;
+    about a quarter dropped after a few chunks. Judged: every request that was not dropped
+    returns its solo output (the engine in process, one at a time), the server's running
+    requests return to zero, its RSS stays flat (last tenth within 5% + 16 MB of the first)."""
+    import httpx
+    from mythos_deploy.runtimes import SamplingParams, load
+    from mythos_deploy.runtimes.engine import Engine, Request
+    rng = np.random.default_rng(seed)
+    specs = [dict(prompt=rng.integers(0, vocab, int(rng.integers(1, 64))).tolist(), max_tokens=int(rng.integers(1, 24)),
+                  temperature=float(rng.choice([0.0, 0.8])), seed=int(rng.integers(1 << 31)),
+                  drop=int(rng.integers(1, 4)) if rng.random() < 0.25 else 0) for _ in range(n)]
+    got: list = [None] * n
+    rss: list = []
+    lock = threading.Lock()
+    todo = list(range(n))
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+                if i % max(1, n // 10) == 0:
+                    rss.append((i, round(_rss_mb(pid), 1)))
+            sp = specs[i]
+            body = {"model": "bench", "prompt": sp["prompt"], "max_tokens": sp["max_tokens"],
+                    "temperature": sp["temperature"], "seed": sp["seed"], "stream": True}
+            toks, chunks = [], 0
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunks += 1
+                    toks += [int(t) for t in json.loads(line[6:])["choices"][0]["text"].split()]
+                    if sp["drop"] and chunks >= sp["drop"]:
+                        break  # the client goes away mid-stream
+            got[i] = None if sp["drop"] else toks
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = httpx.get(url + "/metrics").text
+        running = float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("mythos_running_requests ")))
+        if running == 0:
+            break
+        time.sleep(0.2)
+    rss.append((n, round(_rss_mb(pid), 1)))
+    eng = Engine(load(path), max_batch=1, max_len=96)
+    solo = eng.generate([Request(sp["prompt"], sp["max_tokens"],
+                                 SamplingParams(greedy=sp["temperature"] == 0, temperature=sp["temperature"] or 1.0,
+                                                seed=sp["seed"])) for sp in specs])
+    kept = [i for i in range(n) if not specs[i]["drop"]]
+    mismatches = [i for i in kept if got[i] != solo[i].tokens]
+    first, last = rss[0][1], rss[-1][1]
+    return {"requests": n, "dropped": n - len(kept), "seconds": round(seconds, 1), "solo_mismatches": mismatches,
+            "running_after": running, "server_rss_mb_by_request": rss, "memory_flat": last <= first * 1.05 + 16}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench")
@@ -108,7 +177,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/serve_bench.json")
+    ap.add_argument("--soak", type=int, default=0, help="instead: this many streaming requests with random drops "
+                                                        "(results in serve_soak.json)")
     args = ap.parse_args(argv)
+    if args.soak:
+        args.clients, args.max_prompt, args.new_tokens = [8], 64, 32
     max_batch, max_len = max(args.clients), args.max_prompt + args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.artifact) if args.artifact else make_artifact(Path(tmp), args.preset, args.seed)
@@ -130,6 +203,13 @@ def main(argv=None) -> dict:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             http_run(url, "bench", prompts(vocab, 2, 8, 16, 999), 4)  # warm-up
+            if args.soak:
+                r = soak(url, server.pid, path, args.soak, vocab, args.seed)
+                print(f"{r['requests']} requests ({r['dropped']} dropped) in {r['seconds']} s: solo mismatches "
+                      f"{len(r['solo_mismatches'])}, running after {r['running_after']}, memory flat {r['memory_flat']}")
+                out = args.out if args.out != "benchmarks/results/serve_bench.json" else "benchmarks/results/serve_soak.json"
+                print(f"wrote {write_json(out, {'benchmark': 'serve_soak', **r})}")
+                return r
             for c in args.clients:
                 reqs = prompts(vocab, c, args.min_prompt, args.max_prompt, args.seed + c)
                 h, h_tokens = http_run(url, "bench", reqs, args.new_tokens)

@@ -75,6 +75,8 @@ def run_batch(backend, prompts: list[str], prompt_ids: list[str], requests: Path
     slot = max_length or min(backend.cfg.max_seq_len, max(2, *lengths))
     engine = Engine(backend, max_batch=min(max_batch, len(reqs)), max_len=slot, chunk=chunk, decode=decode,
                     max_queue=len(reqs))
+    if engine.coupling:
+        err.print(f"[yellow]note: {escape(engine.coupling)}[/yellow]")
     t0 = time.perf_counter()
     results = engine.generate(reqs)
     wall = time.perf_counter() - t0

@@ -92,6 +92,8 @@ def serve(
         server = _graceful(uvicorn)(config)
         err.print(f"serving [bold]{escape(name)}[/bold] ({escape(b.name)}) on http://{host}:{port}/v1: "
                   f"{max_batch} slots x {length} positions{', API key required' if api_key else ''}")
+        if engine.coupling:
+            err.print(f"[yellow]note: {escape(engine.coupling)}[/yellow]")
         server.run()
         if not server.started:
             raise InputError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")

@@ -268,3 +268,17 @@ def _rename_in(graph, old, new):
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 _rename_in(attr.g, old, new)
+
+
+def test_artifacts_whose_rows_are_coupled_say_so(backends, tmp_path, artifacts):
+    """int8 activations (accuracy level 4) make a row's logits depend on its neighbours: the
+    engine names it; fp32 exports and level-0 quantizations are batch-independent."""
+    from mythos_deploy.exporters.quantize import QuantizeOptions, quantize_artifact
+    from mythos_deploy.runtimes.engine import batch_coupling
+    assert batch_coupling(backends["ort-loop"]) is None and batch_coupling(backends["eager"]) is None
+    _, src = artifacts[("mla", "loop")]
+    for level, coupled in ((4, True), (0, False)):
+        out = tmp_path / f"q{level}"
+        quantize_artifact(src, out, QuantizeOptions(mode="int4", accuracy_level=level, accept_accuracy_loss=True))
+        note = Engine(load(out), max_batch=2, max_len=MAX_LEN).coupling
+        assert (note is not None) == coupled and (not coupled or "--accuracy-level 0" in note)

@@ -5,8 +5,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.serving.servers import free_ports, stop, wait_ready
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
@@ -25,43 +25,22 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 NAME = "tiny-chat"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
     def __init__(self, artifact: Path, *args: str):
-        self.port = _free_port()
+        (self.port,) = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         cli = Path(sys.executable).parent / "mythos-export"
         env = {**os.environ, "MYTHOS_ORT_THREADS": "1"}
         self.proc = subprocess.Popen([str(cli), "serve", str(artifact), "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not become ready in 90 s")
+        wait_ready(self.proc, self.url + "/health", 90, "the server")
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics").text
         return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        return stop(self.proc, 30)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@ loopback ports: concurrent requests through the generate extension (HTTP generat
 generate_stream) and tritonclient's gRPC streaming give `generate`'s greedy tokens."""
 
 import json
-import os
 import queue
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+from tests.serving.servers import free_ports, stop, wait_ready
 
 CLI = Path(sys.executable).parent / "mythos-export"
 TRITON_ENV = Path(sys.prefix).parent / ".venv-triton"
@@ -34,47 +33,19 @@ def _tritonserver_or_skip():
     check_python_env(TRITON_ENV, dist)
 
 
-def _ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Triton:
-    def __init__(self, repo: Path, wait_ready: str | None):
-        self.http, self.grpc, self.metrics = _ports(3)
+    def __init__(self, repo: Path, wait_ready_model: str | None):
+        self.http, self.grpc, self.metrics = free_ports(3)
         self.proc = subprocess.Popen([str(CLI), "triton-serve", str(repo), "--http-port", str(self.http),
                                       "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
                                       "--python-env", str(TRITON_ENV)],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.http}"
-        if wait_ready is None:
-            return
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("tritonserver exited:\n" + self.proc.stdout.read()[-4000:])
-            try:
-                if httpx.get(f"{self.url}/v2/models/{wait_ready}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("tritonserver did not become ready in 120 s")
+        if wait_ready_model is not None:
+            wait_ready(self.proc, f"{self.url}/v2/models/{wait_ready_model}/ready", 120, "tritonserver")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        return stop(self.proc)
 
 
 @pytest.fixture(scope="module")
