@@ -40,8 +40,14 @@ def _session(path: Path, threads: int, **opts):
 
 
 def _feeds(cfg, loops: int, budget: int) -> dict:
-    return {"input_ids": np.array([[5]], np.int64), "past_len": np.array(POS, np.int64),
-            "act_threshold": np.array(0.99, np.float32), **decode_pasts(cfg, loops, budget)}
+    return {"input_ids": np.array([[5]], np.int64), "past_len": np.array([POS], np.int64),
+            "act_threshold": np.array(0.99, np.float32), "logits_from": np.array(0), **decode_pasts(cfg, loops, budget)}
+
+
+def _wanted(session, feeds: dict) -> dict:
+    """The feeds a graph takes (exports with the sliced past take logits_from too)."""
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
 
 
 def budget_sweep(graphs: dict[str, Path], cfg, loops: int, threads: int, reps: int = 4, n: int = 10) -> dict:
@@ -49,8 +55,8 @@ def budget_sweep(graphs: dict[str, Path], cfg, loops: int, threads: int, reps: i
     times = {k: {b: [] for b in BUDGETS} for k in graphs}
     for _ in range(reps):
         for b in BUDGETS:
-            f = _feeds(cfg, loops, b)
             for k, s in sessions.items():
+                f = _wanted(s, _feeds(cfg, loops, b))
                 s.run(None, f)
                 for _ in range(n):
                     t0 = time.perf_counter()
@@ -74,7 +80,7 @@ def optimized_nodes(path: Path, threads: int) -> int:
 def profile(path: Path, cfg, loops: int, threads: int, tokens: int = 20) -> dict:
     with tempfile.TemporaryDirectory() as d:
         s = _session(path, threads, enable_profiling=True, profile_file_prefix=str(Path(d) / "p"))
-        f = _feeds(cfg, loops, 96)
+        f = _wanted(s, _feeds(cfg, loops, 96))
         s.run(None, f)
         for _ in range(tokens):
             s.run(None, f)

@@ -335,6 +335,30 @@ def share_tied_embedding(model) -> bool:
     return True
 
 
+def select_logits(model) -> None:
+    """Compute logits for positions [logits_from, seq) only: a Slice of the head MatMul's input
+    along seq, fed by the scalar graph input `logits_from` (added where the traced graph lacks
+    it). An engine asks for the last position (seq - 1); parity passes 0 for all of them."""
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    head = producer.get("logits")
+    while head is not None and head.op_type in ("Cast", "Identity"):
+        head = producer.get(head.input[0])
+    if head is None or head.op_type != "MatMul":
+        raise InternalError("select_logits: the logits are not produced by the head MatMul")
+    g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "logits_rows/axis0"),
+                          numpy_helper.from_array(np.array([1], np.int64), "logits_rows/axis1"),
+                          numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "logits_rows/end")])
+    rows = f"{head.input[0]}/logits_rows"
+    g.node.extend([helper.make_node("Unsqueeze", ["logits_from", "logits_rows/axis0"], ["logits_rows/start"]),
+                   helper.make_node("Slice", [head.input[0], "logits_rows/start", "logits_rows/end",
+                                              "logits_rows/axis1"], [rows], name="logits_rows/slice")])
+    head.input[0] = rows
+    if not any(i.name == "logits_from" for i in g.input):
+        g.input.append(helper.make_tensor_value_info("logits_from", TensorProto.INT64, []))
+
+
 def slice_pasts(model, contract: GraphContract) -> int:
     """Read only the filled rows of every past input: a Slice to [0, max(past_len)) along its
     `past` axis, feeding every reader (Loop/If bodies included). The runtime passes whole

@@ -157,6 +157,7 @@ def trace_graphs(model, cfg: MythosConfig, opts: OnnxExportOptions, stage: Calla
     shared = set(stepped or ())  # the caller's graphs, copied before they are modified
     if opts.loop_export == "while_loop":  # `stepped` is not used
         stage("torch export (the whole model, the core as a while_loop)")
+        # traced without logits_from (select_logits adds it)
         contract = next(c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype) if c.name == "model")
         return {"model": export_while_loop(export_form(model, opts), contract, opts.opset, store=store)}
     if stepped is None:
@@ -176,7 +177,7 @@ def assemble_graphs(traced: dict, cfg: MythosConfig, opts: OnnxExportOptions, st
 
     for g in traced.values():  # no exporter metadata (it carries local paths); our IR version
         clear_metadata(g)
-    contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype)}
+    contracts = {c.name: c for c in contracts_for(cfg, opts.loop, opts.loops, opts.dtype, opts.past == "sliced")}
     if opts.loop_export == "while_loop":
         graphs = traced
         _set_contract_io(graphs["model"], contracts["model"])
@@ -198,13 +199,15 @@ def _finish_graphs(graphs: dict, contracts: dict, opts: OnnxExportOptions, stage
     prune, name and check every graph."""
     from mythos_deploy.exporters.moe_lowering import lower_moe
     from mythos_deploy.exporters.graph_passes import finish
-    from mythos_deploy.exporters.onnx_compose import slice_pasts
+    from mythos_deploy.exporters.onnx_compose import select_logits, slice_pasts
 
     stage(f"lower MoE ({opts.moe})")
     for name, g in graphs.items():
         lower_moe(g, opts.moe)
         if opts.past == "sliced":
             slice_pasts(g, contracts[name])
+        if any(s.name == "logits_from" for s in contracts[name].inputs):
+            select_logits(g)
         finish(g)  # one copy of repeated initializers, no dead code, unique names, sorted
     stage("onnx.checker + shape inference + contract")
     for name, g in graphs.items():
@@ -342,7 +345,7 @@ def _write_artifact(ckpt_dir, out_dir: Path, overwrite: bool, graphs: dict, cfg:
     stage("write artifact")
     from mythos_deploy.runtimes.onnx_runner import graph_files
     files = graph_files(opts.loop)
-    contracts = contracts_for(cfg, opts.loop, opts.loops, opts.dtype)
+    contracts = contracts_for(cfg, opts.loop, opts.loops, opts.dtype, opts.past == "sliced")
     report = None
     with atomic_output_dir(out_dir, overwrite) as tmp:
         paths = {name: save_graph(g, tmp, files[name], external_bytes) for name, g in graphs.items()}

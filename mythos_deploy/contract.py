@@ -74,6 +74,12 @@ def per_row_positions(past_len_shape) -> bool:
     return len(tuple(past_len_shape)) == 1
 
 
+# logits for positions [logits_from, seq) only: an engine needs the last position's (a 256-token
+# prefill at vocab 32,000 would return 32 MB), parity all of them (logits_from = 0). Exports
+# with the sliced past carry it; others return every position.
+LOGITS_FROM = TensorSpec("logits_from", "int64", ())
+
+
 def contracts_per_row(contracts: list[dict]) -> bool:
     """per_row_positions for every graph of an artifact, from its manifest's contract list."""
     return all(per_row_positions(i["shape"]) for c in contracts for i in c["inputs"] if i["name"] == "past_len")
@@ -89,7 +95,11 @@ def _new(name: str, W: int, dt: str, loops=None) -> TensorSpec:
     return TensorSpec(f"new_{name}", dt, lead + ("batch", "seq", W))
 
 
-def stepped_contracts(cfg: MythosConfig, dtype: str = "fp32") -> list[GraphContract]:
+def _logits(cfg: MythosConfig, dt: str, last_logits: bool) -> TensorSpec:
+    return TensorSpec("logits", dt, ("batch", "logits_seq" if last_logits else "seq", cfg.vocab_size))
+
+
+def stepped_contracts(cfg: MythosConfig, dtype: str = "fp32", last_logits: bool = False) -> list[GraphContract]:
     dt, W, D = FLOAT[dtype], cfg.cache_width, cfg.dim
     ids = TensorSpec("input_ids", "int64", ("batch", "seq"))
     past_len = PAST_LEN
@@ -108,8 +118,9 @@ def stepped_contracts(cfg: MythosConfig, dtype: str = "fp32") -> list[GraphContr
         (TensorSpec("h_next", dt, ("batch", "seq", D)),
          *[TensorSpec(f"{s.name}_next", s.dtype, s.shape) for s in act], _new("recurrent", W, dt)))
     coda_g = GraphContract(
-        "coda", (TensorSpec("h_out", "float32", ("batch", "seq", D)), past_len, *[_past(s, W, dt) for s in coda]),
-        (TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size)), *[_new(s, W, dt) for s in coda]))
+        "coda", (TensorSpec("h_out", "float32", ("batch", "seq", D)), past_len, *[_past(s, W, dt) for s in coda],
+                 *([LOGITS_FROM] if last_logits else [])),
+        (_logits(cfg, dt, last_logits), *[_new(s, W, dt) for s in coda]))
     return [prelude, step, coda_g]
 
 
@@ -123,7 +134,8 @@ def fill_contract(cfg: MythosConfig, dtype: str = "fp32") -> GraphContract:
         (TensorSpec("rows", dt, ("loops", "batch", "seq", W)),))
 
 
-def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32") -> GraphContract:
+def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32",
+                   last_logits: bool = False) -> GraphContract:
     """The single-graph contract of `unroll` (n_loops fixed) and `loop` (n_loops an input)."""
     dt, W = FLOAT[dtype], cfg.cache_width
     loops = n_loops if loop_mode == "unroll" else "loops"
@@ -139,7 +151,8 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
                    TensorSpec("propagate", "bool", ())]
     inputs += [TensorSpec("act_threshold", "float32", ())]
     inputs += [_past(s, W, dt) for s in pre] + [_past("recurrent", W, dt, loops)] + [_past(s, W, dt) for s in coda]
-    outputs = [TensorSpec("logits", dt, ("batch", "seq", cfg.vocab_size))]
+    inputs += [LOGITS_FROM] if last_logits else []
+    outputs = [_logits(cfg, dt, last_logits)]
     outputs += [_new(s, W, dt) for s in pre] + [_new("recurrent", W, dt, loops)] + [_new(s, W, dt) for s in coda]
     outputs += [TensorSpec("loops_used", "int32", ("batch", "seq")), TensorSpec("halt_prob", "float32", ("batch", "seq"))]
     if loop_mode == "loop":  # iterations run (< n_loops after an early exit); rows past it are zero
@@ -147,7 +160,10 @@ def model_contract(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str =
     return GraphContract("model", tuple(inputs), tuple(outputs))
 
 
-def contracts_for(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32") -> list[GraphContract]:
+def contracts_for(cfg: MythosConfig, loop_mode: str, n_loops: int, dtype: str = "fp32",
+                  last_logits: bool = False) -> list[GraphContract]:
+    """Every graph's contract. `last_logits`: the graph that computes logits takes logits_from
+    (exports with the sliced past)."""
     if loop_mode == "stepped":  # and the exit=propagate fill
-        return [*stepped_contracts(cfg, dtype), fill_contract(cfg, dtype)]
-    return [model_contract(cfg, loop_mode, n_loops, dtype)]
+        return [*stepped_contracts(cfg, dtype, last_logits), fill_contract(cfg, dtype)]
+    return [model_contract(cfg, loop_mode, n_loops, dtype, last_logits)]

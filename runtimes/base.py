@@ -146,10 +146,12 @@ class Session(ABC):
             raise InputError(f"this session has batch {self.batch}, got {ids.shape[0]} rows")
         return self.step_rows(ids, np.arange(self.batch))
 
-    def step_rows(self, ids, rows, check_finite: bool = True) -> StepOutput:
+    def step_rows(self, ids, rows, check_finite: bool = True, last_only: bool = False) -> StepOutput:
         """Advance session rows `rows` (ascending) by ids[i] each, every row at its own cached
         length. With `check_finite`, non-finite logits raise NumericalError; without, the
-        caller judges each row (the engine fails one request, not its neighbours)."""
+        caller judges each row (the engine fails one request, not its neighbours). With
+        `last_only`, logits may hold only the last position ([n, 1, V]; exports that take
+        logits_from compute no others)."""
         ids = check_ids(ids, self.cfg)
         rows = self._rows(rows, ids.shape[0])
         starts = self.lengths[rows].copy()
@@ -163,7 +165,7 @@ class Session(ABC):
             raise InputError("this artifact was exported before per-row positions: rows of one call must all be "
                              "at one cached length; re-export it with this version (mythos-export onnx CKPT -o DIR) "
                              "to batch requests of different lengths")
-        out = self._step(ids, rows, starts)
+        out = self._step(ids, rows, starts, last_only)
         self.lengths[rows] = starts + T
         if check_finite and not np.isfinite(out.logits).all():
             bad = np.argwhere(~np.isfinite(out.logits).all(-1))[0]
@@ -180,9 +182,9 @@ class Session(ABC):
         self.lengths[np.asarray(rows, dtype=np.int64)] = 0
 
     @abstractmethod
-    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> StepOutput:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, last_only: bool = False) -> StepOutput:
         """Run ids [n, T] on session rows `rows` at cached lengths `starts` (both int64 [n])
-        and write their new cache rows in place."""
+        and write their new cache rows in place (`last_only`: see step_rows)."""
 
     @abstractmethod
     def cache_nbytes(self) -> int: ...

@@ -20,7 +20,7 @@ class EagerSession(Session):
         self.cache = model.new_cache(batch, budget, self.n_loops)
 
     @torch.no_grad()
-    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> StepOutput:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, last_only: bool = False) -> StepOutput:
         """exit none runs every loop. Otherwise the loop stops once every position of the call
         has halted. fill-forward: the remaining recurrent slots get the last computed latent.
         propagate: a halted position keeps its state from its halting loop on (so its later

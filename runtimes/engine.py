@@ -414,7 +414,7 @@ class Engine:
         rows = np.array([h.slot for h in handles], dtype=np.int64)
         order = np.argsort(rows)
         try:
-            out = self.session.step_rows(ids[order], rows[order], check_finite=False)
+            out = self.session.step_rows(ids[order], rows[order], check_finite=False, last_only=True)
         except MythosError as exc:
             for h in handles:
                 self._end(h, "error", str(exc))

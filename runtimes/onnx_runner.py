@@ -83,9 +83,11 @@ class OnnxModelRunner:
 
     def forward(self, input_ids: np.ndarray, past_len, pasts: dict[str, np.ndarray],
                 n_loops: int | None = None, act_threshold: float = 0.99,
-                early_exit: bool = False, propagate: bool = False) -> dict[str, np.ndarray]:
+                early_exit: bool = False, propagate: bool = False, logits_from: int = 0) -> dict[str, np.ndarray]:
         """`propagate` (exit=propagate, with early_exit): `loop` graphs that take it freeze
-        halted positions and fill every recurrent row; check `supports_propagate` first."""
+        halted positions and fill every recurrent row; check `supports_propagate` first.
+        `logits_from`: graphs that take it return logits for positions [logits_from, T) only
+        (others return all of them)."""
         n_loops = self.n_loops if n_loops is None else n_loops
         if self.loop_mode == "unroll" and n_loops != self.n_loops:
             raise InputError(f"this export is unrolled for n_loops={self.n_loops}; re-export with "
@@ -94,7 +96,10 @@ class OnnxModelRunner:
         if rows != n_loops:  # every loop reads its own row; onnxruntime would fail deep inside the Loop
             raise InputError(f"past_recurrent has {rows} loop rows but n_loops={n_loops}; pass one row per loop")
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if not 0 <= logits_from < input_ids.shape[1]:
+            raise InputError(f"logits_from must be in [0, {input_ids.shape[1]}), got {logits_from}")
         base = {"input_ids": input_ids, "past_len": past_len_feed(past_len, input_ids.shape[0], self.per_row),
+                "logits_from": np.array(logits_from, np.int64),
                 "act_threshold": np.array(act_threshold, dtype=np.float32), **pasts}
         if self.loop_mode in ("unroll", "loop"):
             if self.loop_mode == "loop":

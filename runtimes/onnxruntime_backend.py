@@ -31,10 +31,11 @@ class OrtSession(Session):
         self.buffers.update({f"past_coda_{i}": np.zeros((batch, budget, W), dt) for i in range(cfg.coda_layers)})
         self.per_row_positions = self.runner.per_row
 
-    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> StepOutput:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, last_only: bool = False) -> StepOutput:
         pasts = gather_pasts(self.buffers, rows, int(starts.max()), np.ascontiguousarray)
         out = self.runner.forward(ids, starts, pasts, self.n_loops, self.act_threshold,
-                                  early_exit=self.exit != ExitMode.NONE, propagate=self.exit == ExitMode.PROPAGATE)
+                                  early_exit=self.exit != ExitMode.NONE, propagate=self.exit == ExitMode.PROPAGATE,
+                                  logits_from=ids.shape[1] - 1 if last_only else 0)
         write_new_rows(self.buffers, out, rows, starts, self.exit)
         return StepOutput(out["logits"].astype(np.float32, copy=False), out["loops_used"],
                           out["halt_prob"], int(out["loops_run"]))

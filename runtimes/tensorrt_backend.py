@@ -148,7 +148,7 @@ class TrtSession(Session):
         self.graph.replay()
         return self.static_out
 
-    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> StepOutput:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, last_only: bool = False) -> StepOutput:
         b = self.b
         with b.stream_context():
             out = self._forward(ids, rows, starts)

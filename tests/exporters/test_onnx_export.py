@@ -33,7 +33,7 @@ def test_parity_matrix(om_pair, stepped_fp32, attn, moe, loop):
     _, model = om_pair[attn]
     opts = OnnxExportOptions(loop=loop, moe=moe).resolved(model.cfg)
     graphs = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32[attn])
-    for g, c in zip(graphs.values(), contracts_for(model.cfg, loop, opts.loops)):
+    for g, c in zip(graphs.values(), contracts_for(model.cfg, loop, opts.loops, last_logits=opts.past == "sliced")):
         check_contract(g, c)  # every produced graph matches the I/O contract
     kinds = {("trt.plugins", "MythosMoE")} if moe == "plugin" else {("com.microsoft", "MoE")} if moe == "ort" else set()
     if kinds:
@@ -143,7 +143,7 @@ def test_while_loop_export_matches_the_composed_loop(om_pair, stepped_fp32, attn
     cfg, W = model.cfg, model.cfg.cache_width
     opts = OnnxExportOptions(loop="loop", moe=moe, loop_export="while_loop").resolved(cfg)
     wl = build_graphs(model, cfg, opts, _quiet)
-    check_contract(wl["model"], contracts_for(cfg, "loop", opts.loops)[0])
+    check_contract(wl["model"], contracts_for(cfg, "loop", opts.loops, last_logits=opts.past == "sliced")[0])
     assert [n.op_type for n in wl["model"].graph.node].count("Loop") == 1
     assert count_moe_nodes(wl["model"], {(PLACEHOLDER_DOMAIN, "MoEExperts")}) == 0
     report = validate_graphs(model, cfg, wl, opts, _quiet)
@@ -172,7 +172,7 @@ def test_contract_check_catches_drift(om_pair, stepped_fp32):
     _, model = om_pair["mla"]
     opts = OnnxExportOptions(loop="unroll").resolved(model.cfg)
     g = build_graphs(model, model.cfg, opts, _quiet, stepped=stepped_fp32["mla"])["model"]
-    contract = contracts_for(model.cfg, "unroll", opts.loops)[0]
+    contract = contracts_for(model.cfg, "unroll", opts.loops, last_logits=opts.past == "sliced")[0]
     bad = copy.deepcopy(g)
     bad.graph.output[0].name = "scores"
     with pytest.raises(InternalError, match="contract"):

@@ -282,3 +282,24 @@ def test_artifacts_whose_rows_are_coupled_say_so(backends, tmp_path, artifacts):
         quantize_artifact(src, out, QuantizeOptions(mode="int4", accuracy_level=level, accept_accuracy_loss=True))
         note = Engine(load(out), max_batch=2, max_len=MAX_LEN).coupling
         assert (note is not None) == coupled and (not coupled or "--accuracy-level 0" in note)
+
+
+def test_last_position_logits(artifacts, masked_artifacts):
+    """Sliced-past exports take logits_from: the engine's calls return only the last
+    position's logits, equal to that position of the full ones; masked exports (TensorRT's)
+    return every position."""
+    from mythos_deploy.runtimes.onnx_runner import runner_from_dir
+    from mythos_deploy.manifest import Manifest
+    for loop in ("loop", "stepped", "unroll"):
+        od = artifacts[("mla", loop)][1]
+        b = load(od)
+        ids = np.array([[3, 1, 4, 1, 5, 9]])
+        full = b.start(1, 16).step(ids).logits
+        last = b.start(1, 16).step_rows(ids, [0], last_only=True).logits
+        assert last.shape == (1, 1, full.shape[-1]) and full.shape[1] == 6
+        np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+        runner = runner_from_dir(od, Manifest.read(od))
+        with pytest.raises(InputError, match="logits_from"):
+            runner.forward(ids, 0, b.start(1, 16).buffers, logits_from=6)
+    mb = load(masked_artifacts[("mla", "loop")][1])
+    assert mb.start(1, 16).step_rows(np.array([[1, 2, 3]]), [0], last_only=True).logits.shape[1] == 3
