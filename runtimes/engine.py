@@ -261,6 +261,10 @@ class Engine:
         self.max_batch, self.max_len, self.chunk, self.max_queue = max_batch, max_len, chunk, max_queue
         self.coupling = batch_coupling(backend)  # None: every answer equals the request's solo run
         self.session = backend.start(max_batch, max_len, decode)
+        if max_batch > 1 and not self.session.per_row_positions:
+            raise InputError("this artifact was exported before per-row positions, so its rows cannot be at "
+                             "different lengths: re-export it with this version (mythos-export onnx CKPT -o DIR) "
+                             "to batch requests, or run with max_batch 1")
         self.session.commit_memory()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)

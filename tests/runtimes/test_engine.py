@@ -252,11 +252,14 @@ def test_ragged_call_on_an_export_without_per_row_positions(artifacts, tmp_path)
     assert b.runner.per_row is False
     ref = generate(load(src), [[1, 2, 3], [4, 5, 6]], 5).tokens
     assert generate(b, [[1, 2, 3], [4, 5, 6]], 5).tokens == ref
-    eng = Engine(b, max_batch=2, max_len=MAX_LEN)
-    eng.submit(Request([1, 2, 3], 4))
-    h = eng.submit(Request([5], 4))
-    eng.run()
-    assert h.finish_reason == "error" and "exported before per-row positions" in h.error and "re-export" in h.error
+    with pytest.raises(InputError, match="exported before per-row positions.*re-export"):
+        Engine(b, max_batch=2, max_len=MAX_LEN)
+    session = b.start(2, MAX_LEN)
+    session.step_rows(np.array([[1, 2, 3]]), [0])
+    with pytest.raises(InputError, match="exported before per-row positions.*re-export"):
+        session.step_rows(np.array([[4], [5]]), [0, 1])
+    one = Engine(b, max_batch=1, max_len=MAX_LEN)  # one slot: every call is one row
+    assert one.generate([Request([1, 2, 3], 5)])[0].tokens == ref[0]
 
 
 def _rename_in(graph, old, new):
