@@ -7,7 +7,8 @@ loop --moe ort`) is served on a loopback port with 16 slots. For c clients at on
 streams one completion (prompt ids of 8-256 tokens, 64 new tokens, greedy); without a
 tokenizer the server sends one SSE chunk per token (its id), so chunk times are token times.
 Reported: aggregate tokens/s, time to first token and inter-token latency p50/p99; the same
-requests through the engine in process (Engine.generate) for the HTTP overhead. The server
+requests through the engine in process (Engine.generate) for the HTTP overhead; with
+`--triton`, aggregate tokens/s of the same weights behind tritonserver (non-streaming). The server
 process is started and stopped here, by its id.
 """
 
@@ -35,14 +36,65 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def make_artifact(root: Path, preset: str, seed: int) -> Path:
+def make_artifact(root: Path, preset: str, seed: int, tokenizer: bool = False) -> Path:
     from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
     from mythos_deploy.exporters.onnx_export import export_onnx
     from mythos_deploy.options import OnnxExportOptions
+    from mythos_deploy.tokenizer import ByteTokenizer
     cfg = MythosConfig.from_name(preset)
-    save_checkpoint(MythosModel(cfg).init_weights(seed).eval(), root / "ck")
-    export_onnx(root / "ck", root / "loop", OnnxExportOptions(loop="loop", moe="ort", validate=False))
-    return root / "loop"
+    name = "loop-tok" if tokenizer else "loop"
+    save_checkpoint(MythosModel(cfg).init_weights(seed).eval(), root / f"ck-{name}",
+                    tokenizer=ByteTokenizer().files() if tokenizer else None)
+    export_onnx(root / f"ck-{name}", root / name, OnnxExportOptions(loop="loop", moe="ort", validate=False))
+    return root / name
+
+
+def triton_rows(root: Path, preset: str, seed: int, clients: list[int], n: int, lo: int, hi: int,
+                max_batch: int, max_len: int) -> list[dict]:
+    """The same weights behind tritonserver (the repository `triton-repo` writes), non-streaming
+    `generate` requests, c at a time: aggregate tokens/s. The artifact carries the byte
+    tokenizer (Triton's text_input needs one; it has no EOS, so each request makes n tokens),
+    prompts are random ASCII of lo-hi bytes (one token each)."""
+    import httpx
+    path = make_artifact(root, preset, seed, tokenizer=True)
+    cli = Path(sys.executable).parent / "mythos-export"
+    repo = root / "repo"
+    subprocess.run([str(cli), "triton-repo", str(path), "-o", str(repo), "--name", "bench", "--max-batch",
+                    str(max_batch), "--max-len", str(max_len)], check=True, capture_output=True)
+    ports = [_port() for _ in range(3)]
+    proc = subprocess.Popen([str(cli), "triton-serve", str(repo), "--http-port", str(ports[0]), "--grpc-port",
+                             str(ports[1]), "--metrics-port", str(ports[2])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{ports[0]}/v2/models/bench"
+    rows = []
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        rng = np.random.default_rng(seed)
+
+        def one(text):
+            httpx.post(url + "/generate", json={"text_input": text, "max_tokens": n, "temperature": 0.0}, timeout=600)
+        one("warm up")
+        for c in clients:
+            texts = ["".join(chr(int(x)) for x in rng.integers(97, 123, int(rng.integers(lo, hi + 1)))) for _ in range(c)]
+            threads = [threading.Thread(target=one, args=(t,)) for t in texts]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            rows.append({"clients": c, "tokens": c * n, "seconds": wall, "tokens_per_s": c * n / wall})
+            print(f"{c} clients through tritonserver: {c * n / wall:.1f} tok/s", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    return rows
 
 
 def prompts(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -177,6 +229,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/serve_bench.json")
+    ap.add_argument("--triton", action="store_true", help="also the same weights behind tritonserver "
+                                                          "(needs .venv-triton from make install)")
     ap.add_argument("--soak", type=int, default=0, help="instead: this many streaming requests with random drops "
                                                         "(results in serve_soak.json)")
     args = ap.parse_args(argv)
@@ -223,12 +277,15 @@ def main(argv=None) -> dict:
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
+        triton = (triton_rows(Path(tmp), args.preset, args.seed, args.clients, args.new_tokens, args.min_prompt,
+                              args.max_prompt, max_batch, max_len) if args.triton else
+                  "not measured (--triton)")
     one = next((r for r in rows if r["clients"] == 1), None)
     data = {"benchmark": "serve_bench", "artifact": str(path), "new_tokens": args.new_tokens,
             "prompt_lengths": [args.min_prompt, args.max_prompt], "slots": max_batch, "rows": rows,
             "scaling_vs_one_client": {r["clients"]: r["http"]["tokens_per_s"] / one["http"]["tokens_per_s"]
                                       for r in rows} if one else {},
-            "triton": "not measured by this benchmark (tests/serving/test_triton.py checks its tokens)"}
+            "triton": triton}
     path_out = write_json(args.out, data)
     print(f"wrote {path_out}")
     return data
