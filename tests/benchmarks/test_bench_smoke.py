@@ -29,3 +29,22 @@ def test_soak_runs_several_sessions_and_writes_json(tmp_path):
     assert [s["tokens"] for s in r["sessions"]] == [8, 8, 4]  # 40 - 32 prompt tokens per session
     assert all(s["rss_mb"] > 0 and s["mean_ms"] > 0 for s in r["sessions"])
     assert json.loads(out.read_text())["results"][0]["batch"] == 2
+
+
+def test_batching_bench_runs_and_checks_solo_tokens(tmp_path):
+    from benchmarks.batching import main
+    out = tmp_path / "b.json"
+    data = main(["--preset", "tiny", "--concurrency", "1", "3", "--new-tokens", "3", "--max-prompt", "12",
+                 "--out", str(out)])
+    assert json.loads(out.read_text())["benchmark"] == "batching"
+    for art in data["artifacts"]:
+        assert [r["concurrency"] for r in art["rows"]] == [1, 3]
+        assert all(r["solo_tokens_equal"] and r["batched"]["tokens"] == 3 * r["concurrency"] for r in art["rows"])
+        assert art["pool"]["predicted_bytes"] > 0
+
+
+def test_engine_soak_judges_its_requests(tmp_path):
+    from benchmarks.soak import main
+    r = main(["--preset", "tiny", "--engine-requests", "40", "--out", str(tmp_path / "s.json")])
+    assert r["requests"] == 40 and r["completed"] + r["cancelled"] == 40
+    assert r["solo_mismatches"] == [] and r["no_slot_leak"]
