@@ -225,6 +225,32 @@ class Server:
                 "total_tokens": state["prompt_tokens"] + state["completion_tokens"]}
 
 
+class _Guard:
+    """The API key on /v1 and the body-size limit, as plain ASGI middleware: it answers or
+    passes a request through, and never touches the response (Starlette's BaseHTTPMiddleware
+    would relay every streamed chunk through a memory stream)."""
+
+    def __init__(self, app, server: "Server"):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = None
+            if scope["path"].startswith("/v1/") and self.server.api_key is not None:
+                given = headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.server.api_key}".encode()):
+                    refusal = error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                             code="invalid_api_key")
+            length = headers.get("content-length")
+            if refusal is None and length is not None and (not length.isdigit() or int(length) > self.server.max_body):
+                refusal = error_response(413, f"the request body is larger than {self.server.max_body} bytes")
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
     server = Server(engine, model_name, api_key, max_body)
 
@@ -239,20 +265,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     app = FastAPI(title="mythos-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        if request.url.path.startswith("/v1/") and server.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                      code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > server.max_body):
-            return error_response(413, f"the request body is larger than {server.max_body} bytes")
-        try:
-            return await call_next(request)
-        except ApiError as exc:
-            return exc.response()
+    app.add_middleware(_Guard, server=server)
 
     async def read_body(request: HttpRequest):
         raw = b""

@@ -207,3 +207,28 @@ def test_api_key_and_a_model_without_a_chat_template(demo_exports):
         assert httpx.get(s.url + "/health").status_code == 200  # not behind the key
     finally:
         assert s.stop() == 0
+
+
+def test_a_full_queue_answers_503_and_the_server_goes_on(chat_artifact):
+    # the eager checkpoint at 64 loops: slow enough per token that the first request holds its slot
+    s = Served(chat_artifact.parent / "ck", "--max-batch", "1", "--max-queue", "1", "--max-len", "96",
+               "--model-name", NAME, "--loops", "64")
+    try:
+        body = {"model": NAME, "prompt": "x", "max_tokens": 80, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the stream (a disconnect)
+            next(lines)  # running: holds the only slot
+            waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", timeout=60,
+                                                                 json={**body, "stream": False}))
+            waiting.start()
+            deadline = time.time() + 10
+            while s.metric("mythos_queue_depth") < 1 and time.time() < deadline:
+                time.sleep(0.02)
+            assert s.metric("mythos_running_requests") == 1
+            r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=60)
+            assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+        waiting.join(60)
+        ok = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 2, "stream": False}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    finally:
+        assert s.stop() == 0
