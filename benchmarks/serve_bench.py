@@ -36,6 +36,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, seconds: float = 120.0) -> None:
+    """Poll `url` until it answers 200 (a server just started)."""
+    import httpx
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
 def make_artifact(root: Path, preset: str, seed: int, tokenizer: bool = False) -> Path:
     from mythos_deploy import MythosConfig, MythosModel, save_checkpoint
     from mythos_deploy.exporters.onnx_export import export_onnx
@@ -68,13 +82,7 @@ def triton_rows(root: Path, preset: str, seed: int, clients: list[int], n: int, 
     url = f"http://127.0.0.1:{ports[0]}/v2/models/bench"
     rows = []
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url + "/ready")
         rng = np.random.default_rng(seed)
 
         def one(text):
@@ -239,8 +247,8 @@ def main(argv=None) -> dict:
     max_batch, max_len = max(args.clients), args.max_prompt + args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.artifact) if args.artifact else make_artifact(Path(tmp), args.preset, args.seed)
-        from mythos_deploy.runtimes import load
-        vocab = load(path).cfg.vocab_size
+        from mythos_deploy.manifest import Manifest
+        vocab = Manifest.read(path).config["vocab_size"]
         port = _port()
         cli = Path(sys.executable).parent / "mythos-export"
         server = subprocess.Popen([str(cli), "serve", str(path), "--port", str(port), "--max-batch", str(max_batch),
@@ -249,13 +257,7 @@ def main(argv=None) -> dict:
         url = f"http://127.0.0.1:{port}"
         rows = []
         try:
-            import httpx
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+            wait_ready(url + "/health")
             http_run(url, "bench", prompts(vocab, 2, 8, 16, 999), 4)  # warm-up
             if args.soak:
                 r = soak(url, server.pid, path, args.soak, vocab, args.seed)

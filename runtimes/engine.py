@@ -504,6 +504,10 @@ class Engine:
         self._thread.start()
         return self
 
+    def _unfinished(self) -> list[RequestHandle]:
+        """Every request holding a slot or waiting for one (call with the lock held)."""
+        return [h for h in self._slots if h is not None] + list(self._queue)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -514,7 +518,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # a bug: end every request with it rather than hang their clients
                 with self._lock:
-                    victims = [h for h in self._slots if h is not None] + list(self._queue)
+                    victims = self._unfinished()
                     self._queue.clear()
                 for h in victims:
                     self._end(h, "error", f"internal error: {type(exc).__name__}: {exc}")
@@ -529,7 +533,7 @@ class Engine:
             self._thread = None
         if cancel:
             with self._lock:
-                victims = [h for h in self._slots if h is not None] + list(self._queue)
+                victims = self._unfinished()
             for h in victims:
                 h.cancel()
 
